@@ -1,0 +1,186 @@
+//! Load-time configuration handed to the kernel programs as one global (`CONFIG`).
+//!
+//! Tracepoint record layouts and kernel struct layouts differ between kernel versions, so nothing
+//! here is compiled in: the daemon reads record offsets from tracefs `format` files and struct
+//! member offsets from the running kernel's BTF, and writes them into this global before loading.
+//! Every offset is a byte offset; [`ABSENT`] means "this kernel does not have that field".
+
+/// Offset value for a field the running kernel does not have.
+pub const ABSENT: u32 = u32::MAX;
+
+/// The address fields of the `tcp_event_sk` record class (`tcp_receive_reset`,
+/// `tcp_destroy_sock`) and of the pre-6.10 `tcp_send_reset`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkTupleFields {
+    pub skaddr: u32,
+    /// `__u16`, host byte order.
+    pub sport: u32,
+    /// `__u16`, host byte order.
+    pub dport: u32,
+    /// `__u16`; absent before 5.12.
+    pub family: u32,
+    /// `__u8[4]`.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// `__u8[16]`, v4-mapped for AF_INET.
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+}
+
+impl SkTupleFields {
+    pub const ABSENT: Self = Self {
+        skaddr: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+        family: ABSENT,
+        saddr: ABSENT,
+        daddr: ABSENT,
+        saddr_v6: ABSENT,
+        daddr_v6: ABSENT,
+    };
+}
+
+/// `sock:inet_sock_set_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetStateFields {
+    pub tuple: SkTupleFields,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub protocol: u32,
+    /// 1 before 5.6 (`__u8`), 2 since (`__u16`).
+    pub protocol_size: u32,
+}
+
+/// `tcp:tcp_send_reset`. Since 6.10 the addresses are 28-byte `struct sockaddr_in{,6}` blobs
+/// (`saddr_sockaddr`/`daddr_sockaddr`, ports in network order) and `reason` exists; before, the
+/// record has the split `tuple` fields and only reports resets sent for full sockets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendResetFields {
+    pub tuple: SkTupleFields,
+    pub skbaddr: u32,
+    pub state: u32,
+    /// `enum sk_rst_reason`; absent before 6.10.
+    pub reason: u32,
+    pub saddr_sockaddr: u32,
+    pub daddr_sockaddr: u32,
+}
+
+/// Kernel struct member offsets from BTF. Used to find a socket's owner and close-time facts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.group_leader`.
+    pub task_group_leader: u32,
+    /// `task_struct.comm`.
+    pub task_comm: u32,
+    /// `task_struct.files`.
+    pub task_files: u32,
+    /// `files_struct.fdt`.
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`.
+    pub fdtable_max_fds: u32,
+    /// `fdtable.fd`.
+    pub fdtable_fd: u32,
+    /// `file.private_data` (a `struct socket *` for socket files).
+    pub file_private_data: u32,
+    /// `socket.sk`.
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_state`.
+    pub sock_state: u32,
+    /// `sock.sk_err`.
+    pub sock_err: u32,
+    /// `tcp_sock.rcv_nxt`.
+    pub tcp_rcv_nxt: u32,
+    /// `tcp_sock.copied_seq`.
+    pub tcp_copied_seq: u32,
+}
+
+impl KernelOffsets {
+    pub const ABSENT: Self = Self {
+        task_group_leader: ABSENT,
+        task_comm: ABSENT,
+        task_files: ABSENT,
+        files_fdt: ABSENT,
+        fdtable_max_fds: ABSENT,
+        fdtable_fd: ABSENT,
+        file_private_data: ABSENT,
+        socket_sk: ABSENT,
+        sock_state: ABSENT,
+        sock_err: ABSENT,
+        tcp_rcv_nxt: ABSENT,
+        tcp_copied_seq: ABSENT,
+    };
+}
+
+/// Everything the kernel programs need to know about the running kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub set_state: SetStateFields,
+    pub receive_reset: SkTupleFields,
+    pub destroy_sock: SkTupleFields,
+    pub send_reset: SendResetFields,
+    /// `ret` of `syscalls:sys_exit_accept4`.
+    pub accept4_ret: u32,
+    /// `ret` of `syscalls:sys_exit_accept`.
+    pub accept_ret: u32,
+    pub kernel: KernelOffsets,
+}
+
+impl ProbeConfig {
+    /// A configuration where every field is absent: programs loaded with it do nothing.
+    pub const ABSENT: Self = Self {
+        set_state: SetStateFields {
+            tuple: SkTupleFields::ABSENT,
+            oldstate: ABSENT,
+            newstate: ABSENT,
+            protocol: ABSENT,
+            protocol_size: ABSENT,
+        },
+        receive_reset: SkTupleFields::ABSENT,
+        destroy_sock: SkTupleFields::ABSENT,
+        send_reset: SendResetFields {
+            tuple: SkTupleFields::ABSENT,
+            skbaddr: ABSENT,
+            state: ABSENT,
+            reason: ABSENT,
+            saddr_sockaddr: ABSENT,
+            daddr_sockaddr: ABSENT,
+        },
+        accept4_ret: ABSENT,
+        accept_ret: ABSENT,
+        kernel: KernelOffsets::ABSENT,
+    };
+}
+
+/// Index of the per-CPU counters array (`COUNTERS`).
+pub mod counter {
+    /// Events dropped because the ring buffer was full.
+    pub const RING_FULL: u32 = 0;
+    /// Sockets whose entry could not be created in the per-socket map.
+    pub const SOCKET_MAP_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::ProbeConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn probe_config_is_all_u32_without_padding() {
+        assert_eq!(size_of::<SkTupleFields>(), 8 * 4);
+        assert_eq!(size_of::<SetStateFields>(), 12 * 4);
+        assert_eq!(size_of::<SendResetFields>(), 13 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 12 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 2 + 12) * 4);
+    }
+}

@@ -1,0 +1,234 @@
+//! The one record that crosses the ring buffer: a [`SocketEvent`] with a stable numeric kind.
+
+/// Linux TCP states (`include/net/tcp_states.h`); stable kernel ABI.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const TASK_COMM_LEN: usize = 16;
+
+/// What a [`SocketEvent`] reports. The numbers are part of the wire format: never renumber.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `tcp:tcp_receive_reset`: the kernel reset a socket because an RST arrived (see
+    /// [`SocketEvent`] docs for the local abort-on-data exception).
+    ResetReceived = 1,
+    /// `tcp:tcp_send_reset`: the host sent an RST, for a socket (`sk != 0`) or for a segment that
+    /// matched no socket (`sk == 0`).
+    ResetSent = 2,
+    /// A connection reached TCP_CLOSE; emitted exactly once per connection, when every fact needed
+    /// to classify how it ended is known.
+    ConnectionClosed = 3,
+}
+
+impl EventKind {
+    pub const fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Self::ResetReceived),
+            2 => Some(Self::ResetSent),
+            3 => Some(Self::ConnectionClosed),
+            _ => None,
+        }
+    }
+}
+
+/// Which kernel program emitted an event. Stable numbers; also the index of the per-probe
+/// counters.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeId {
+    InetSockSetState = 0,
+    TcpReceiveReset = 1,
+    TcpSendReset = 2,
+    TcpDestroySock = 3,
+    SysExitAccept4 = 4,
+    SysExitAccept = 5,
+}
+
+impl ProbeId {
+    pub const ALL: [ProbeId; 6] = [
+        Self::InetSockSetState,
+        Self::TcpReceiveReset,
+        Self::TcpSendReset,
+        Self::TcpDestroySock,
+        Self::SysExitAccept4,
+        Self::SysExitAccept,
+    ];
+
+    pub const fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            0 => Some(Self::InetSockSetState),
+            1 => Some(Self::TcpReceiveReset),
+            2 => Some(Self::TcpSendReset),
+            3 => Some(Self::TcpDestroySock),
+            4 => Some(Self::SysExitAccept4),
+            5 => Some(Self::SysExitAccept),
+            _ => None,
+        }
+    }
+
+    /// The program's name in the object file, and the `probe` label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::InetSockSetState => "inet_sock_set_state",
+            Self::TcpReceiveReset => "tcp_receive_reset",
+            Self::TcpSendReset => "tcp_send_reset",
+            Self::TcpDestroySock => "tcp_destroy_sock",
+            Self::SysExitAccept4 => "sys_exit_accept4",
+            Self::SysExitAccept => "sys_exit_accept",
+        }
+    }
+
+    /// Tracepoint (category, name) the program attaches to.
+    pub const fn tracepoint(self) -> (&'static str, &'static str) {
+        match self {
+            Self::InetSockSetState => ("sock", "inet_sock_set_state"),
+            Self::TcpReceiveReset => ("tcp", "tcp_receive_reset"),
+            Self::TcpSendReset => ("tcp", "tcp_send_reset"),
+            Self::TcpDestroySock => ("tcp", "tcp_destroy_sock"),
+            Self::SysExitAccept4 => ("syscalls", "sys_exit_accept4"),
+            Self::SysExitAccept => ("syscalls", "sys_exit_accept"),
+        }
+    }
+}
+
+/// Which side opened the connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Unknown = 0,
+    /// The socket connected out (`connect()`).
+    Client = 1,
+    /// The socket was accepted from a listener.
+    Server = 2,
+}
+
+impl Role {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Client,
+            2 => Self::Server,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// A connection's addresses. IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`) so one layout
+/// serves both families. `local_port` / `remote_port` are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `AF_INET`, `AF_INET6`, or 0 when the kernel did not say.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// The process that owns a socket, recorded in process context (connect, accept).
+/// `tgid == 0` means the owner is unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub tgid: u32,
+    /// The thread group leader's command name, NUL padded.
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Bits of [`SocketEvent::flags`].
+pub mod flags {
+    /// The socket went through `tcp_receive_reset` (state in `reset_state`).
+    pub const RESET_RECEIVED: u8 = 1 << 0;
+    /// The host sent an RST for this socket (reason in `reason`).
+    pub const RESET_SENT: u8 = 1 << 1;
+    /// The socket was seen being accepted or connected, so `role` is known first-hand.
+    pub const OWNER_FROM_SYSCALL: u8 = 1 << 2;
+}
+
+/// `reason` value when the kernel gave none (kernels before 6.10 have no reason field).
+pub const REASON_NONE: u32 = u32::MAX;
+
+/// One event, as written to the ring buffer. 96 bytes, 8-aligned, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketEvent {
+    /// [`EventKind`] as u16.
+    pub kind: u16,
+    /// [`ProbeId`] of the program that emitted it.
+    pub probe: u16,
+    /// [`Role`] as u8.
+    pub role: u8,
+    /// TCP state: at the reset for resets; the state the connection left for ConnectionClosed.
+    pub state: u8,
+    /// TCP state the socket was in when `tcp_receive_reset` ran (0 if it did not).
+    pub reset_state: u8,
+    /// [`flags`] bits.
+    pub flags: u8,
+    /// `bpf_ktime_get_ns()` at emission.
+    pub timestamp_ns: u64,
+    /// Kernel address of the socket, 0 for resets that answered a segment matching no socket.
+    pub sk: u64,
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    /// `enum sk_rst_reason` value of the RST sent, [`REASON_NONE`] if none or unknown.
+    pub reason: u32,
+    /// Received bytes the application never read (`rcv_nxt - copied_seq`) when the socket closed.
+    pub unread_bytes: u32,
+    /// `sk->sk_err` when the socket closed (positive errno), 0 if none.
+    pub sk_err: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::SocketEvent {}
+    unsafe impl aya::Pod for super::Endpoints {}
+    unsafe impl aya::Pod for super::Owner {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn socket_event_layout_has_no_implicit_padding() {
+        assert_eq!(size_of::<Endpoints>(), 40);
+        assert_eq!(size_of::<Owner>(), 20);
+        assert_eq!(offset_of!(SocketEvent, timestamp_ns), 8);
+        assert_eq!(offset_of!(SocketEvent, sk), 16);
+        assert_eq!(offset_of!(SocketEvent, endpoints), 24);
+        assert_eq!(offset_of!(SocketEvent, owner), 64);
+        assert_eq!(offset_of!(SocketEvent, reason), 84);
+        assert_eq!(offset_of!(SocketEvent, unread_bytes), 88);
+        assert_eq!(offset_of!(SocketEvent, sk_err), 92);
+        assert_eq!(size_of::<SocketEvent>(), 96);
+        assert_eq!(align_of::<SocketEvent>(), 8);
+    }
+
+    #[test]
+    fn numeric_kinds_round_trip() {
+        for kind in [EventKind::ResetReceived, EventKind::ResetSent, EventKind::ConnectionClosed] {
+            assert_eq!(EventKind::from_u16(kind as u16), Some(kind));
+        }
+        assert_eq!(EventKind::from_u16(0), None);
+        for probe in ProbeId::ALL {
+            assert_eq!(ProbeId::from_u16(probe as u16), Some(probe));
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! The JSON the daemon serves at `/api/v1/status` and `observer status` reads.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const STATUS_PATH: &str = "/api/v1/status";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub version: String,
+    pub revision: String,
+    /// `uname -r` of the node.
+    pub kernel: String,
+    pub uptime_seconds: f64,
+    /// True once the probes are attached (what `/healthz` reports).
+    pub ready: bool,
+    pub probes: Vec<ProbeReport>,
+    /// What the running kernel lacks that costs precision.
+    pub degraded: Vec<String>,
+    pub events: EventsReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProbeReport {
+    pub probe: String,
+    /// `tracepoint/<category>/<name>`.
+    pub attach: String,
+    /// `attached`, `unavailable` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventsReport {
+    /// Events received from the kernel.
+    pub seen: u64,
+    pub seen_by_probe: BTreeMap<String, u64>,
+    /// Events dropped in the kernel because the ring buffer was full.
+    pub lost: u64,
+    /// Events about sockets whose owner is unknown.
+    pub unattributed: u64,
+}

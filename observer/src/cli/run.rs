@@ -1,0 +1,38 @@
+//! `observer run`.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+use observer::{
+    daemon::{self, DaemonOptions},
+    probes::ProbeOptions,
+};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address for /metrics, /healthz and /api/v1/status.
+    #[arg(long, value_name = "ADDR", default_value_t = SocketAddr::from(([0, 0, 0, 0], super::DEFAULT_PORT)), env = "OBSERVER_LISTEN")]
+    pub listen: SocketAddr,
+    /// Size of the kernel event ring buffer in bytes: a power of two, at least 4096.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+    /// Sockets the kernel side tracks at once (least recently used ones are evicted).
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub max_sockets: u32,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096 (e.g. 4194304 for 4 MiB)"));
+    }
+    Ok(n)
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    daemon::run(DaemonOptions {
+        listen: args.listen,
+        probes: ProbeOptions { ring_buffer_bytes: args.ring_buffer_size, max_sockets: args.max_sockets },
+    })
+    .await
+}

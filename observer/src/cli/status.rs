@@ -1,0 +1,59 @@
+//! `observer status`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use observer::api::{STATUS_PATH, StatusReport};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Base URL of a running daemon.
+    #[arg(long, value_name = "URL", default_value_t = format!("http://127.0.0.1:{}", super::DEFAULT_PORT), env = "OBSERVER_ENDPOINT")]
+    pub endpoint: String,
+    /// Print the daemon's JSON as it is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let url = format!("{}{STATUS_PATH}", args.endpoint.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
+    let body = agent
+        .get(&url)
+        .call()
+        .and_then(|mut response| response.body_mut().read_to_string())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach an observer daemon at {}: {e}; is it running (`observer run`)? \
+                 Point at it with --endpoint URL",
+                args.endpoint
+            )
+        })?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let status: StatusReport =
+        serde_json::from_str(&body).with_context(|| format!("{url} did not answer with observer's status JSON"))?;
+    print!("{}", render(&status));
+    Ok(())
+}
+
+fn render(s: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "observer {} ({}) on kernel {}, up {:.0}s, {}", s.version, s.revision, s.kernel, s.uptime_seconds, if s.ready { "ready" } else { "starting" });
+    let _ = writeln!(out, "\nPROBE                 STATE        ATTACH");
+    for p in &s.probes {
+        let _ = writeln!(out, "{:<21} {:<12} {}{}", p.probe, p.state, p.attach, p.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default());
+    }
+    let _ = writeln!(out, "\nEVENTS  seen {}  lost {}  unattributed {}", s.events.seen, s.events.lost, s.events.unattributed);
+    for (probe, n) in &s.events.seen_by_probe {
+        let _ = writeln!(out, "  {probe:<21} {n}");
+    }
+    for d in &s.degraded {
+        let _ = writeln!(out, "degraded: {d}");
+    }
+    out
+}

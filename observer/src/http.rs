@@ -1,0 +1,109 @@
+//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/v1/status`.
+
+use std::{
+    sync::{Arc, Mutex, OnceLock},
+    time::Instant,
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    api::{EventsReport, ProbeReport, STATUS_PATH, StatusReport},
+    metrics::{Metrics, REVISION, VERSION},
+    probes::{KernelCounters, ProbeStatus},
+};
+
+/// State shared by the event loop and the HTTP handlers.
+pub struct Shared {
+    pub metrics: Metrics,
+    started: Instant,
+    kernel: String,
+    probes: OnceLock<(Vec<ProbeStatus>, Vec<String>)>,
+    kernel_counters: Mutex<Option<KernelCounters>>,
+}
+
+impl Shared {
+    pub fn new(kernel: String) -> Self {
+        Self { metrics: Metrics::new(), started: Instant::now(), kernel, probes: OnceLock::new(), kernel_counters: Mutex::new(None) }
+    }
+
+    /// Marks the daemon ready: probes attached.
+    pub fn set_probes(&self, statuses: Vec<ProbeStatus>, degraded: Vec<String>, counters: KernelCounters) {
+        self.metrics.set_probes(&statuses);
+        *self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(counters);
+        let _ = self.probes.set((statuses, degraded));
+    }
+
+    /// Releases the kernel maps (before the programs are unloaded).
+    pub fn clear_kernel_counters(&self) {
+        self.sync_kernel_counters();
+        *self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn sync_kernel_counters(&self) {
+        if let Some(c) = self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            self.metrics.sync_kernel_counters(c.ring_full(), c.socket_map_full());
+        }
+    }
+
+    pub fn status(&self) -> StatusReport {
+        self.sync_kernel_counters();
+        let (probes, degraded) = self.probes.get().cloned().unwrap_or_default();
+        let seen_by_probe: std::collections::BTreeMap<String, u64> = self.metrics.events_seen().into_iter().collect();
+        StatusReport {
+            version: VERSION.into(),
+            revision: REVISION.into(),
+            kernel: self.kernel.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            ready: self.probes.get().is_some(),
+            probes: probes
+                .into_iter()
+                .map(|p| ProbeReport { probe: p.probe.into(), attach: p.attach, state: p.state.into(), error: p.error })
+                .collect(),
+            degraded,
+            events: EventsReport {
+                seen: seen_by_probe.values().sum(),
+                seen_by_probe,
+                lost: self.metrics.events_lost(),
+                unattributed: self.metrics.events_unattributed(),
+            },
+        }
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route(STATUS_PATH, get(status))
+        .with_state(shared)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    shared.sync_kernel_counters();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], shared.metrics.render())
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if shared.probes.get().is_some() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "probes not attached yet\n")
+    }
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReport> {
+    Json(shared.status())
+}

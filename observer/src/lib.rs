@@ -1,0 +1,19 @@
+//! observer: an eBPF TCP connection observer.
+//!
+//! One event, followed from probe to metric: the kernel programs (`observer-ebpf`) write a
+//! `SocketEvent` into the ring buffer → [`daemon`] drains it → [`decode`] checks it →
+//! [`classify`] decides how the connection ended → [`attribution`] names owner, role, peer and
+//! port → [`metrics`] counts it → [`http`] serves it. [`probes`] loads and attaches the programs.
+
+pub mod api;
+pub mod attribution;
+pub mod classify;
+pub mod daemon;
+pub mod decode;
+pub mod http;
+pub mod metrics;
+pub mod probes;
+
+pub use observer_common::ProbeId;
+
+pub(crate) const ALL_PROBES: [ProbeId; 6] = ProbeId::ALL;

@@ -1,0 +1,240 @@
+//! Kernel struct offsets and enum names from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//!
+//! Struct layouts depend on the kernel version and configuration (`task_struct` is even
+//! randomisable), and `enum sk_rst_reason` values are renumbered between releases, so both are
+//! looked up here at start-up rather than compiled in.
+
+use std::{collections::BTreeMap, path::Path};
+
+use btf_rs::{Btf, Type};
+use observer_common::{ABSENT, KernelOffsets};
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error(
+        "cannot read kernel BTF at {path}: {source}; observer needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (every major distribution kernel since 2020 has it)"
+    )]
+    Unavailable { path: String, source: btf_rs::Error },
+    #[error("kernel BTF has no {0}")]
+    Missing(String),
+}
+
+/// The running kernel's type information.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn load() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        Btf::from_file(path)
+            .map(|btf| Self { btf })
+            .map_err(|source| BtfError::Unavailable { path: path.display().to_string(), source })
+    }
+
+    /// Byte offset of `path` (`"sock.__sk_common.skc_state"`): a struct name followed by member
+    /// names. Anonymous struct/union members are searched through, as C does.
+    pub fn member_offset(&self, path: &str) -> Result<u32, BtfError> {
+        let missing = || BtfError::Missing(format!("member `{path}`"));
+        let mut parts = path.split('.');
+        let root = parts.next().ok_or_else(missing)?;
+        let mut ty = self
+            .btf
+            .resolve_types_by_name(root)
+            .map_err(|_| missing())?
+            .into_iter()
+            .find(|t| matches!(t, Type::Struct(_) | Type::Union(_)))
+            .ok_or_else(missing)?;
+        let mut bits = 0u32;
+        for name in parts {
+            let (member_bits, member_ty) = self.find_member(&ty, name).ok_or_else(missing)?;
+            bits += member_bits;
+            ty = member_ty;
+        }
+        if bits % 8 != 0 {
+            return Err(BtfError::Missing(format!("byte-aligned member `{path}` (it is a bitfield)")));
+        }
+        Ok(bits / 8)
+    }
+
+    /// (bit offset, type) of member `name` of struct/union `ty`, looking into anonymous members.
+    fn find_member(&self, ty: &Type, name: &str) -> Option<(u32, Type)> {
+        let (Type::Struct(s) | Type::Union(s)) = ty else { return None };
+        for member in &s.members {
+            let member_name = self.btf.resolve_name(member).unwrap_or_default();
+            let member_ty = self.strip(self.btf.resolve_chained_type(member).ok()?);
+            if member_name == name {
+                return Some((member.bit_offset(), member_ty));
+            }
+            if member_name.is_empty()
+                && let Some((inner, t)) = self.find_member(&member_ty, name)
+            {
+                return Some((member.bit_offset() + inner, t));
+            }
+        }
+        None
+    }
+
+    /// Follows typedefs and qualifiers down to the underlying type.
+    fn strip(&self, mut ty: Type) -> Type {
+        for _ in 0..16 {
+            match &ty {
+                Type::Typedef(_) | Type::Volatile(_) | Type::Const(_) | Type::Restrict(_) | Type::TypeTag(_) => {
+                    match self.btf.resolve_chained_type(ty.as_btf_type().expect("qualifiers are named types")) {
+                        Ok(next) => ty = next,
+                        Err(_) => break,
+                    }
+                }
+                _ => break,
+            }
+        }
+        ty
+    }
+
+    /// Members of enum `name` as value → name.
+    pub fn enum_values(&self, name: &str) -> Result<BTreeMap<u64, String>, BtfError> {
+        let types = self.btf.resolve_types_by_name(name).map_err(|_| BtfError::Missing(format!("enum {name}")))?;
+        let mut values = BTreeMap::new();
+        for ty in types {
+            match ty {
+                Type::Enum(e) => {
+                    for m in &e.members {
+                        values.insert(m.val() as u64, self.btf.resolve_name(m).unwrap_or_default());
+                    }
+                }
+                Type::Enum64(e) => {
+                    for m in &e.members {
+                        values.insert(m.val(), self.btf.resolve_name(m).unwrap_or_default());
+                    }
+                }
+                _ => continue,
+            }
+            return Ok(values);
+        }
+        Err(BtfError::Missing(format!("enum {name}")))
+    }
+
+    /// The struct offsets the kernel programs use. A member this kernel lacks stays [`ABSENT`]
+    /// and is reported in `missing`; the programs then do without that fact.
+    pub fn kernel_offsets(&self, missing: &mut Vec<String>) -> KernelOffsets {
+        let mut get = |path: &str| match self.member_offset(path) {
+            Ok(off) => off,
+            Err(e) => {
+                missing.push(e.to_string());
+                ABSENT
+            }
+        };
+        KernelOffsets {
+            task_group_leader: get("task_struct.group_leader"),
+            task_comm: get("task_struct.comm"),
+            task_files: get("task_struct.files"),
+            files_fdt: get("files_struct.fdt"),
+            fdtable_max_fds: get("fdtable.max_fds"),
+            fdtable_fd: get("fdtable.fd"),
+            file_private_data: get("file.private_data"),
+            socket_sk: get("socket.sk"),
+            sock_state: get("sock.__sk_common.skc_state"),
+            sock_err: get("sock.sk_err"),
+            tcp_rcv_nxt: get("tcp_sock.rcv_nxt"),
+            tcp_copied_seq: get("tcp_sock.copied_seq"),
+        }
+    }
+}
+
+/// Names of the kernel's RST reasons (`enum sk_rst_reason`, 6.10+), by value.
+#[derive(Debug, Clone, Default)]
+pub struct ResetReasons {
+    names: BTreeMap<u32, String>,
+}
+
+impl ResetReasons {
+    /// Builds the table from `enum sk_rst_reason` members (`SK_RST_REASON_NO_SOCKET` →
+    /// `no_socket`). Kernels before 6.10 have no such enum: the table is empty.
+    pub fn from_btf(btf: &KernelBtf) -> Self {
+        let names = btf
+            .enum_values("sk_rst_reason")
+            .map(|values| {
+                values
+                    .into_iter()
+                    .map(|(v, name)| (v as u32, reason_label(&name)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self { names }
+    }
+
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (u32, &'a str)>) -> Self {
+        Self { names: pairs.into_iter().map(|(v, n)| (v, reason_label(n))).collect() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The `reason` label for a value: the kernel's name, `not_specified` when the kernel gave
+    /// none ([`observer_common::REASON_NONE`] or an empty table), `unknown` otherwise.
+    pub fn label(&self, value: u32) -> &str {
+        if value == observer_common::REASON_NONE || self.names.is_empty() {
+            return "not_specified";
+        }
+        self.names.get(&value).map_or("unknown", String::as_str)
+    }
+
+    /// Value of a reason by label, e.g. `tcp_abort_on_close`.
+    pub fn value_of(&self, label: &str) -> Option<u32> {
+        self.names.iter().find(|(_, n)| n.as_str() == label).map(|(v, _)| *v)
+    }
+}
+
+/// `SK_RST_REASON_TCP_ABORT_ON_CLOSE` → `tcp_abort_on_close`.
+fn reason_label(name: &str) -> String {
+    name.strip_prefix("SK_RST_REASON_").unwrap_or(name).to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_labels_are_lower_case_without_prefix() {
+        // 6.10 and 6.18 number MPTCP_RST_EUNSPEC differently; labels come from names.
+        let v6_10 = ResetReasons::from_pairs([(0, "SK_RST_REASON_NOT_SPECIFIED"), (1, "SK_RST_REASON_NO_SOCKET"), (9, "SK_RST_REASON_MPTCP_RST_EUNSPEC")]);
+        let v6_18 = ResetReasons::from_pairs([(1, "SK_RST_REASON_NO_SOCKET"), (11, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"), (17, "SK_RST_REASON_MPTCP_RST_EUNSPEC")]);
+        assert_eq!(v6_10.label(9), "mptcp_rst_eunspec");
+        assert_eq!(v6_18.label(17), "mptcp_rst_eunspec");
+        assert_eq!(v6_18.label(11), "tcp_abort_on_close");
+        assert_eq!(v6_10.label(0), "not_specified");
+        assert_eq!(v6_18.label(99), "unknown");
+        assert_eq!(v6_18.value_of("no_socket"), Some(1));
+    }
+
+    #[test]
+    fn kernels_without_the_enum_report_not_specified() {
+        let none = ResetReasons::default();
+        assert_eq!(none.label(3), "not_specified");
+        assert_eq!(none.label(observer_common::REASON_NONE), "not_specified");
+    }
+
+    /// Reads this machine's BTF, when it has one: the offsets must be found and plausible.
+    #[test]
+    fn running_kernel_btf_has_the_offsets_we_need() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            panic!("{VMLINUX_BTF} missing: observer's tests need a kernel with BTF (CONFIG_DEBUG_INFO_BTF=y)");
+        }
+        let btf = KernelBtf::load().unwrap();
+        let mut missing = Vec::new();
+        let offsets = btf.kernel_offsets(&mut missing);
+        assert!(missing.is_empty(), "missing: {missing:?}");
+        assert_eq!(offsets.file_private_data % 8, 0);
+        assert!(offsets.tcp_rcv_nxt > offsets.sock_err);
+        let reasons = ResetReasons::from_btf(&btf);
+        assert_eq!(reasons.label(reasons.value_of("no_socket").unwrap()), "no_socket");
+        assert!(reasons.value_of("tcp_abort_on_close").is_some());
+    }
+}

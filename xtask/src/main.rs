@@ -1,0 +1,63 @@
+//! `cargo xtask`: observer's set-up, build, run, test and bench tasks.
+mod build;
+mod cmd;
+mod run;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "observer's set-up, build, run, test and bench tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs needs (Debian packages, bpf-linker, the
+    /// `debian-web` rustup toolchain) and mount tracefs. Does nothing when all is present.
+    Setup,
+    /// Set up, then build the daemon (which builds and embeds the eBPF programs).
+    Build(build::Args),
+    /// Set up, build, then run `observer run ARGS...` in the foreground.
+    Run(run::Args),
+    /// Set up, then run the workspace's tests (as root: they load eBPF programs).
+    Test(test::Args),
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::setup().map(|_| ExitCode::SUCCESS),
+        Task::Build(args) => build::build(args).map(|()| ExitCode::SUCCESS),
+        Task::Run(args) => run::run(args).map(|()| ExitCode::SUCCESS),
+        Task::Test(args) => test::test(args),
+        Task::Bench => {
+            eprintln!(
+                "cargo xtask bench: not implemented yet (issue: Benchmarks, overload and fault tolerance)"
+            );
+            Ok(ExitCode::from(2))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // Not `{e:?}`: with RUST_BACKTRACE set that adds a backtrace nobody needs here.
+            eprintln!("cargo xtask: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("    caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
