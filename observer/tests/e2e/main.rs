@@ -1,1 +1,312 @@
-fn main() {}
+//! End-to-end tests: the real daemon, real kernel probes, real sockets in private network
+//! namespaces, asserted through the daemon's real `/metrics` and status API.
+//!
+//! They need root (BPF, network namespaces). Without it they fail, naming what is missing; they
+//! never skip. Scenarios share one daemon and tell their traffic apart by their processes'
+//! command names and addresses, so they can run side by side.
+
+mod harness;
+mod traffic;
+
+use std::{
+    net::Ipv4Addr,
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use harness::{Daemon, Metrics, OBSERVER, kernel_version};
+use libtest_mimic::{Arguments, Failed, Trial};
+use traffic::{Mode, Scenario, WORKER_ENV};
+
+static SHARED: OnceLock<Result<Daemon, String>> = OnceLock::new();
+
+fn shared_daemon() -> Result<&'static Daemon, Failed> {
+    SHARED.get_or_init(|| Daemon::start(&[])).as_ref().map_err(|e| Failed::from(e.as_str()))
+}
+
+fn main() {
+    if let Ok(role) = std::env::var(WORKER_ENV) {
+        traffic::worker_main(&role);
+    }
+    let args = Arguments::from_args();
+    let trials = vec![
+        Trial::test("linger0_close_is_local_reset_for_server_and_peer_reset_for_client", linger0_close),
+        Trial::test("close_with_unread_request_is_unread_data_with_abort_on_close_reason", close_with_unread_data),
+        Trial::test("connect_to_closed_port_is_refused_and_no_socket_reset_has_no_owner", connect_refused),
+        Trial::test("graceful_connections_are_closed_once_each_and_never_premature", graceful),
+        Trial::test("status_api_healthz_and_info_metrics_list_every_probe", status_lists_every_probe),
+        Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", status_command),
+        Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", bad_listen_address),
+        Trial::test("sigterm_detaches_every_program_and_exits_zero", sigterm_detaches),
+    ];
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Stop the shared daemon before exiting: statics are never dropped.
+    if let Some(Ok(daemon)) = SHARED.get() {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    }
+    conclusion.exit();
+}
+
+fn check(what: &str, got: u64, want: u64) -> Result<(), Failed> {
+    if got == want { Ok(()) } else { Err(format!("{what}: got {got}, want {want}").into()) }
+}
+
+/// The reason label the running kernel gives an active reset: 6.12 named them; 6.10-6.11 and
+/// older kernels report none.
+fn active_reason(name: &'static str) -> &'static str {
+    if kernel_version() >= (6, 12) { name } else { "not_specified" }
+}
+
+const N: u32 = 5;
+
+fn scenario(mode: Mode, tag: u8, server_comm: &'static str, client_comm: &'static str) -> Scenario {
+    Scenario {
+        mode,
+        connections: N,
+        server_comm,
+        client_comm,
+        server_ip: Ipv4Addr::new(127, 10, tag, 1),
+        client_ip: Ipv4Addr::new(127, 20, tag, 1),
+        port: 8000 + tag as u16,
+    }
+}
+
+fn linger0_close() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let s = scenario(Mode::Linger0, 1, "t1-lng-srv", "t1-lng-cli");
+    s.run()?;
+    let (srv, cli) = (s.server_comm, s.client_comm);
+    let (server_peer, client_peer, port) = (s.client_ip.to_string(), s.server_ip.to_string(), s.port.to_string());
+    let client = [("comm", cli), ("role", "client"), ("peer", client_peer.as_str()), ("port", port.as_str())];
+    let server = [("comm", srv), ("role", "server"), ("peer", server_peer.as_str()), ("port", port.as_str())];
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_closes_total", &[("comm", cli)]) >= N as u64 && m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= N as u64)?;
+    let n = N as u64;
+    check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
+    check("client premature peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), n)?;
+    check("client premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]), n)?;
+    check("server resets sent", m.sum("observer_tcp_resets_sent_total", &server), n)?;
+    check("server resets sent with reason", m.sum("observer_tcp_resets_sent_total", &with(&server, ("reason", active_reason("tcp_state")))), n)?;
+    check("server premature local_reset", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))), n)?;
+    check("server premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", srv)]), n)?;
+    check("resets received attributed to the server", m.sum("observer_tcp_resets_received_total", &[("comm", srv)]), 0)?;
+    check("resets sent attributed to the client", m.sum("observer_tcp_resets_sent_total", &[("comm", cli)]), 0)?;
+    check("client closes", m.sum("observer_tcp_closes_total", &client), n)?;
+    check("server closes", m.sum("observer_tcp_closes_total", &server), n)?;
+    Ok(())
+}
+
+fn close_with_unread_data() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let s = scenario(Mode::Unread, 2, "t2-unr-srv", "t2-unr-cli");
+    s.run()?;
+    let (srv, cli) = (s.server_comm, s.client_comm);
+    let (server_peer, client_peer, port) = (s.client_ip.to_string(), s.server_ip.to_string(), s.port.to_string());
+    let client = [("comm", cli), ("role", "client"), ("peer", client_peer.as_str()), ("port", port.as_str())];
+    let server = [("comm", srv), ("role", "server"), ("peer", server_peer.as_str()), ("port", port.as_str())];
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_closes_total", &[("comm", cli)]) >= N as u64 && m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= N as u64)?;
+    let n = N as u64;
+    check("server premature unread_data", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "unread_data"))), n)?;
+    check("server premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", srv)]), n)?;
+    check(
+        "server resets sent with reason",
+        m.sum("observer_tcp_resets_sent_total", &with(&server, ("reason", active_reason("tcp_abort_on_close")))),
+        n,
+    )?;
+    check("client premature peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), n)?;
+    check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
+    check("resets received attributed to the server", m.sum("observer_tcp_resets_received_total", &[("comm", srv)]), 0)?;
+    Ok(())
+}
+
+fn connect_refused() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let s = scenario(Mode::Refused, 3, "t3-ref-srv", "t3-ref-cli");
+    s.run()?;
+    let cli = s.client_comm;
+    let closed_port = (s.port + 1).to_string();
+    let (client_ip, server_ip) = (s.client_ip.to_string(), s.server_ip.to_string());
+    let client = [("comm", cli), ("role", "client"), ("peer", server_ip.as_str()), ("port", closed_port.as_str())];
+    let no_socket = [("comm", ""), ("role", ""), ("peer", client_ip.as_str()), ("port", closed_port.as_str())];
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]) >= N as u64)?;
+    let n = N as u64;
+    check("client premature refused", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "refused"))), n)?;
+    check("client premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]), n)?;
+    let expected_no_socket = if kernel_version() >= (6, 10) { n } else { 0 }; // traced since 6.10
+    check("no-socket resets sent", m.sum("observer_tcp_resets_sent_total", &with(&no_socket, ("reason", active_reason("no_socket")))), expected_no_socket)?;
+    check("resets sent attributed to the client", m.sum("observer_tcp_resets_sent_total", &[("comm", cli)]), 0)?;
+    check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
+    Ok(())
+}
+
+fn graceful() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let s = scenario(Mode::Graceful, 4, "t4-ok-srv", "t4-ok-cli");
+    s.run()?;
+    let (srv, cli) = (s.server_comm, s.client_comm);
+    let (server_peer, client_peer, port) = (s.client_ip.to_string(), s.server_ip.to_string(), s.port.to_string());
+    let client = [("comm", cli), ("role", "client"), ("peer", client_peer.as_str()), ("port", port.as_str())];
+    let server = [("comm", srv), ("role", "server"), ("peer", server_peer.as_str()), ("port", port.as_str())];
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_closes_total", &[("comm", cli)]) + m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= 2 * N as u64)?;
+    let n = N as u64;
+    check("closes, both ends", m.sum("observer_tcp_closes_total", &client) + m.sum("observer_tcp_closes_total", &server), 2 * n)?;
+    check("client closes", m.sum("observer_tcp_closes_total", &client), n)?;
+    check("server closes", m.sum("observer_tcp_closes_total", &server), n)?;
+    for comm in [srv, cli] {
+        check(&format!("{comm} premature"), m.sum("observer_tcp_premature_closes_total", &[("comm", comm)]), 0)?;
+        check(&format!("{comm} resets sent"), m.sum("observer_tcp_resets_sent_total", &[("comm", comm)]), 0)?;
+        check(&format!("{comm} resets received"), m.sum("observer_tcp_resets_received_total", &[("comm", comm)]), 0)?;
+    }
+    Ok(())
+}
+
+fn with<'a>(base: &[(&'a str, &'a str)], extra: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {
+    let mut v = base.to_vec();
+    v.push(extra);
+    v
+}
+
+const PROBES: [(&str, &str); 6] = [
+    ("inet_sock_set_state", "tracepoint/sock/inet_sock_set_state"),
+    ("tcp_receive_reset", "tracepoint/tcp/tcp_receive_reset"),
+    ("tcp_send_reset", "tracepoint/tcp/tcp_send_reset"),
+    ("tcp_destroy_sock", "tracepoint/tcp/tcp_destroy_sock"),
+    ("sys_exit_accept4", "tracepoint/syscalls/sys_exit_accept4"),
+    ("sys_exit_accept", "tracepoint/syscalls/sys_exit_accept"),
+];
+
+fn status_lists_every_probe() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let (code, _) = daemon.get("/healthz")?;
+    check("/healthz status", code as u64, 200)?;
+    let (code, body) = daemon.get("/api/v1/status")?;
+    check("/api/v1/status status", code as u64, 200)?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+    for key in ["version", "kernel", "uptime_seconds", "probes", "events"] {
+        if status.get(key).is_none() {
+            return Err(format!("status lacks `{key}`: {body}").into());
+        }
+    }
+    for field in ["seen", "lost", "unattributed"] {
+        if !status["events"][field].is_u64() {
+            return Err(format!("status events.{field} is not a count: {body}").into());
+        }
+    }
+    let probes = status["probes"].as_array().ok_or("probes is not a list")?;
+    for (name, attach) in PROBES {
+        let p = probes.iter().find(|p| p["probe"] == name).ok_or_else(|| format!("probe {name} missing from status: {body}"))?;
+        if p["attach"] != attach || p["state"] != "attached" {
+            return Err(format!("probe {name}: {p}").into());
+        }
+    }
+    let m: Metrics = daemon.metrics()?;
+    for (name, attach) in PROBES {
+        check(&format!("observer_probe_info {name}"), m.sum("observer_probe_info", &[("probe", name), ("attach", attach)]), 1)?;
+    }
+    check("observer_build_info", m.sum("observer_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1)?;
+    for name in ["observer_events_lost_total", "observer_events_unattributed_total"] {
+        if m.matching(name, &[]).count() != 1 {
+            return Err(format!("{name} not exported").into());
+        }
+    }
+    Ok(())
+}
+
+fn status_command() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let out = Command::new(OBSERVER).args(["status", "--endpoint", &daemon.endpoint()]).output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("observer status failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    for (name, attach) in PROBES {
+        if !text.lines().any(|l| l.starts_with(name) && l.contains("attached") && l.contains(attach)) {
+            return Err(format!("observer status does not show {name} attached:\n{text}").into());
+        }
+    }
+    let json = Command::new(OBSERVER).args(["status", "--json", "--endpoint", &daemon.endpoint()]).output().map_err(|e| e.to_string())?;
+    serde_json::from_slice::<serde_json::Value>(&json.stdout).map_err(|e| format!("status --json is not JSON: {e}"))?;
+
+    // Pointed at nothing: a clear error, non-zero exit.
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let dead = format!("http://{}", nothing.local_addr().map_err(|e| e.to_string())?);
+    drop(nothing);
+    let out = Command::new(OBSERVER).args(["status", "--endpoint", &dead]).output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !err.contains("cannot reach an observer daemon at") || !err.contains("--endpoint") {
+        return Err(format!("status against nothing: {} / {err}", out.status).into());
+    }
+    Ok(())
+}
+
+fn bad_listen_address() -> Result<(), Failed> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = taken.local_addr().map_err(|e| e.to_string())?.to_string();
+    let out = Command::new(OBSERVER).args(["run", "--listen", &addr]).output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !err.contains(&format!("cannot listen on {addr}")) || !err.contains("--listen") {
+        return Err(format!("port in use: {} / {err}", out.status).into());
+    }
+    let out = Command::new(OBSERVER).args(["run", "--listen", "not-an-address"]).output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !err.contains("--listen") || !err.contains("not-an-address") {
+        return Err(format!("invalid address: {} / {err}", out.status).into());
+    }
+    Ok(())
+}
+
+/// IDs of the BPF programs process `pid` holds open, from its fds' `prog_id:` in /proc.
+fn programs_of(pid: u32) -> Result<Vec<u64>, Failed> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let Ok(info) = std::fs::read_to_string(&path) else { continue };
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Every loaded program's ID, from `bpftool prog show`.
+fn all_program_ids() -> Result<Vec<u64>, Failed> {
+    let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().map_err(|e| format!("running bpftool (installed by `cargo xtask setup`): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("bpftool prog show: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bpftool JSON: {e}"))?;
+    Ok(progs.as_array().into_iter().flatten().filter_map(|p| p["id"].as_u64()).collect())
+}
+
+fn sigterm_detaches() -> Result<(), Failed> {
+    let mut daemon = Daemon::start(&[])?;
+    let pid = daemon.child.id();
+    let ours = programs_of(pid)?;
+    check("programs held by the daemon", ours.len() as u64, PROBES.len() as u64)?;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            return Err("daemon still running 10 s after SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !status.success() {
+        let log: Vec<String> = daemon.log.lock().map(|l| l.try_iter().collect()).unwrap_or_default();
+        return Err(format!("exit status after SIGTERM: {status}\n{}", log.join("\n")).into());
+    }
+    let left = all_program_ids()?;
+    let leaked: Vec<u64> = ours.into_iter().filter(|id| left.contains(id)).collect();
+    if !leaked.is_empty() {
+        return Err(format!("programs left loaded after exit: {leaked:?}").into());
+    }
+    Ok(())
+}

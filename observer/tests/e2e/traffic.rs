@@ -1,0 +1,326 @@
+//! Real TCP traffic in a private network namespace, made by named processes.
+//!
+//! The test binary re-executes itself: a `netns` worker unshares a network namespace, brings
+//! `lo` up, and starts a `server` and a `client` worker in it (children inherit the namespace).
+//! Each sets its own command name, so the daemon's attribution can be asserted by `comm`.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+/// Environment variable that turns the test binary into a worker.
+pub const WORKER_ENV: &str = "OBSERVER_E2E_WORKER";
+
+/// What the server does with each connection (the client follows suit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Reads the request, then closes with SO_LINGER {1, 0}: RST, reason TCP_STATE.
+    Linger0,
+    /// Closes with the request unread: RST, reason TCP_ABORT_ON_CLOSE.
+    Unread,
+    /// Connects to a port nobody listens on: RST NO_SOCKET, ECONNREFUSED.
+    Refused,
+    /// Reads the request, answers, closes; the client reads to EOF and closes.
+    Graceful,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Linger0 => "linger0",
+            Mode::Unread => "unread",
+            Mode::Refused => "refused",
+            Mode::Graceful => "graceful",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "linger0" => Mode::Linger0,
+            "unread" => Mode::Unread,
+            "refused" => Mode::Refused,
+            "graceful" => Mode::Graceful,
+            other => panic!("unknown mode {other}"),
+        }
+    }
+}
+
+/// One scenario: N connections from `client_comm` at `client_ip` to `server_comm` at
+/// `server_ip:port`.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub mode: Mode,
+    pub connections: u32,
+    pub server_comm: &'static str,
+    pub client_comm: &'static str,
+    pub server_ip: Ipv4Addr,
+    pub client_ip: Ipv4Addr,
+    pub port: u16,
+}
+
+const REQUEST: &[u8] = b"GET /order HTTP/1.1\r\n\r\n";
+
+impl Scenario {
+    /// Runs the scenario to completion in a fresh network namespace.
+    pub fn run(&self) -> Result<(), String> {
+        let out = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .env(WORKER_ENV, "netns")
+            .args(self.args())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("spawning the netns worker: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "scenario {:?} failed ({}): {}{}",
+                self.mode,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scenario's addresses as `peer` label values.
+    pub fn peers(&self) -> [&'static str; 2] {
+        let leak = |ip: Ipv4Addr| -> &'static str { Box::leak(ip.to_string().into_boxed_str()) };
+        [leak(self.server_ip), leak(self.client_ip)]
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            self.mode.as_str().into(),
+            self.connections.to_string(),
+            self.server_comm.into(),
+            self.client_comm.into(),
+            self.server_ip.to_string(),
+            self.client_ip.to_string(),
+            self.port.to_string(),
+        ]
+    }
+
+    fn from_args(args: &[String]) -> Self {
+        let leak = |s: &String| -> &'static str { Box::leak(s.clone().into_boxed_str()) };
+        Self {
+            mode: Mode::parse(&args[0]),
+            connections: args[1].parse().expect("connections"),
+            server_comm: leak(&args[2]),
+            client_comm: leak(&args[3]),
+            server_ip: args[4].parse().expect("server ip"),
+            client_ip: args[5].parse().expect("client ip"),
+            port: args[6].parse().expect("port"),
+        }
+    }
+}
+
+/// Entry point of a worker process; never returns.
+pub fn worker_main(role: &str) -> ! {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenario = Scenario::from_args(&args);
+    let result = match role {
+        "netns" => netns_worker(&scenario),
+        "server" => {
+            set_comm(scenario.server_comm);
+            server(&scenario)
+        }
+        "client" => {
+            set_comm(scenario.client_comm);
+            client(&scenario)
+        }
+        other => Err(io::Error::other(format!("unknown worker role {other}"))),
+    };
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("{role} worker: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+fn set_comm(name: &str) {
+    let name = std::ffi::CString::new(name).expect("comm without NUL");
+    // SAFETY: PR_SET_NAME with a NUL-terminated string; the kernel truncates to 15 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+fn netns_worker(s: &Scenario) -> io::Result<()> {
+    // SAFETY: the worker is single-threaded; the new namespace applies to it and its children.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::other(format!(
+            "unshare(CLONE_NEWNET) failed: {} (the end-to-end tests need root)",
+            io::Error::last_os_error()
+        )));
+    }
+    loopback_up()?;
+    let exe = std::env::current_exe()?;
+    let spawn = |role: &str, stdout: Stdio| {
+        Command::new(&exe).env(WORKER_ENV, role).args(s.args()).stdin(Stdio::null()).stdout(stdout).spawn()
+    };
+    let mut server = spawn("server", Stdio::piped())?;
+    // The server says "ready" once it listens.
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().ok_or_else(|| io::Error::other("no server stdout"))?).read_line(&mut ready)?;
+    if ready.trim() != "ready" {
+        let _ = server.kill();
+        return Err(io::Error::other(format!("server did not start: {ready:?} ({:?})", server.wait()?)));
+    }
+    let client = spawn("client", Stdio::inherit())?.wait()?;
+    let server_status = server.wait()?;
+    if !client.success() || !server_status.success() {
+        return Err(io::Error::other(format!("client {client}, server {server_status}")));
+    }
+    Ok(())
+}
+
+/// `ip link set lo up`, by ioctl.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a datagram socket used only for interface ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zeroed ifreq is valid; the name fits.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: ioctls on a valid fd with a valid ifreq.
+    let rc = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            -1
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req)
+        }
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    if rc < 0 { Err(err) } else { Ok(()) }
+}
+
+fn server(s: &Scenario) -> io::Result<()> {
+    let listener = TcpListener::bind((s.server_ip, s.port))?;
+    println!("ready");
+    io::stdout().flush()?;
+    if s.mode == Mode::Refused {
+        // Nobody accepts on the port the client targets (port + 1); this one just exists.
+        return Ok(());
+    }
+    for _ in 0..s.connections {
+        let (mut conn, _) = listener.accept()?;
+        let mut request = [0u8; REQUEST.len()];
+        match s.mode {
+            Mode::Linger0 => {
+                conn.read_exact(&mut request)?;
+                set_linger0(&conn)?;
+                drop(conn);
+            }
+            Mode::Unread => {
+                // Wait until the request is queued, then close without reading it.
+                wait_readable(&conn)?;
+                drop(conn);
+            }
+            Mode::Graceful => {
+                conn.read_exact(&mut request)?;
+                conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")?;
+                drop(conn);
+            }
+            Mode::Refused => unreachable!(),
+        }
+    }
+    Ok(())
+}
+
+fn client(s: &Scenario) -> io::Result<()> {
+    for i in 0..s.connections {
+        let socket = socket_bound_to(s.client_ip)?;
+        match s.mode {
+            Mode::Refused => match connect(socket, SocketAddr::from((s.server_ip, s.port + 1))) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                other => return Err(io::Error::other(format!("connection {i}: expected ECONNREFUSED, got {other:?}"))),
+            },
+            mode => {
+                let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
+                conn.write_all(REQUEST)?;
+                let mut response = Vec::new();
+                let read = conn.read_to_end(&mut response);
+                match (mode, read) {
+                    (Mode::Graceful, Ok(_)) if response.ends_with(b"ok") => {}
+                    (Mode::Linger0 | Mode::Unread, Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                    (mode, other) => {
+                        return Err(io::Error::other(format!("connection {i} ({mode:?}): unexpected read result {other:?}")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_linger0(conn: &TcpStream) -> io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt with a valid linger struct on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+fn wait_readable(conn: &TcpStream) -> io::Result<()> {
+    let mut pfd = libc::pollfd { fd: conn.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&mut pfd, 1, Duration::from_secs(10).as_millis() as i32) };
+    if rc == 1 { Ok(()) } else { Err(io::Error::other("request never arrived")) }
+}
+
+/// A TCP socket bound to `ip` (so the scenario's client address is its own).
+fn socket_bound_to(ip: Ipv4Addr) -> io::Result<i32> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let addr = sockaddr(SocketAddr::from((ip, 0)));
+    // SAFETY: bind with a valid sockaddr_in.
+    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) } != 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: our fd.
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+fn connect(fd: i32, to: SocketAddr) -> io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: fd is an open socket we own; TcpStream takes ownership and closes it.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let addr = sockaddr(to);
+    // SAFETY: connect with a valid sockaddr_in.
+    if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+fn sockaddr(addr: SocketAddr) -> libc::sockaddr_in {
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only here") };
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
