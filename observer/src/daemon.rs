@@ -25,7 +25,8 @@ pub struct DaemonOptions {
 
 /// Runs until SIGINT or SIGTERM, then detaches every probe and returns.
 pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
-    // Bind first: a taken port should fail before anything is loaded into the kernel.
+    probes::check_permissions()?;
+    // Bind before loading: a taken port should fail before anything is loaded into the kernel.
     let listener = TcpListener::bind(options.listen).await.map_err(|e| listen_error(options.listen, e))?;
     let local = listener.local_addr().context("reading the listen address")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -101,11 +101,14 @@ impl KernelCounters {
     }
 }
 
+/// Fails early, with what to do, when this process cannot load BPF programs at all.
+pub fn check_permissions() -> Result<(), LoadError> {
+    if has_bpf_capabilities() { Ok(()) } else { Err(LoadError::Permission) }
+}
+
 /// Loads and attaches every probe the running kernel offers.
 pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
-    if !has_bpf_capabilities() {
-        return Err(LoadError::Permission);
-    }
+    check_permissions()?;
     raise_memlock_limit();
 
     let root = tracefs::tracefs_root()?;
