@@ -77,11 +77,8 @@ fn linger0_close() -> Result<(), Failed> {
     let daemon = shared_daemon()?;
     let s = scenario(Mode::Linger0, 1, "t1-lng-srv", "t1-lng-cli");
     s.run()?;
-    let (srv, cli) = (s.server_comm, s.client_comm);
-    let (server_peer, client_peer, port) = (s.client_ip.to_string(), s.server_ip.to_string(), s.port.to_string());
-    let client = [("comm", cli), ("role", "client"), ("peer", client_peer.as_str()), ("port", port.as_str())];
-    let server = [("comm", srv), ("role", "server"), ("peer", server_peer.as_str()), ("port", port.as_str())];
-    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_closes_total", &[("comm", cli)]) >= N as u64 && m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= N as u64)?;
+    let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
     let n = N as u64;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
     check("client premature peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), n)?;
@@ -101,11 +98,8 @@ fn close_with_unread_data() -> Result<(), Failed> {
     let daemon = shared_daemon()?;
     let s = scenario(Mode::Unread, 2, "t2-unr-srv", "t2-unr-cli");
     s.run()?;
-    let (srv, cli) = (s.server_comm, s.client_comm);
-    let (server_peer, client_peer, port) = (s.client_ip.to_string(), s.server_ip.to_string(), s.port.to_string());
-    let client = [("comm", cli), ("role", "client"), ("peer", client_peer.as_str()), ("port", port.as_str())];
-    let server = [("comm", srv), ("role", "server"), ("peer", server_peer.as_str()), ("port", port.as_str())];
-    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_closes_total", &[("comm", cli)]) >= N as u64 && m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= N as u64)?;
+    let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
     let n = N as u64;
     check("server premature unread_data", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "unread_data"))), n)?;
     check("server premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", srv)]), n)?;
@@ -144,11 +138,8 @@ fn graceful() -> Result<(), Failed> {
     let daemon = shared_daemon()?;
     let s = scenario(Mode::Graceful, 4, "t4-ok-srv", "t4-ok-cli");
     s.run()?;
-    let (srv, cli) = (s.server_comm, s.client_comm);
-    let (server_peer, client_peer, port) = (s.client_ip.to_string(), s.server_ip.to_string(), s.port.to_string());
-    let client = [("comm", cli), ("role", "client"), ("peer", client_peer.as_str()), ("port", port.as_str())];
-    let server = [("comm", srv), ("role", "server"), ("peer", server_peer.as_str()), ("port", port.as_str())];
-    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_closes_total", &[("comm", cli)]) + m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= 2 * N as u64)?;
+    let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
     let n = N as u64;
     check("closes, both ends", m.sum("observer_tcp_closes_total", &client) + m.sum("observer_tcp_closes_total", &server), 2 * n)?;
     check("client closes", m.sum("observer_tcp_closes_total", &client), n)?;
@@ -159,6 +150,12 @@ fn graceful() -> Result<(), Failed> {
         check(&format!("{comm} resets received"), m.sum("observer_tcp_resets_received_total", &[("comm", comm)]), 0)?;
     }
     Ok(())
+}
+
+/// Every connection of the scenario has been closed on both ends.
+fn both_closed(m: &Metrics, s: &Scenario) -> bool {
+    let n = s.connections as u64;
+    m.sum("observer_tcp_closes_total", &[("comm", s.client_comm)]) >= n && m.sum("observer_tcp_closes_total", &[("comm", s.server_comm)]) >= n
 }
 
 fn with<'a>(base: &[(&'a str, &'a str)], extra: (&'a str, &'a str)) -> Vec<(&'a str, &'a str)> {

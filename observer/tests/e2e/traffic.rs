@@ -87,8 +87,17 @@ impl Scenario {
 
     /// The scenario's addresses as `peer` label values.
     pub fn peers(&self) -> [&'static str; 2] {
-        let leak = |ip: Ipv4Addr| -> &'static str { Box::leak(ip.to_string().into_boxed_str()) };
-        [leak(self.server_ip), leak(self.client_ip)]
+        [leak(self.server_ip.to_string()), leak(self.client_ip.to_string())]
+    }
+
+    /// Labels of the client's connections: its comm, role, the server as peer, the service port.
+    pub fn client_labels(&self) -> [(&'static str, &'static str); 4] {
+        [("comm", self.client_comm), ("role", "client"), ("peer", leak(self.server_ip.to_string())), ("port", leak(self.port.to_string()))]
+    }
+
+    /// Labels of the server's connections.
+    pub fn server_labels(&self) -> [(&'static str, &'static str); 4] {
+        [("comm", self.server_comm), ("role", "server"), ("peer", leak(self.client_ip.to_string())), ("port", leak(self.port.to_string()))]
     }
 
     fn args(&self) -> Vec<String> {
@@ -104,17 +113,21 @@ impl Scenario {
     }
 
     fn from_args(args: &[String]) -> Self {
-        let leak = |s: &String| -> &'static str { Box::leak(s.clone().into_boxed_str()) };
         Self {
             mode: Mode::parse(&args[0]),
             connections: args[1].parse().expect("connections"),
-            server_comm: leak(&args[2]),
-            client_comm: leak(&args[3]),
+            server_comm: leak(args[2].clone()),
+            client_comm: leak(args[3].clone()),
             server_ip: args[4].parse().expect("server ip"),
             client_ip: args[5].parse().expect("client ip"),
             port: args[6].parse().expect("port"),
         }
     }
+}
+
+/// Label values live as long as the test process; a few short strings per scenario.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 /// Entry point of a worker process; never returns.
