@@ -18,6 +18,10 @@ pub struct StatusReport {
     pub probes: Vec<ProbeReport>,
     /// What the running kernel lacks that costs precision.
     pub degraded: Vec<String>,
+    /// Per-connection series exported now.
+    pub series: u64,
+    /// Counts folded into `other` series by the cardinality caps.
+    pub series_folded: u64,
     pub events: EventsReport,
 }
 

@@ -1,26 +1,31 @@
-//! Who and with whom: the owner, role, peer and service port of an event, as label values.
+//! Who and with whom: an event's owner, role, peer and service port, as a series key (no strings
+//! on the event path) and, at scrape time, as label values.
 
 use std::{fs, net::IpAddr, ops::RangeInclusive};
 
 use observer_common::{Role, SocketEvent};
 
-/// The labels shared by every per-connection metric.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ConnectionLabels {
-    /// Owning process's command name; empty when there is no owner (no-socket resets) or it is
-    /// unknown.
-    pub comm: String,
-    /// `client`, `server`, or empty when unknown.
-    pub role: &'static str,
-    /// Remote IP address as text (IPv4 for v4-mapped addresses).
-    pub peer: String,
-    /// Service port: remote port for a client, local port for a server; empty rather than an
-    /// ephemeral port.
-    pub port: String,
+use crate::aggregate::{COMM_OTHER, SeriesKey};
+
+/// The `peer` label: a remote address, or `other` for peers folded by the cardinality cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// 16 bytes, IPv4 v4-mapped.
+    Addr([u8; 16]),
+    Other,
 }
 
-/// Turns events into labels. Knows the local ephemeral port range, so that ephemeral ports never
-/// become label values.
+/// The `port` label: the service port, none (`""`) when only ephemeral ports are known, or
+/// `other` for the overflow series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Port {
+    None,
+    Num(u16),
+    Other,
+}
+
+/// Turns events into series keys. Knows the local ephemeral port range, so that ephemeral ports
+/// never become label values.
 #[derive(Debug, Clone)]
 pub struct Attribution {
     ephemeral: RangeInclusive<u16>,
@@ -45,30 +50,45 @@ impl Attribution {
         Some(lo..=hi)
     }
 
-    pub fn labels(&self, ev: &SocketEvent) -> ConnectionLabels {
+    /// The series an event counts in; `detail` is the family's extra label (reason, kind).
+    pub fn key(&self, ev: &SocketEvent, detail: u32) -> SeriesKey {
         let e = &ev.endpoints;
-        let role = Role::from_u8(ev.role);
-        let port = match role {
+        let port = match Role::from_u8(ev.role) {
             Role::Client => Some(e.remote_port),
             Role::Server => Some(e.local_port),
             // No owner to ask (a no-socket reset, a socket from before start-up): the side that
             // is not ephemeral is the service, the local one first (a no-socket RST answers a
             // segment sent to a local port).
-            Role::Unknown => [e.local_port, e.remote_port]
-                .into_iter()
-                .find(|p| *p != 0 && !self.ephemeral.contains(p)),
+            Role::Unknown => [e.local_port, e.remote_port].into_iter().find(|p| *p != 0 && !self.ephemeral.contains(p)),
         };
-        ConnectionLabels {
-            comm: comm_text(&ev.owner.comm),
-            role: match role {
-                Role::Client => "client",
-                Role::Server => "server",
-                Role::Unknown => "",
-            },
-            peer: ip_text(&e.remote_addr),
-            port: port.filter(|p| *p != 0).map(|p| p.to_string()).unwrap_or_default(),
+        SeriesKey {
+            comm: ev.owner.comm,
+            role: ev.role,
+            peer: Peer::Addr(e.remote_addr),
+            port: port.filter(|p| *p != 0).map_or(Port::None, Port::Num),
+            detail,
         }
     }
+}
+
+/// Label values `[comm, role, peer, port]` of a series.
+pub fn label_values(key: &SeriesKey) -> [String; 4] {
+    let comm = if key.comm == COMM_OTHER { "other".to_string() } else { comm_text(&key.comm) };
+    let role = match Role::from_u8(key.role) {
+        Role::Client => "client",
+        Role::Server => "server",
+        Role::Unknown => "",
+    };
+    let peer = match key.peer {
+        Peer::Addr(addr) => ip_text(&addr),
+        Peer::Other => "other".to_string(),
+    };
+    let port = match key.port {
+        Port::None => String::new(),
+        Port::Num(p) => p.to_string(),
+        Port::Other => "other".to_string(),
+    };
+    [comm, role.to_string(), peer, port]
 }
 
 /// NUL-padded kernel comm → text.
@@ -99,41 +119,40 @@ mod tests {
         m
     }
 
-    fn event(role: Role, local_port: u16, remote_port: u16) -> SocketEvent {
+    fn labels(role: Role, local_port: u16, remote_port: u16) -> [String; 4] {
         let mut comm = [0u8; 16];
         comm[..7].copy_from_slice(b"backend");
-        SocketEvent {
+        let ev = SocketEvent {
             role: role as u8,
             endpoints: Endpoints { local_addr: v4([127, 0, 0, 1]), remote_addr: v4([10, 1, 2, 3]), local_port, remote_port, family: 2, _pad: 0 },
             owner: Owner { tgid: 42, comm },
             ..Default::default()
-        }
+        };
+        label_values(&Attribution::new(32768..=60999).key(&ev, 0))
     }
 
     #[test]
     fn client_port_is_remote_server_port_is_local() {
-        let a = Attribution::new(32768..=60999);
-        let client = a.labels(&event(Role::Client, 45000, 8080));
-        assert_eq!((client.role, client.port.as_str(), client.peer.as_str(), client.comm.as_str()), ("client", "8080", "10.1.2.3", "backend"));
-        let server = a.labels(&event(Role::Server, 8080, 45000));
-        assert_eq!((server.role, server.port.as_str()), ("server", "8080"));
+        assert_eq!(labels(Role::Client, 45000, 8080), ["backend", "client", "10.1.2.3", "8080"]);
+        assert_eq!(labels(Role::Server, 8080, 45000), ["backend", "server", "10.1.2.3", "8080"]);
     }
 
     #[test]
     fn unknown_role_never_labels_an_ephemeral_port() {
-        let a = Attribution::new(32768..=60999);
-        assert_eq!(a.labels(&event(Role::Unknown, 45000, 443)).port, "443");
-        assert_eq!(a.labels(&event(Role::Unknown, 9999, 45000)).port, "9999");
-        assert_eq!(a.labels(&event(Role::Unknown, 40000, 45000)).port, "");
-        assert_eq!(a.labels(&event(Role::Unknown, 40000, 45000)).role, "");
+        assert_eq!(labels(Role::Unknown, 45000, 443)[3], "443");
+        assert_eq!(labels(Role::Unknown, 9999, 45000)[3], "9999");
+        assert_eq!(labels(Role::Unknown, 40000, 45000)[3], "");
+        assert_eq!(labels(Role::Unknown, 40000, 45000)[1], "");
     }
 
     #[test]
-    fn addresses_render_as_ipv4_or_ipv6() {
+    fn addresses_render_as_ipv4_or_ipv6_and_folded_values_as_other() {
         assert_eq!(ip_text(&v4([192, 168, 1, 9])), "192.168.1.9");
         let mut v6 = [0u8; 16];
         v6[15] = 1;
         assert_eq!(ip_text(&v6), "::1");
         assert_eq!(comm_text(b"nginx\0\0\0garbage"), "nginx");
+        let folded = SeriesKey { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, detail: 0 };
+        assert_eq!(label_values(&folded), ["other", "", "other", "other"]);
     }
 }

@@ -6,19 +6,31 @@ use crate::{decode::Event, probes::btf::ResetReasons};
 
 /// Ways a connection ends prematurely, mutually exclusive. When several facts hold, the first
 /// listed wins (`Refused` > `PeerReset` > `UnreadData` > `LocalReset`).
+/// The discriminants are stable: they key aggregated series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
 pub enum PrematureClose {
     /// A connect() was answered with RST.
-    Refused,
+    Refused = 1,
     /// The connection got an RST from its peer.
-    PeerReset,
+    PeerReset = 2,
     /// The local process closed it with received bytes unread, so the kernel sent RST.
-    UnreadData,
+    UnreadData = 3,
     /// The local side aborted it with RST (SO_LINGER 0, `ss -K`, ...).
-    LocalReset,
+    LocalReset = 4,
 }
 
 impl PrematureClose {
+    pub const fn from_index(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Refused),
+            2 => Some(Self::PeerReset),
+            3 => Some(Self::UnreadData),
+            4 => Some(Self::LocalReset),
+            _ => None,
+        }
+    }
+
     /// The `kind` label value.
     pub const fn label(self) -> &'static str {
         match self {

@@ -15,12 +15,14 @@ use crate::{
     classify::classify,
     decode::decode,
     http::{self, Shared},
+    metrics::Limits,
     probes::{self, ProbeOptions, btf::ResetReasons},
 };
 
 pub struct DaemonOptions {
     pub listen: SocketAddr,
     pub probes: ProbeOptions,
+    pub limits: Limits,
 }
 
 /// Runs until SIGINT or SIGTERM, then detaches every probe and returns.
@@ -32,7 +34,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let shared = Arc::new(Shared::new(probes::kernel_release()));
+    let shared = Arc::new(Shared::new(probes::kernel_release(), options.limits));
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -44,7 +46,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         .context("probe loader panicked")??;
     let probes::LoadedProbes { statuses, reasons, degraded, events, counters, logger, ebpf } = loaded;
     let attached = statuses.iter().filter(|s| s.state == "attached").count();
-    shared.set_probes(statuses, degraded, counters);
+    shared.set_probes(statuses, degraded, counters, reasons.clone());
     log::info!("observer {} ready: {attached} probes attached", crate::metrics::VERSION);
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;
@@ -115,11 +117,10 @@ fn handle_record(shared: &Shared, attribution: &Attribution, reasons: &ResetReas
         }
     };
     let outcome = classify(&event, reasons);
-    let labels = attribution.labels(&event.raw);
     // Resets for segments that matched no socket belong to no process by nature; only sockets
     // whose owner we failed to learn count as unattributed.
     let unattributed = event.raw.owner.tgid == 0 && event.raw.sk != 0;
-    shared.metrics.record(&event, outcome, &labels, reasons, unattributed);
+    shared.metrics.record(&event, outcome, attribution, unattributed);
 }
 
 fn listen_error(addr: SocketAddr, e: std::io::Error) -> anyhow::Error {

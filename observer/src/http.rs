@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 
 use crate::{
     api::{EventsReport, ProbeReport, STATUS_PATH, StatusReport},
-    metrics::{Metrics, REVISION, VERSION},
-    probes::{KernelCounters, ProbeStatus},
+    metrics::{Limits, Metrics, REVISION, VERSION},
+    probes::{KernelCounters, ProbeStatus, btf::ResetReasons},
 };
 
 /// State shared by the event loop and the HTTP handlers.
@@ -30,13 +30,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(kernel: String) -> Self {
-        Self { metrics: Metrics::new(), started: Instant::now(), kernel, probes: OnceLock::new(), kernel_counters: Mutex::new(None) }
+    pub fn new(kernel: String, limits: Limits) -> Self {
+        Self { metrics: Metrics::new(limits), started: Instant::now(), kernel, probes: OnceLock::new(), kernel_counters: Mutex::new(None) }
     }
 
     /// Marks the daemon ready: probes attached.
-    pub fn set_probes(&self, statuses: Vec<ProbeStatus>, degraded: Vec<String>, counters: KernelCounters) {
-        self.metrics.set_probes(&statuses);
+    pub fn set_probes(&self, statuses: Vec<ProbeStatus>, degraded: Vec<String>, counters: KernelCounters, reasons: ResetReasons) {
+        self.metrics.set_probes(&statuses, reasons);
         *self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(counters);
         let _ = self.probes.set((statuses, degraded));
     }
@@ -57,6 +57,7 @@ impl Shared {
         self.sync_kernel_counters();
         let (probes, degraded) = self.probes.get().cloned().unwrap_or_default();
         let seen_by_probe: std::collections::BTreeMap<String, u64> = self.metrics.events_seen().into_iter().collect();
+        let (series, series_folded) = self.metrics.series();
         StatusReport {
             version: VERSION.into(),
             revision: REVISION.into(),
@@ -68,6 +69,8 @@ impl Shared {
                 .map(|p| ProbeReport { probe: p.probe.into(), attach: p.attach, state: p.state.into(), error: p.error })
                 .collect(),
             degraded,
+            series: series as u64,
+            series_folded,
             events: EventsReport {
                 seen: seen_by_probe.values().sum(),
                 seen_by_probe,

@@ -3,8 +3,9 @@
 //! One event, followed from probe to metric: the kernel programs (`observer-ebpf`) write a
 //! `SocketEvent` into the ring buffer → [`daemon`] drains it → [`decode`] checks it →
 //! [`classify`] decides how the connection ended → [`attribution`] names owner, role, peer and
-//! port → [`metrics`] counts it → [`http`] serves it. [`probes`] loads and attaches the programs.
+//! port → [`aggregate`] counts it under bounded cardinality → [`metrics`] renders it → [`http`] serves it. [`probes`] loads and attaches the programs.
 
+pub mod aggregate;
 pub mod api;
 pub mod attribution;
 pub mod classify;

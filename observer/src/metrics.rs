@@ -1,10 +1,19 @@
-//! Aggregation: classified, attributed events → Prometheus counters.
+//! Prometheus: the per-connection families (from [`Aggregator`]) and the daemon's own counters,
+//! rendered in the text exposition format.
 
-use prometheus::{Encoder as _, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use prometheus::{
+    Encoder as _, IntCounter, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::{Collector, Desc},
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
 
 use crate::{
-    attribution::ConnectionLabels,
-    classify::Outcome,
+    ALL_PROBES,
+    aggregate::{Aggregator, Family, SeriesKey},
+    attribution::{Attribution, label_values},
+    classify::{Outcome, PrematureClose},
     decode::Event,
     probes::{ProbeStatus, btf::ResetReasons},
 };
@@ -12,14 +21,26 @@ use crate::{
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const REVISION: &str = env!("OBSERVER_GIT_REVISION");
 
+/// Cardinality caps (README "Bounded cardinality").
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_peers: usize,
+    pub max_series: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_peers: 50, max_series: 20_000 }
+    }
+}
+
 /// Every metric observer exports. Names and labels are a contract (README "Metrics").
 pub struct Metrics {
     registry: Registry,
-    resets_received: IntCounterVec,
-    resets_sent: IntCounterVec,
-    closes: IntCounterVec,
-    premature_closes: IntCounterVec,
-    events: IntCounterVec,
+    connections: Arc<Mutex<Aggregator>>,
+    reasons: Arc<OnceLock<ResetReasons>>,
+    /// Indexed by `ProbeId as usize`.
+    events: Vec<IntCounter>,
     events_lost: IntCounter,
     events_unattributed: IntCounter,
     events_malformed: IntCounter,
@@ -27,71 +48,59 @@ pub struct Metrics {
     probe_info: IntGaugeVec,
 }
 
-const CONNECTION: [&str; 4] = ["comm", "role", "peer", "port"];
-
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(limits: Limits) -> Self {
         let registry = Registry::new();
+        let connections = Arc::new(Mutex::new(Aggregator::new(limits.max_peers, limits.max_series)));
+        let reasons = Arc::new(OnceLock::new());
+        register(&registry, ConnectionCollector::new(connections.clone(), reasons.clone()));
+        let events_vec = register(
+            &registry,
+            prometheus::IntCounterVec::new(Opts::new("observer_events_total", "Events received from the kernel, by the probe that emitted them."), &["probe"])
+                .expect("valid metric definition"),
+        );
         let metrics = Self {
-            resets_received: register(&registry, counter_vec("observer_tcp_resets_received_total", "RST segments accepted on a socket, by the socket's owner.", &CONNECTION)),
-            resets_sent: register(
-                &registry,
-                counter_vec(
-                    "observer_tcp_resets_sent_total",
-                    "RST segments this host sent, by the socket's owner (comm=\"\" for segments that matched no socket) and the kernel's reason.",
-                    &["comm", "role", "peer", "port", "reason"],
-                ),
-            ),
-            closes: register(&registry, counter_vec("observer_tcp_closes_total", "Connections that reached CLOSE, each counted once.", &CONNECTION)),
-            premature_closes: register(
-                &registry,
-                counter_vec(
-                    "observer_tcp_premature_closes_total",
-                    "Connections that ended prematurely, each counted once, by how they ended.",
-                    &["comm", "role", "peer", "port", "kind"],
-                ),
-            ),
-            events: register(&registry, counter_vec("observer_events_total", "Events received from the kernel, by the probe that emitted them.", &["probe"])),
+            events: ALL_PROBES.iter().map(|p| events_vec.with_label_values(&[p.name()])).collect(),
             events_lost: register(&registry, counter("observer_events_lost_total", "Events the kernel dropped because the ring buffer was full.")),
             events_unattributed: register(&registry, counter("observer_events_unattributed_total", "Events about a socket whose owning process is unknown.")),
             events_malformed: register(&registry, counter("observer_events_malformed_total", "Ring buffer records that could not be decoded.")),
             sockets_untracked: register(&registry, counter("observer_sockets_untracked_total", "Sockets the kernel side could not track because its socket map was full.")),
             probe_info: register(&registry, gauge_vec("observer_probe_info", "Attached probes and their attach points (1 per attached probe).", &["probe", "attach"])),
+            connections,
+            reasons,
             registry,
         };
         let build = register(&metrics.registry, gauge_vec("observer_build_info", "observer's version and source revision.", &["version", "revision"]));
         build.with_label_values(&[VERSION, REVISION]).set(1);
-        for probe in crate::ALL_PROBES {
-            // Every probe's series exists from the first scrape, at 0.
-            metrics.events.with_label_values(&[probe.name()]);
-        }
         metrics
     }
 
-    pub fn set_probes(&self, statuses: &[ProbeStatus]) {
+    pub fn set_probes(&self, statuses: &[ProbeStatus], reasons: ResetReasons) {
         for s in statuses.iter().filter(|s| s.state == "attached") {
             self.probe_info.with_label_values(&[s.probe, s.attach.as_str()]).set(1);
         }
+        let _ = self.reasons.set(reasons);
+    }
+
+    fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts one event.
-    pub fn record(&self, event: &Event, outcome: Outcome, labels: &ConnectionLabels, reasons: &ResetReasons, unattributed: bool) {
-        self.events.with_label_values(&[event.probe.name()]).inc();
+    pub fn record(&self, event: &Event, outcome: Outcome, attribution: &Attribution, unattributed: bool) {
+        self.events[event.probe as usize].inc();
         if unattributed {
             self.events_unattributed.inc();
         }
-        let conn = [labels.comm.as_str(), labels.role, labels.peer.as_str(), labels.port.as_str()];
+        let raw = &event.raw;
+        let mut agg = self.aggregator();
         match outcome {
-            Outcome::ResetReceived => self.resets_received.with_label_values(&conn).inc(),
-            Outcome::ResetSent { reason } => {
-                let [comm, role, peer, port] = conn;
-                self.resets_sent.with_label_values(&[comm, role, peer, port, reasons.label(reason)]).inc();
-            }
+            Outcome::ResetReceived => agg.add(Family::ResetsReceived, attribution.key(raw, 0), 1),
+            Outcome::ResetSent { reason } => agg.add(Family::ResetsSent, attribution.key(raw, reason), 1),
             Outcome::Closed { premature } => {
-                self.closes.with_label_values(&conn).inc();
+                agg.add(Family::Closes, attribution.key(raw, 0), 1);
                 if let Some(kind) = premature {
-                    let [comm, role, peer, port] = conn;
-                    self.premature_closes.with_label_values(&[comm, role, peer, port, kind.label()]).inc();
+                    agg.add(Family::PrematureCloses, attribution.key(raw, kind as u32), 1);
                 }
             }
         }
@@ -112,10 +121,7 @@ impl Metrics {
     }
 
     pub fn events_seen(&self) -> Vec<(String, u64)> {
-        crate::ALL_PROBES
-            .iter()
-            .map(|p| (p.name().to_string(), self.events.with_label_values(&[p.name()]).get()))
-            .collect()
+        ALL_PROBES.iter().map(|p| (p.name().to_string(), self.events[*p as usize].get())).collect()
     }
 
     pub fn events_lost(&self) -> u64 {
@@ -126,10 +132,15 @@ impl Metrics {
         self.events_unattributed.get()
     }
 
+    /// (series, counts folded into `other`).
+    pub fn series(&self) -> (usize, u64) {
+        let agg = self.aggregator();
+        (agg.series(), agg.folded())
+    }
+
     /// Prometheus text exposition format.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 * 1024);
-        // Encoding into a Vec cannot fail for well-formed families.
+        let mut out = Vec::with_capacity(64 * 1024);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             log::error!("encoding metrics: {e}");
         }
@@ -137,11 +148,125 @@ impl Metrics {
     }
 }
 
-// Metric definitions are static: a failure here is a programming error caught by any test.
-fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition")
+/// Renders the per-connection families from the aggregator at scrape time.
+struct ConnectionCollector {
+    connections: Arc<Mutex<Aggregator>>,
+    reasons: Arc<OnceLock<ResetReasons>>,
+    descs: Vec<Desc>,
 }
 
+/// (family, name, help, extra label).
+const FAMILIES: [(Family, &str, &str, Option<&str>); 4] = [
+    (Family::ResetsReceived, "observer_tcp_resets_received_total", "RST segments accepted on a socket, by the socket's owner.", None),
+    (
+        Family::ResetsSent,
+        "observer_tcp_resets_sent_total",
+        "RST segments this host sent, by the socket's owner (comm=\"\" for segments that matched no socket) and the kernel's reason.",
+        Some("reason"),
+    ),
+    (Family::Closes, "observer_tcp_closes_total", "Connections that reached CLOSE, each counted once.", None),
+    (
+        Family::PrematureCloses,
+        "observer_tcp_premature_closes_total",
+        "Connections that ended prematurely, each counted once, by how they ended.",
+        Some("kind"),
+    ),
+];
+
+const SERIES_FOLDED: (&str, &str) = (
+    "observer_series_folded_total",
+    "Counts put in a peer=\"other\" (or overflow) series instead of their own because of --max-peers / --max-series.",
+);
+const SERIES: (&str, &str) = ("observer_series", "Per-connection series currently exported.");
+
+impl ConnectionCollector {
+    fn new(connections: Arc<Mutex<Aggregator>>, reasons: Arc<OnceLock<ResetReasons>>) -> Self {
+        let mut descs: Vec<Desc> = FAMILIES
+            .iter()
+            .map(|(_, name, help, extra)| {
+                let mut labels: Vec<String> = ["comm", "role", "peer", "port"].map(String::from).to_vec();
+                labels.extend(extra.map(String::from));
+                Desc::new(name.to_string(), help.to_string(), labels, Default::default()).expect("valid metric definition")
+            })
+            .collect();
+        for (name, help) in [SERIES_FOLDED, SERIES] {
+            descs.push(Desc::new(name.into(), help.into(), vec![], Default::default()).expect("valid metric definition"));
+        }
+        Self { connections, reasons, descs }
+    }
+
+    fn detail_label(&self, family: Family, key: &SeriesKey) -> Option<String> {
+        match family {
+            Family::ResetsSent => {
+                Some(self.reasons.get().map_or("not_specified", |r| r.label(key.detail)).to_string())
+            }
+            Family::PrematureCloses => Some(PrematureClose::from_index(key.detail).map_or("unknown", |k| k.label()).to_string()),
+            _ => None,
+        }
+    }
+}
+
+impl Collector for ConnectionCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let agg = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let mut families = Vec::with_capacity(FAMILIES.len() + 2);
+        for (family, name, help, extra) in FAMILIES {
+            let metrics: Vec<Metric> = agg
+                .iter(family)
+                .map(|(key, value)| {
+                    let [comm, role, peer, port] = label_values(key);
+                    let mut labels = vec![pair("comm", comm), pair("peer", peer), pair("port", port), pair("role", role)];
+                    if let (Some(extra), Some(v)) = (extra, self.detail_label(family, key)) {
+                        labels.push(pair(extra, v));
+                    }
+                    labels.sort_by(|a, b| a.name().cmp(b.name()));
+                    counter_metric(labels, value as f64)
+                })
+                .collect();
+            if !metrics.is_empty() {
+                families.push(family_of(name, help, MetricType::COUNTER, metrics));
+            }
+        }
+        families.push(family_of(SERIES_FOLDED.0, SERIES_FOLDED.1, MetricType::COUNTER, vec![counter_metric(vec![], agg.folded() as f64)]));
+        let mut gauge = Gauge::default();
+        gauge.set_value(agg.series() as f64);
+        let mut series = Metric::default();
+        series.set_gauge(gauge);
+        families.push(family_of(SERIES.0, SERIES.1, MetricType::GAUGE, vec![series]));
+        families
+    }
+}
+
+fn pair(name: &str, value: String) -> LabelPair {
+    let mut p = LabelPair::default();
+    p.set_name(name.to_string());
+    p.set_value(value);
+    p
+}
+
+fn counter_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn family_of(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+// Metric definitions are static: a failure here is a programming error caught by any test.
 fn counter(name: &str, help: &str) -> IntCounter {
     IntCounter::new(name, help).expect("valid metric definition")
 }
@@ -150,13 +275,13 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition")
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
+fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -> C {
     registry.register(Box::new(collector.clone())).expect("each metric is registered once");
     collector
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+impl Clone for ConnectionCollector {
+    fn clone(&self) -> Self {
+        Self { connections: self.connections.clone(), reasons: self.reasons.clone(), descs: self.descs.clone() }
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use clap::Args;
 use observer::{
     daemon::{self, DaemonOptions},
+    metrics::Limits,
     probes::ProbeOptions,
 };
 
@@ -19,6 +20,14 @@ pub struct RunArgs {
     /// Sockets the kernel side tracks at once (least recently used ones are evicted).
     #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub max_sockets: u32,
+    /// Peers that keep their own series per (metric, comm, port); less recently active ones are
+    /// folded into peer="other".
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_peers: u32,
+    /// Per-connection series in all; past it, new series are folded into one overflow series per
+    /// metric (comm, peer and port "other").
+    #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..))]
+    pub max_series: u32,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -33,6 +42,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     daemon::run(DaemonOptions {
         listen: args.listen,
         probes: ProbeOptions { ring_buffer_bytes: args.ring_buffer_size, max_sockets: args.max_sockets },
+        limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },
     })
     .await
 }

@@ -1,0 +1,226 @@
+//! Aggregation with bounded cardinality: per-connection counters keyed without strings, with the
+//! number of series capped because peers are attacker-controlled.
+//!
+//! Two caps, and nothing is ever dropped, only folded, so sums stay exact:
+//! * per (family, comm, port) at most `max_peers` peers keep their own series; when a new peer
+//!   arrives the least recently active one is evicted and its counts move to `peer="other"`;
+//! * at most `max_series` series in all; past that, new series are counted in one overflow series
+//!   per family and detail (`comm="other", peer="other", port="other"`).
+//!
+//! Every count that lands in an `other` series is added to [`Aggregator::folded`].
+
+use std::collections::HashMap;
+
+use crate::attribution::{Peer, Port};
+
+/// A family of per-connection counters (one Prometheus metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    ResetsReceived = 0,
+    ResetsSent = 1,
+    Closes = 2,
+    PrematureCloses = 3,
+}
+
+impl Family {
+    pub const ALL: [Family; 4] = [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses];
+}
+
+/// Command name bytes that render as `other` (no real comm is all 0xff).
+pub const COMM_OTHER: [u8; 16] = [0xff; 16];
+
+/// One series' labels, without strings: rendered only at scrape time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    pub comm: [u8; 16],
+    /// `observer_common::Role` as u8.
+    pub role: u8,
+    pub peer: Peer,
+    pub port: Port,
+    /// The family's extra label: reset reason value, or premature kind index; 0 otherwise.
+    pub detail: u32,
+}
+
+impl SeriesKey {
+    fn with_peer(self, peer: Peer) -> Self {
+        Self { peer, ..self }
+    }
+
+    fn overflow(self) -> Self {
+        Self { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, detail: self.detail }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PeerSlot {
+    last_active: u64,
+    /// Series of this family that carry this peer in this group.
+    keys: Vec<SeriesKey>,
+}
+
+#[derive(Debug, Default)]
+struct FamilySeries {
+    values: HashMap<SeriesKey, u64>,
+    /// (comm, port) → peers that have their own series.
+    groups: HashMap<([u8; 16], Port), HashMap<[u8; 16], PeerSlot>>,
+}
+
+#[derive(Debug)]
+pub struct Aggregator {
+    families: [FamilySeries; 4],
+    max_peers: usize,
+    max_series: usize,
+    series: usize,
+    tick: u64,
+    folded: u64,
+}
+
+impl Aggregator {
+    pub fn new(max_peers: usize, max_series: usize) -> Self {
+        Self { families: Default::default(), max_peers: max_peers.max(1), max_series, series: 0, tick: 0, folded: 0 }
+    }
+
+    /// Adds `n` to the series `key` of `family`, folding as the caps require.
+    pub fn add(&mut self, family: Family, key: SeriesKey, n: u64) {
+        self.tick += 1;
+        let tick = self.tick;
+        let f = &mut self.families[family as usize];
+        let mut key = key;
+        if let Peer::Addr(addr) = key.peer {
+            let group = f.groups.entry((key.comm, key.port)).or_default();
+            if !group.contains_key(&addr) && group.len() >= self.max_peers {
+                // Evict the least recently active peer: its series move to peer="other".
+                let (&oldest, _) = group.iter().min_by_key(|(_, slot)| slot.last_active).expect("group is full, so not empty");
+                let slot = group.remove(&oldest).expect("just found");
+                for old in slot.keys {
+                    if let Some(v) = f.values.remove(&old) {
+                        self.series -= 1;
+                        self.folded += v;
+                        // Already counted as folded, wherever it lands.
+                        let mut counted = 0;
+                        add_value(f, &mut self.series, self.max_series, &mut counted, old.with_peer(Peer::Other), v);
+                    }
+                }
+            }
+            let group = f.groups.entry((key.comm, key.port)).or_default();
+            let slot = group.entry(addr).or_default();
+            slot.last_active = tick;
+            if !slot.keys.contains(&key) {
+                if !f.values.contains_key(&key) && self.series >= self.max_series {
+                    // No room for a series of its own.
+                    key = key.overflow();
+                    self.folded += n;
+                } else {
+                    slot.keys.push(key);
+                }
+            }
+        }
+        add_value(f, &mut self.series, self.max_series, &mut self.folded, key, n);
+    }
+
+    /// Counts that were put in an `other` series instead of their own.
+    pub fn folded(&self) -> u64 {
+        self.folded
+    }
+
+    /// Number of series across all families.
+    pub fn series(&self) -> usize {
+        self.series
+    }
+
+    /// The series of one family and their values, in no particular order.
+    pub fn iter(&self, family: Family) -> impl Iterator<Item = (&SeriesKey, u64)> {
+        self.families[family as usize].values.iter().map(|(k, v)| (k, *v))
+    }
+
+    /// Sum over a family (for tests and status).
+    pub fn total(&self, family: Family) -> u64 {
+        self.iter(family).map(|(_, v)| v).sum()
+    }
+}
+
+/// Adds to `key`, creating it if there is room, else to the family's overflow series.
+fn add_value(f: &mut FamilySeries, series: &mut usize, max_series: usize, folded: &mut u64, key: SeriesKey, n: u64) {
+    if let Some(v) = f.values.get_mut(&key) {
+        *v += n;
+        return;
+    }
+    let is_overflow = key.comm == COMM_OTHER && key.port == Port::Other;
+    if *series >= max_series && !is_overflow {
+        *folded += n;
+        *f.values.entry(key.overflow()).or_insert_with(|| {
+            *series += 1;
+            0
+        }) += n;
+        return;
+    }
+    *series += 1;
+    f.values.insert(key, n);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(peer: u8, port: u16) -> SeriesKey {
+        let mut comm = [0u8; 16];
+        comm[..5].copy_from_slice(b"nginx");
+        let mut addr = [0u8; 16];
+        addr[15] = peer;
+        SeriesKey { comm, role: 2, peer: Peer::Addr(addr), port: Port::Num(port), detail: 0 }
+    }
+
+    #[test]
+    fn at_most_max_peers_per_comm_and_port_and_sums_stay_exact() {
+        let mut a = Aggregator::new(3, 10_000);
+        for peer in 0..100u8 {
+            a.add(Family::Closes, key(peer, 443), 2);
+        }
+        // 3 peers of their own + "other".
+        assert_eq!(a.iter(Family::Closes).count(), 4);
+        assert_eq!(a.total(Family::Closes), 200);
+        let other: u64 = a.iter(Family::Closes).filter(|(k, _)| k.peer == Peer::Other).map(|(_, v)| v).sum();
+        assert_eq!(other, 194);
+        assert_eq!(a.folded(), 194);
+        // The survivors are the most recently active.
+        let mut kept: Vec<u8> = a.iter(Family::Closes).filter_map(|(k, _)| match k.peer { Peer::Addr(p) => Some(p[15]), Peer::Other => None }).collect();
+        kept.sort();
+        assert_eq!(kept, vec![97, 98, 99]);
+    }
+
+    #[test]
+    fn recently_active_peers_are_kept() {
+        let mut a = Aggregator::new(2, 10_000);
+        a.add(Family::Closes, key(1, 80), 1);
+        a.add(Family::Closes, key(2, 80), 1);
+        a.add(Family::Closes, key(1, 80), 1); // 1 is now more recent than 2
+        a.add(Family::Closes, key(3, 80), 1); // evicts 2
+        let peers: Vec<Peer> = a.iter(Family::Closes).map(|(k, _)| k.peer).collect();
+        assert!(peers.contains(&key(1, 80).peer) && peers.contains(&key(3, 80).peer) && peers.contains(&Peer::Other));
+        assert_eq!(a.total(Family::Closes), 4);
+    }
+
+    #[test]
+    fn ports_are_separate_groups_and_total_series_are_capped() {
+        let mut a = Aggregator::new(50, 100);
+        for port in 0..1000u16 {
+            a.add(Family::ResetsSent, key(7, port), 1);
+        }
+        // 100 series of their own, then one overflow series.
+        assert_eq!(a.iter(Family::ResetsSent).count(), 101);
+        assert!(a.series() <= 101);
+        assert_eq!(a.total(Family::ResetsSent), 1000);
+        assert_eq!(a.folded(), 900);
+    }
+
+    #[test]
+    fn details_fold_separately() {
+        let mut a = Aggregator::new(1, 10_000);
+        a.add(Family::PrematureCloses, SeriesKey { detail: 1, ..key(1, 80) }, 1);
+        a.add(Family::PrematureCloses, SeriesKey { detail: 2, ..key(1, 80) }, 1);
+        a.add(Family::PrematureCloses, SeriesKey { detail: 1, ..key(2, 80) }, 1);
+        let other: Vec<u32> = a.iter(Family::PrematureCloses).filter(|(k, _)| k.peer == Peer::Other).map(|(k, _)| k.detail).collect();
+        assert_eq!(other.len(), 2, "both kinds of the evicted peer keep their kind");
+        assert_eq!(a.total(Family::PrematureCloses), 3);
+    }
+}
