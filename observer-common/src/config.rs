@@ -96,6 +96,14 @@ pub struct KernelOffsets {
     pub tcp_rcv_nxt: u32,
     /// `tcp_sock.copied_seq`.
     pub tcp_copied_seq: u32,
+    /// `sock.__sk_common.skc_net` (a `possible_net_t`, i.e. a `struct net *`).
+    pub sock_net: u32,
+    /// `net.ns.inum`: the namespace's inode number, as `stat /proc/PID/ns/net` shows it.
+    pub net_inum: u32,
+    /// `sk_buff.dev`.
+    pub skb_dev: u32,
+    /// `net_device.nd_net` (a `possible_net_t`).
+    pub netdev_net: u32,
 }
 
 impl KernelOffsets {
@@ -112,6 +120,10 @@ impl KernelOffsets {
         sock_err: ABSENT,
         tcp_rcv_nxt: ABSENT,
         tcp_copied_seq: ABSENT,
+        sock_net: ABSENT,
+        net_inum: ABSENT,
+        skb_dev: ABSENT,
+        netdev_net: ABSENT,
     };
 }
 
@@ -127,6 +139,8 @@ pub struct ProbeConfig {
     pub accept4_ret: u32,
     /// `ret` of `syscalls:sys_exit_accept`.
     pub accept_ret: u32,
+    /// Only sockets in the network namespace with this inode number are observed; 0: all.
+    pub netns_filter: u32,
     pub kernel: KernelOffsets,
 }
 
@@ -152,6 +166,7 @@ impl ProbeConfig {
         },
         accept4_ret: ABSENT,
         accept_ret: ABSENT,
+        netns_filter: 0,
         kernel: KernelOffsets::ABSENT,
     };
 }
@@ -180,7 +195,7 @@ mod tests {
         assert_eq!(size_of::<SkTupleFields>(), 8 * 4);
         assert_eq!(size_of::<SetStateFields>(), 12 * 4);
         assert_eq!(size_of::<SendResetFields>(), 13 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 12 * 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 2 + 12) * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 16 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 16) * 4);
     }
 }

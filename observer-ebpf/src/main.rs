@@ -157,6 +157,31 @@ fn read_send_reset_endpoints(ctx: &TracePointContext, e: &mut Endpoints) {
     }
 }
 
+/// Inode number of the network namespace behind a `possible_net_t` at `base + offset`.
+#[inline(always)]
+fn netns_inum(base: u64, offset: u32) -> u32 {
+    let net: u64 = kread(base, offset);
+    kread(net, get(&CONFIG.kernel.net_inum))
+}
+
+/// False when a namespace filter is set and `sk` lives elsewhere.
+#[inline(always)]
+fn observed_sock(sk: u64) -> bool {
+    let filter = get(&CONFIG.netns_filter);
+    filter == 0 || netns_inum(sk, get(&CONFIG.kernel.sock_net)) == filter
+}
+
+/// The same for a segment that matched no socket, by the device it arrived on.
+#[inline(always)]
+fn observed_skb(skb: u64) -> bool {
+    let filter = get(&CONFIG.netns_filter);
+    if filter == 0 {
+        return true;
+    }
+    let dev: u64 = kread(skb, get(&CONFIG.kernel.skb_dev));
+    netns_inum(dev, get(&CONFIG.kernel.netdev_net)) == filter
+}
+
 /// The current process, for hooks that run in its syscall.
 #[inline(always)]
 fn current_owner() -> Owner {
@@ -237,6 +262,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let sk: u64 = field(&ctx, get(&f.tuple.skaddr));
+    if !observed_sock(sk) {
+        return 0;
+    }
     let old = field::<i32>(&ctx, get(&f.oldstate)) as u8;
     let new = field::<i32>(&ctx, get(&f.newstate)) as u8;
     let endpoints = read_tuple(&ctx, &f.tuple);
@@ -303,6 +331,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let f = &CONFIG.receive_reset;
     let sk: u64 = field(&ctx, get(&f.skaddr));
+    if !observed_sock(sk) {
+        return 0;
+    }
     let endpoints = read_tuple(&ctx, f);
     let Some(info) = socket_entry(sk, &endpoints) else { return 0 };
     info.flags |= flags::RESET_RECEIVED;
@@ -315,6 +346,10 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let f = &CONFIG.send_reset;
     let sk: u64 = field(&ctx, get(&f.tuple.skaddr));
+    let observed = if sk != 0 { observed_sock(sk) } else { observed_skb(field(&ctx, get(&f.skbaddr))) };
+    if !observed {
+        return 0;
+    }
     let reason = if get(&f.reason) != ABSENT { field::<u32>(&ctx, get(&f.reason)) } else { REASON_NONE };
     let state = field::<i32>(&ctx, get(&f.state)) as u8;
 

@@ -110,3 +110,51 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReport> {
     Json(shared.status())
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use proptest::prelude::*;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared::new("test".into(), Limits::default()))
+    }
+
+    async fn get(router: Router, uri: &str) -> StatusCode {
+        let request = Request::get(uri).body(Body::empty()).expect("a valid URI");
+        router.oneshot(request).await.expect("the router is infallible").status()
+    }
+
+    #[tokio::test]
+    async fn healthz_is_503_until_probes_attach() {
+        assert_eq!(get(router(shared()), "/healthz").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(get(router(shared()), "/metrics").await, StatusCode::OK);
+        assert_eq!(get(router(shared()), STATUS_PATH).await, StatusCode::OK);
+        assert_eq!(get(router(shared()), "/nope").await, StatusCode::NOT_FOUND);
+    }
+
+    proptest! {
+        /// Whatever query string a peer sends, every endpoint answers as it would without one.
+        #[test]
+        fn arbitrary_query_strings_are_ignored(
+            query in "[ -~]{0,200}",
+            (path, expected) in prop::sample::select(vec![
+                ("/metrics", StatusCode::OK),
+                ("/healthz", StatusCode::SERVICE_UNAVAILABLE), // no probes in a unit test
+                (STATUS_PATH, StatusCode::OK),
+                ("/", StatusCode::NOT_FOUND),
+            ]),
+        ) {
+            // Only what the http crate accepts as a URI reaches a handler; hyper refuses the rest.
+            let encoded: String = query.chars().map(|c| if c == ' ' || c == '#' { '+' } else { c }).collect();
+            let uri = format!("{path}?{encoded}");
+            let Ok(uri) = uri.parse::<axum::http::Uri>() else { return Ok(()) };
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
+            let status = runtime.block_on(get(router(shared()), &uri.to_string()));
+            prop_assert_eq!(status, expected, "{}", uri);
+        }
+    }
+}

@@ -28,6 +28,10 @@ pub struct RunArgs {
     /// metric (comm, peer and port "other").
     #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..))]
     pub max_series: u32,
+    /// Observe only one network namespace, e.g. /proc/PID/ns/net or /run/netns/NAME (one pod,
+    /// one test). By default every namespace on the host is observed.
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<std::path::PathBuf>,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -38,10 +42,20 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// Inode number of a network namespace file.
+fn netns_inode(path: &std::path::Path) -> anyhow::Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        anyhow::anyhow!("--netns {}: {e}; give a network namespace file such as /proc/PID/ns/net or /run/netns/NAME", path.display())
+    })?;
+    u32::try_from(meta.ino()).map_err(|_| anyhow::anyhow!("--netns {}: inode {} is not a namespace inode", path.display(), meta.ino()))
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let netns = args.netns.as_deref().map(netns_inode).transpose()?;
     daemon::run(DaemonOptions {
         listen: args.listen,
-        probes: ProbeOptions { ring_buffer_bytes: args.ring_buffer_size, max_sockets: args.max_sockets },
+        probes: ProbeOptions { ring_buffer_bytes: args.ring_buffer_size, max_sockets: args.max_sockets, netns },
         limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },
     })
     .await

@@ -143,6 +143,10 @@ impl KernelBtf {
             sock_err: get("sock.sk_err"),
             tcp_rcv_nxt: get("tcp_sock.rcv_nxt"),
             tcp_copied_seq: get("tcp_sock.copied_seq"),
+            sock_net: get("sock.__sk_common.skc_net"),
+            net_inum: get("net.ns.inum"),
+            skb_dev: get("sk_buff.dev"),
+            netdev_net: get("net_device.nd_net"),
         }
     }
 }

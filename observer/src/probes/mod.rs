@@ -39,6 +39,8 @@ pub enum LoadError {
     Load(#[source] aya::EbpfError),
     #[error("none of observer's probes could be attached on this kernel: {0}")]
     NothingAttached(String),
+    #[error("--netns needs the kernel's BTF to find a socket's namespace, and it lacks {0}")]
+    NetnsFilter(String),
     #[error("kernel map {0} is missing from the eBPF object (build mismatch)")]
     MissingMap(&'static str),
     #[error("opening kernel map {name}: {source}")]
@@ -52,6 +54,8 @@ pub struct ProbeOptions {
     pub ring_buffer_bytes: u32,
     /// Sockets tracked at once (LRU beyond that).
     pub max_sockets: u32,
+    /// Observe only the network namespace with this inode number.
+    pub netns: Option<u32>,
 }
 
 /// What became of one probe.
@@ -143,6 +147,14 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
             ResetReasons::default()
         }
     };
+
+    if let Some(inum) = options.netns {
+        let k = &config.kernel;
+        if [k.sock_net, k.net_inum, k.skb_dev, k.netdev_net].contains(&observer_common::ABSENT) {
+            return Err(LoadError::NetnsFilter("one of sock.__sk_common.skc_net, net.ns.inum, sk_buff.dev, net_device.nd_net".into()));
+        }
+        config.netns_filter = inum;
+    }
 
     let mut ebpf = EbpfLoader::new()
         .override_global("CONFIG", &config, true)

@@ -88,8 +88,8 @@ impl Daemon {
         Ok(Metrics::parse(&body))
     }
 
-    /// Waits until `done` holds on the metrics and the series of `peers` then stay the same for
-    /// a moment (no late events), and returns them. Event delivery is asynchronous; the
+    /// Waits until `done` holds on the metrics and the series of `peers` (all series when empty)
+    /// then stay the same for a moment (no late events), and returns them. Event delivery is asynchronous; the
     /// assertions that follow are on exact values, never on time.
     pub fn settled_metrics(&self, peers: &[&str], done: impl Fn(&Metrics) -> bool) -> Result<Metrics, String> {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -97,7 +97,8 @@ impl Daemon {
         loop {
             std::thread::sleep(Duration::from_millis(300));
             let now = self.metrics()?;
-            if done(&now) && now.of_peers(peers) == last.of_peers(peers) {
+            let stable = if peers.is_empty() { now == last } else { now.of_peers(peers) == last.of_peers(peers) };
+            if done(&now) && stable {
                 return Ok(now);
             }
             if Instant::now() > deadline {

@@ -6,6 +6,7 @@
 //! command names and addresses, so they can run side by side.
 
 mod harness;
+mod reliability;
 mod traffic;
 
 use std::{
@@ -39,6 +40,12 @@ fn main() {
         Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", status_command),
         Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", bad_listen_address),
         Trial::test("sigterm_detaches_every_program_and_exits_zero", sigterm_detaches),
+        Trial::test("full_ring_buffer_is_counted_seen_plus_lost_is_exact_and_daemon_recovers", reliability::overflow_accounting),
+        Trial::test("cardinality_attack_10000_peers_and_port_scan_stays_within_caps_with_exact_totals", reliability::cardinality_attack),
+        Trial::test("sigterm_during_a_reset_storm_exits_zero_and_leaves_no_program", reliability::sigterm_during_storm),
+        Trial::test("sigkill_leaves_no_program_and_the_next_start_counts_exactly", reliability::sigkill_then_restart),
+        Trial::test("two_daemons_at_once_both_count_exactly", reliability::two_daemons_count_independently),
+        Trial::test("slow_oversized_concurrent_and_malformed_http_requests_do_not_stop_serving_or_counting", reliability::hostile_http_peers),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     // Stop the shared daemon before exiting: statics are never dropped.
@@ -70,6 +77,7 @@ fn scenario(mode: Mode, tag: u8, server_comm: &'static str, client_comm: &'stati
         server_ip: Ipv4Addr::new(127, 10, tag, 1),
         client_ip: Ipv4Addr::new(127, 20, tag, 1),
         port: 8000 + tag as u16,
+        distinct_clients: false,
     }
 }
 
@@ -98,7 +106,7 @@ fn close_with_unread_data() -> Result<(), Failed> {
     let daemon = shared_daemon()?;
     let s = scenario(Mode::Unread, 2, "t2-unr-srv", "t2-unr-cli");
     s.run()?;
-    let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
+    let (srv, client, server) = (s.server_comm, s.client_labels(), s.server_labels());
     let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
     let n = N as u64;
     check("server premature unread_data", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "unread_data"))), n)?;

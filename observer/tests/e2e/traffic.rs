@@ -26,6 +26,8 @@ pub enum Mode {
     Refused,
     /// Reads the request, answers, closes; the client reads to EOF and closes.
     Graceful,
+    /// Connects once to each of `connections` closed ports after `port`: a port scan.
+    PortScan,
 }
 
 impl Mode {
@@ -35,6 +37,7 @@ impl Mode {
             Mode::Unread => "unread",
             Mode::Refused => "refused",
             Mode::Graceful => "graceful",
+            Mode::PortScan => "portscan",
         }
     }
 
@@ -44,6 +47,7 @@ impl Mode {
             "unread" => Mode::Unread,
             "refused" => Mode::Refused,
             "graceful" => Mode::Graceful,
+            "portscan" => Mode::PortScan,
             other => panic!("unknown mode {other}"),
         }
     }
@@ -60,6 +64,8 @@ pub struct Scenario {
     pub server_ip: Ipv4Addr,
     pub client_ip: Ipv4Addr,
     pub port: u16,
+    /// Each connection comes from its own address (`client_ip` + i): many distinct peers.
+    pub distinct_clients: bool,
 }
 
 const REQUEST: &[u8] = b"GET /order HTTP/1.1\r\n\r\n";
@@ -67,22 +73,30 @@ const REQUEST: &[u8] = b"GET /order HTTP/1.1\r\n\r\n";
 impl Scenario {
     /// Runs the scenario to completion in a fresh network namespace.
     pub fn run(&self) -> Result<(), String> {
-        let out = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        self.prepare()?.run()
+    }
+
+    /// Creates the scenario's network namespace and holds it until [`HeldNetns::run`], so a
+    /// daemon can be pointed at it first (`--netns`).
+    pub fn prepare(&self) -> Result<HeldNetns, String> {
+        let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .env(WORKER_ENV, "netns")
             .args(self.args())
-            .stdin(Stdio::null())
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| format!("spawning the netns worker: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "scenario {:?} failed ({}): {}{}",
-                self.mode,
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
+        let mut line = String::new();
+        let stdout = child.stdout.take().ok_or("no worker stdout")?;
+        let mut stdout = BufReader::new(stdout);
+        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        let Some(path) = line.trim().strip_prefix("netns ") else {
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            return Err(format!("netns worker failed: {line}{}", String::from_utf8_lossy(&out.stderr)));
+        };
+        let stdin = child.stdin.take();
+        Ok(HeldNetns { path: path.to_string(), child, stdout, stdin, mode: self.mode, connections: self.connections })
     }
 
     /// The scenario's addresses as `peer` label values.
@@ -109,6 +123,7 @@ impl Scenario {
             self.server_ip.to_string(),
             self.client_ip.to_string(),
             self.port.to_string(),
+            if self.distinct_clients { "distinct" } else { "same" }.into(),
         ]
     }
 
@@ -121,7 +136,63 @@ impl Scenario {
             server_ip: args[4].parse().expect("server ip"),
             client_ip: args[5].parse().expect("client ip"),
             port: args[6].parse().expect("port"),
+            distinct_clients: args[7] == "distinct",
         }
+    }
+}
+
+/// A scenario's network namespace, created and waiting for traffic.
+pub struct HeldNetns {
+    /// `/proc/PID/ns/net` of the namespace.
+    pub path: String,
+    child: std::process::Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    stdin: Option<std::process::ChildStdin>,
+    mode: Mode,
+    connections: u32,
+}
+
+impl HeldNetns {
+    /// Makes one round of the scenario's traffic and waits for it to finish.
+    pub fn round(&mut self) -> Result<(), String> {
+        self.round_of(self.mode, self.connections)
+    }
+
+    /// One round with another mode or connection count (same processes' names and addresses).
+    pub fn round_of(&mut self, mode: Mode, connections: u32) -> Result<(), String> {
+        let stdin = self.stdin.as_mut().ok_or("namespace already released")?;
+        writeln!(stdin, "go {} {connections}", mode.as_str()).map_err(|e| e.to_string())?;
+        stdin.flush().map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        if line.trim() != "done" {
+            return Err(format!("round {mode:?} x{connections} failed: {line}{}", self.release().err().unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    /// Lets the namespace go: the worker exits.
+    pub fn release(&mut self) -> Result<(), String> {
+        drop(self.stdin.take());
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        if status.success() { Ok(()) } else { Err(format!("netns worker {status}: {stderr}")) }
+    }
+
+    /// One round, then release.
+    pub fn run(mut self) -> Result<(), String> {
+        self.round()?;
+        self.release()
+    }
+}
+
+impl Drop for HeldNetns {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
@@ -170,6 +241,24 @@ fn netns_worker(s: &Scenario) -> io::Result<()> {
         )));
     }
     loopback_up()?;
+    // Announce the namespace, then make one round of traffic per `go MODE N` line until EOF.
+    println!("netns /proc/{}/ns/net", std::process::id());
+    io::stdout().flush()?;
+    for line in io::stdin().lock().lines() {
+        let line = line?;
+        let mut words = line.split_whitespace().skip(1);
+        let (Some(mode), Some(n)) = (words.next(), words.next().and_then(|n| n.parse().ok())) else {
+            return Err(io::Error::other(format!("bad round request {line:?}")));
+        };
+        netns_round(&Scenario { mode: Mode::parse(mode), connections: n, ..s.clone() })?;
+        println!("done");
+        io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// Runs a server and a client worker for one round.
+fn netns_round(s: &Scenario) -> io::Result<()> {
     let exe = std::env::current_exe()?;
     let spawn = |role: &str, stdout: Stdio| {
         Command::new(&exe).env(WORKER_ENV, role).args(s.args()).stdin(Stdio::null()).stdout(stdout).spawn()
@@ -182,7 +271,7 @@ fn netns_worker(s: &Scenario) -> io::Result<()> {
         let _ = server.kill();
         return Err(io::Error::other(format!("server did not start: {ready:?} ({:?})", server.wait()?)));
     }
-    let client = spawn("client", Stdio::inherit())?.wait()?;
+    let client = spawn("client", Stdio::null())?.wait()?;
     let server_status = server.wait()?;
     if !client.success() || !server_status.success() {
         return Err(io::Error::other(format!("client {client}, server {server_status}")));
@@ -221,7 +310,7 @@ fn server(s: &Scenario) -> io::Result<()> {
     let listener = TcpListener::bind((s.server_ip, s.port))?;
     println!("ready");
     io::stdout().flush()?;
-    if s.mode == Mode::Refused {
+    if matches!(s.mode, Mode::Refused | Mode::PortScan) {
         // Nobody accepts on the port the client targets (port + 1); this one just exists.
         return Ok(());
     }
@@ -244,7 +333,7 @@ fn server(s: &Scenario) -> io::Result<()> {
                 conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")?;
                 drop(conn);
             }
-            Mode::Refused => unreachable!(),
+            Mode::Refused | Mode::PortScan => unreachable!(),
         }
     }
     Ok(())
@@ -252,12 +341,16 @@ fn server(s: &Scenario) -> io::Result<()> {
 
 fn client(s: &Scenario) -> io::Result<()> {
     for i in 0..s.connections {
-        let socket = socket_bound_to(s.client_ip)?;
+        let ip = if s.distinct_clients { Ipv4Addr::from(u32::from(s.client_ip) + i) } else { s.client_ip };
+        let socket = socket_bound_to(ip)?;
         match s.mode {
-            Mode::Refused => match connect(socket, SocketAddr::from((s.server_ip, s.port + 1))) {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                other => return Err(io::Error::other(format!("connection {i}: expected ECONNREFUSED, got {other:?}"))),
-            },
+            Mode::Refused | Mode::PortScan => {
+                let port = if s.mode == Mode::PortScan { s.port + 1 + i as u16 } else { s.port + 1 };
+                match connect(socket, SocketAddr::from((s.server_ip, port))) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                    other => return Err(io::Error::other(format!("connection {i}: expected ECONNREFUSED, got {other:?}"))),
+                }
+            }
             mode => {
                 let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
                 conn.write_all(REQUEST)?;

@@ -1,0 +1,253 @@
+//! Overload, hostile peers and lifecycle: deterministic, exact, no timing assertions.
+//!
+//! Tests that need numbers no other traffic may touch (lost events, series counts) run their own
+//! daemon restricted to the scenario's network namespace (`--netns`).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use libtest_mimic::Failed;
+
+use crate::{
+    N, check, shared_daemon,
+    harness::{Daemon, Metrics, kernel_version},
+    programs_of, all_program_ids,
+    traffic::{Mode, Scenario},
+    with,
+};
+
+fn scenario(mode: Mode, tag: u8, connections: u32, server_comm: &'static str, client_comm: &'static str) -> Scenario {
+    Scenario {
+        mode,
+        connections,
+        server_comm,
+        client_comm,
+        server_ip: Ipv4Addr::new(127, 30, tag, 1),
+        client_ip: Ipv4Addr::new(127, 40, tag, 1),
+        port: 9000 + tag as u16,
+        distinct_clients: false,
+    }
+}
+
+fn signal(daemon: &Daemon, sig: i32) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.child.id() as i32, sig) };
+}
+
+fn events_seen(m: &Metrics) -> u64 {
+    m.sum("observer_events_total", &[])
+}
+
+fn events_lost(m: &Metrics) -> u64 {
+    m.sum("observer_events_lost_total", &[])
+}
+
+/// Each SO_LINGER 0 connection makes 4 events: the client's ResetReceived and ConnectionClosed,
+/// the server's ResetSent and ConnectionClosed.
+const EVENTS_PER_LINGER0: u64 = 4;
+
+/// Waits until every event of the namespace is accounted for (seen or lost).
+fn accounted(daemon: &Daemon, expected: u64) -> Result<Metrics, Failed> {
+    Ok(daemon.settled_metrics(&[], |m| events_seen(m) + events_lost(m) >= expected)?)
+}
+
+pub fn overflow_accounting() -> Result<(), Failed> {
+    let s = scenario(Mode::Linger0, 1, 300, "r1-ovf-srv", "r1-ovf-cli");
+    let mut ns = s.prepare()?;
+    // 4096 bytes hold 39 events; with the daemon stopped, a burst of 1200 must overflow.
+    let daemon = Daemon::start(&["--netns", &ns.path, "--ring-buffer-size", "4096"])?;
+    signal(&daemon, libc::SIGSTOP);
+    let burst = ns.round();
+    signal(&daemon, libc::SIGCONT);
+    burst?;
+    let made = s.connections as u64 * EVENTS_PER_LINGER0;
+    let m = accounted(&daemon, made)?;
+    let (seen, lost) = (events_seen(&m), events_lost(&m));
+    check("seen + lost after the burst", seen + lost, made)?;
+    if lost == 0 {
+        return Err(format!("the ring never overflowed (seen {seen}): the test did not test overflow").into());
+    }
+    // The daemon recovers: the next round is accounted for exactly too, and counted by owner.
+    ns.round_of(Mode::Linger0, 10)?;
+    let made2 = made + 10 * EVENTS_PER_LINGER0;
+    let m2 = accounted(&daemon, made2)?;
+    check("seen + lost after recovery", events_seen(&m2) + events_lost(&m2), made2)?;
+    check("events seen after recovery", events_seen(&m2) - seen, made2 - made - (events_lost(&m2) - lost))?;
+    ns.release()?;
+    Ok(())
+}
+
+pub fn cardinality_attack() -> Result<(), Failed> {
+    let mut s = scenario(Mode::Graceful, 2, 10_000, "r2-card-srv", "r2-card-cli");
+    s.distinct_clients = true;
+    let max_series = 500u64;
+    let mut ns = s.prepare()?;
+    let daemon = Daemon::start(&["--netns", &ns.path, "--max-peers", "50", "--max-series", &max_series.to_string()])?;
+    ns.round()?; // 10,000 distinct peers
+    ns.round_of(Mode::PortScan, 1000)?; // 1,000 closed ports
+    ns.release()?;
+    let (srv, cli) = (s.server_comm, s.client_comm);
+    let n = s.connections as u64;
+    // The daemon sees only this namespace: every series must settle.
+    let m = daemon.settled_metrics(&[], |m| {
+        m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= n && m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]) >= 1000
+    })?;
+    // Totals stay exact.
+    check("server closes", m.sum("observer_tcp_closes_total", &[("comm", srv)]), n)?;
+    check("client closes", m.sum("observer_tcp_closes_total", &[("comm", cli), ("port", &s.port.to_string())]), n)?;
+    check("client refused", m.sum("observer_tcp_premature_closes_total", &[("kind", "refused")]), 1000)?;
+    // Folded series keep their reason but not their comm ("other").
+    let (no_socket, reason) = if kernel_version() >= (6, 10) { (1000, "no_socket") } else { (0, "not_specified") };
+    check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", reason)]), no_socket)?;
+    // Within the caps: at most 50 peers of their own per (metric, comm, port), plus "other".
+    let server_peers = m.matching("observer_tcp_closes_total", &[("comm", srv)]).count() as u64;
+    check("server close series (50 peers + other)", server_peers, 51)?;
+    let exported: u64 = ["observer_tcp_resets_received_total", "observer_tcp_resets_sent_total", "observer_tcp_closes_total", "observer_tcp_premature_closes_total"]
+        .iter()
+        .map(|name| m.matching(name, &[]).count() as u64)
+        .sum();
+    // Beyond --max-series, one overflow series per metric and reason/kind.
+    if exported > max_series + 8 {
+        return Err(format!("{exported} per-connection series exported, cap is {max_series} (+ overflow series)").into());
+    }
+    check("observer_series gauge", m.sum("observer_series", &[]), exported)?;
+    if m.sum("observer_series_folded_total", &[]) == 0 {
+        return Err("nothing was folded under a cardinality attack".into());
+    }
+    Ok(())
+}
+
+pub fn sigterm_during_storm() -> Result<(), Failed> {
+    let s = scenario(Mode::Linger0, 3, 3000, "r3-term-srv", "r3-term-cli");
+    let ns = s.prepare()?;
+    let mut daemon = Daemon::start(&["--netns", &ns.path])?;
+    let ours = programs_of(daemon.child.id())?;
+    let storm = std::thread::spawn(move || ns.run());
+    // Wait until the storm is under way, then SIGTERM.
+    let started = Instant::now();
+    while events_seen(&daemon.metrics()?) == 0 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(&daemon, libc::SIGTERM);
+    let status = wait_exit(&mut daemon)?;
+    storm.join().map_err(|_| "storm thread panicked")??;
+    if !status.success() {
+        return Err(format!("exit status after SIGTERM during a storm: {status}").into());
+    }
+    let left = all_program_ids()?;
+    let leaked: Vec<u64> = ours.iter().copied().filter(|id| left.contains(id)).collect();
+    if ours.is_empty() || !leaked.is_empty() {
+        return Err(format!("programs held {ours:?}, left after exit {leaked:?}").into());
+    }
+    Ok(())
+}
+
+fn wait_exit(daemon: &mut Daemon) -> Result<std::process::ExitStatus, Failed> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            return Err("daemon still running 10 s after the signal".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Exact counts of a linger0 round of `connections` in `daemon`.
+fn check_linger0(daemon: &Daemon, s: &Scenario, connections: u64) -> Result<(), Failed> {
+    let (client, server) = (s.client_labels(), s.server_labels());
+    let m = daemon.settled_metrics(&s.peers(), |m| {
+        m.sum("observer_tcp_closes_total", &client) >= connections && m.sum("observer_tcp_closes_total", &server) >= connections
+    })?;
+    check("client peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), connections)?;
+    check("server local_reset", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))), connections)?;
+    check("server resets sent", m.sum("observer_tcp_resets_sent_total", &server), connections)?;
+    check("client resets received", m.sum("observer_tcp_resets_received_total", &client), connections)?;
+    check("events lost", events_lost(&m), 0)?;
+    Ok(())
+}
+
+pub fn sigkill_then_restart() -> Result<(), Failed> {
+    let s = scenario(Mode::Linger0, 4, N, "r4-kill-srv", "r4-kill-cli");
+    let mut ns = s.prepare()?;
+    let mut first = Daemon::start(&["--netns", &ns.path])?;
+    let ours = programs_of(first.child.id())?;
+    signal(&first, libc::SIGKILL);
+    wait_exit(&mut first)?;
+    // The kernel releases programs and links with the last fd: nothing is left behind.
+    let left = all_program_ids()?;
+    let leaked: Vec<u64> = ours.iter().copied().filter(|id| left.contains(id)).collect();
+    if ours.is_empty() || !leaked.is_empty() {
+        return Err(format!("programs held {ours:?}, left after SIGKILL {leaked:?}").into());
+    }
+    let second = Daemon::start(&["--netns", &ns.path])?;
+    ns.round()?;
+    ns.release()?;
+    check_linger0(&second, &s, N as u64)
+}
+
+pub fn two_daemons_count_independently() -> Result<(), Failed> {
+    let s = scenario(Mode::Linger0, 5, N, "r5-two-srv", "r5-two-cli");
+    let mut ns = s.prepare()?;
+    let a = Daemon::start(&["--netns", &ns.path])?;
+    let b = Daemon::start(&["--netns", &ns.path])?;
+    ns.round()?;
+    ns.release()?;
+    check_linger0(&a, &s, N as u64)?;
+    check_linger0(&b, &s, N as u64)
+}
+
+pub fn hostile_http_peers() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let addr = daemon.addr.clone();
+    // A slow client that never finishes its request, held open throughout.
+    let mut slow = TcpStream::connect(&addr).map_err(|e| e.to_string())?;
+    slow.write_all(b"GET /metr").map_err(|e| e.to_string())?;
+    // Oversized headers: refused, and the daemon goes on.
+    let mut big = TcpStream::connect(&addr).map_err(|e| e.to_string())?;
+    big.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let header = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
+    let _ = big.write_all(header.as_bytes());
+    let mut answer = Vec::new();
+    let _ = big.read_to_end(&mut answer);
+    if String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200") {
+        return Err("a 1 MiB header was accepted".into());
+    }
+    // Bad query strings and paths.
+    for path in ["/api/v1/status?%%%", "/metrics?x=%ff%fe", "/api/v1/status?a=1&a=2&&=", "/healthz?\u{7f}", "/nope", "/api/v1/status/../../etc/passwd"] {
+        let (code, _) = daemon.get(path).map_err(|e| format!("{path}: {e}"))?;
+        if code >= 500 {
+            return Err(format!("{path} answered {code}").into());
+        }
+    }
+    // 500 concurrent scrapes all answered.
+    let scrapes: Vec<_> = (0..500)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || crate::harness::http_get(&addr, "/metrics").map(|(code, _)| code))
+        })
+        .collect();
+    let mut ok = 0;
+    let mut failures = std::collections::BTreeMap::new();
+    for t in scrapes {
+        match t.join() {
+            Ok(Ok(200)) => ok += 1,
+            other => *failures.entry(format!("{other:?}")).or_insert(0) += 1,
+        }
+    }
+    if !failures.is_empty() {
+        eprintln!("failed scrapes: {failures:?}");
+    }
+    check("concurrent scrapes answered 200", ok, 500)?;
+    // And it keeps counting, exactly.
+    let s = scenario(Mode::Linger0, 6, N, "r6-http-srv", "r6-http-cli");
+    s.run()?;
+    check_linger0(daemon, &s, N as u64)?;
+    drop(slow);
+    Ok(())
+}
