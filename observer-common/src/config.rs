@@ -104,6 +104,24 @@ pub struct KernelOffsets {
     pub skb_dev: u32,
     /// `net_device.nd_net` (a `possible_net_t`).
     pub netdev_net: u32,
+    /// `sock.sk_flags` (an `unsigned long` bit set of `enum sock_flags`).
+    pub sock_flags: u32,
+    /// Bit number of `SOCK_DONE` in `enum sock_flags` (set by `tcp_fin`), from BTF.
+    pub sock_done_bit: u32,
+    /// `tcp_sock.bytes_received` (u64, sequence space).
+    pub tcp_bytes_received: u32,
+    /// `tcp_sock.bytes_sent` (u64, payload incl. retransmissions; 4.19+).
+    pub tcp_bytes_sent: u32,
+    /// `tcp_sock.bytes_retrans` (u64; 4.19+).
+    pub tcp_bytes_retrans: u32,
+    /// `tcp_sock.srtt_us` (u32, microseconds << 3).
+    pub tcp_srtt_us: u32,
+    /// `tcp_sock.total_retrans` (u32).
+    pub tcp_total_retrans: u32,
+    /// `tcp_sock.data_segs_in` (u32).
+    pub tcp_data_segs_in: u32,
+    /// `tcp_sock.data_segs_out` (u32).
+    pub tcp_data_segs_out: u32,
 }
 
 impl KernelOffsets {
@@ -124,6 +142,15 @@ impl KernelOffsets {
         net_inum: ABSENT,
         skb_dev: ABSENT,
         netdev_net: ABSENT,
+        sock_flags: ABSENT,
+        sock_done_bit: ABSENT,
+        tcp_bytes_received: ABSENT,
+        tcp_bytes_sent: ABSENT,
+        tcp_bytes_retrans: ABSENT,
+        tcp_srtt_us: ABSENT,
+        tcp_total_retrans: ABSENT,
+        tcp_data_segs_in: ABSENT,
+        tcp_data_segs_out: ABSENT,
     };
 }
 
@@ -195,7 +222,7 @@ mod tests {
         assert_eq!(size_of::<SkTupleFields>(), 8 * 4);
         assert_eq!(size_of::<SetStateFields>(), 12 * 4);
         assert_eq!(size_of::<SendResetFields>(), 13 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 16 * 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 16) * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 25 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 25) * 4);
     }
 }

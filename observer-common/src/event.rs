@@ -146,9 +146,78 @@ pub struct Endpoints {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Owner {
+    /// The owner's cgroup v2 id (`bpf_get_current_cgroup_id`): the inode of its cgroup directory,
+    /// which the daemon resolves to a cgroup path and a container id.
+    pub cgroup_id: u64,
     pub tgid: u32,
     /// The thread group leader's command name, NUL padded.
     pub comm: [u8; TASK_COMM_LEN],
+    pub _pad: u32,
+}
+
+/// What the kernel knew about a connection when it reached CLOSE, read from `tcp_sock`.
+/// Emitted with `ConnectionClosed`; zero in other events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionFacts {
+    /// From `connect()` (SYN_SENT) or the SYN (SYN_RECV) to CLOSE; 0 if the start was not seen
+    /// (the socket predates the daemon).
+    pub duration_ns: u64,
+    /// Payload bytes received: `bytes_received` minus the FIN, which counts in sequence space.
+    pub bytes_received: u64,
+    /// Payload bytes sent, retransmissions excluded: `bytes_sent - bytes_retrans` (4.19+).
+    pub bytes_sent: u64,
+    /// Smoothed RTT in microseconds (`srtt_us >> 3`).
+    pub srtt_us: u32,
+    /// Segments retransmitted (`total_retrans`).
+    pub retransmits: u32,
+    /// Segments with payload received / sent (`data_segs_in` / `data_segs_out`): whether any
+    /// payload crossed, independent of the sequence-space byte counters.
+    pub data_segs_in: u32,
+    pub data_segs_out: u32,
+    /// Bit `1 << state` for every TCP state the connection entered while observed.
+    pub states_seen: u16,
+    /// 1 if a FIN was received (the kernel's `SOCK_DONE`).
+    pub fin_received: u8,
+    pub _pad: [u8; 5],
+}
+
+impl ConnectionFacts {
+    pub const fn entered(&self, state: u8) -> bool {
+        state < 16 && self.states_seen & (1 << state) != 0
+    }
+}
+
+/// What the kernel side keeps per socket (the `SOCKETS` map value). Shared because the daemon
+/// reads the map to count open connections by state (`observer_tcp_connections`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    /// [`Role`] as u8.
+    pub role: u8,
+    /// [`flags`] bits.
+    pub flags: u8,
+    /// State at `tcp_receive_reset`.
+    pub reset_state: u8,
+    /// State the connection left when it reached CLOSE (0: still open).
+    pub close_state: u8,
+    /// Current TCP state.
+    pub state: u8,
+    pub _pad: [u8; 3],
+    /// `enum sk_rst_reason` of the RST this host sent for it.
+    pub reason: u32,
+    pub unread_bytes: u32,
+    pub sk_err: u32,
+    /// 1 while a ConnectionClosed is owed for this socket.
+    pub close_pending: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the connection started; 0 if not seen.
+    pub start_ns: u64,
+    /// `bpf_ktime_get_ns()` when it entered `state`.
+    pub state_since_ns: u64,
+    /// Read at CLOSE.
+    pub facts: ConnectionFacts,
 }
 
 /// Bits of [`SocketEvent::flags`].
@@ -164,7 +233,7 @@ pub mod flags {
 /// `reason` value when the kernel gave none (kernels before 6.10 have no reason field).
 pub const REASON_NONE: u32 = u32::MAX;
 
-/// One event, as written to the ring buffer. 96 bytes, 8-aligned, no implicit padding.
+/// One event, as written to the ring buffer. 160 bytes, 8-aligned, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketEvent {
@@ -192,6 +261,8 @@ pub struct SocketEvent {
     pub unread_bytes: u32,
     /// `sk->sk_err` when the socket closed (positive errno), 0 if none.
     pub sk_err: u32,
+    pub _pad: u32,
+    pub facts: ConnectionFacts,
 }
 
 #[cfg(feature = "user")]
@@ -199,6 +270,8 @@ mod pod {
     unsafe impl aya::Pod for super::SocketEvent {}
     unsafe impl aya::Pod for super::Endpoints {}
     unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::ConnectionFacts {}
+    unsafe impl aya::Pod for super::SocketInfo {}
 }
 
 #[cfg(test)]
@@ -209,16 +282,31 @@ mod tests {
     #[test]
     fn socket_event_layout_has_no_implicit_padding() {
         assert_eq!(size_of::<Endpoints>(), 40);
-        assert_eq!(size_of::<Owner>(), 20);
+        assert_eq!(size_of::<Owner>(), 32);
+        assert_eq!(offset_of!(Owner, tgid), 8);
+        assert_eq!(offset_of!(Owner, comm), 12);
+        assert_eq!(size_of::<ConnectionFacts>(), 48);
+        assert_eq!(offset_of!(ConnectionFacts, states_seen), 40);
         assert_eq!(offset_of!(SocketEvent, timestamp_ns), 8);
         assert_eq!(offset_of!(SocketEvent, sk), 16);
         assert_eq!(offset_of!(SocketEvent, endpoints), 24);
         assert_eq!(offset_of!(SocketEvent, owner), 64);
-        assert_eq!(offset_of!(SocketEvent, reason), 84);
-        assert_eq!(offset_of!(SocketEvent, unread_bytes), 88);
-        assert_eq!(offset_of!(SocketEvent, sk_err), 92);
-        assert_eq!(size_of::<SocketEvent>(), 96);
+        assert_eq!(offset_of!(SocketEvent, reason), 96);
+        assert_eq!(offset_of!(SocketEvent, unread_bytes), 100);
+        assert_eq!(offset_of!(SocketEvent, sk_err), 104);
+        assert_eq!(offset_of!(SocketEvent, facts), 112);
+        assert_eq!(size_of::<SocketEvent>(), 160);
         assert_eq!(align_of::<SocketEvent>(), 8);
+    }
+
+    #[test]
+    fn socket_info_layout_has_no_implicit_padding() {
+        assert_eq!(offset_of!(SocketInfo, owner), 40);
+        assert_eq!(offset_of!(SocketInfo, role), 72);
+        assert_eq!(offset_of!(SocketInfo, reason), 80);
+        assert_eq!(offset_of!(SocketInfo, start_ns), 96);
+        assert_eq!(offset_of!(SocketInfo, facts), 112);
+        assert_eq!(size_of::<SocketInfo>(), 160);
     }
 
     #[test]

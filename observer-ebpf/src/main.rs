@@ -25,15 +25,18 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_get_current_task},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
+    },
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
 use observer_common::{
-    ABSENT, AF_INET, AF_INET6, Endpoints, EventKind, Owner, ProbeConfig, ProbeId, REASON_NONE, Role,
-    SkTupleFields, SocketEvent, TASK_COMM_LEN, counter, flags, tcp_state,
+    ABSENT, AF_INET, AF_INET6, ConnectionFacts, Endpoints, EventKind, Owner, ProbeConfig, ProbeId, REASON_NONE,
+    Role, SkTupleFields, SocketEvent, SocketInfo, TASK_COMM_LEN, counter, flags, tcp_state,
 };
 
 /// Filled in by the daemon (`EbpfLoader::set_global`) before load. Read every field with
@@ -50,31 +53,16 @@ static SOCKETS: LruHashMap<u64, SocketInfo> = LruHashMap::with_max_entries(65536
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
+/// Room to build a new [`SocketInfo`] before inserting it: it does not fit on the 512-byte BPF
+/// stack next to everything else.
+#[map]
+static SCRATCH: PerCpuArray<SocketInfo> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU counters (`observer_common::counter`): a full ring is counted here, never silent.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 const IPPROTO_TCP: u16 = 6;
-
-/// What the kernel side remembers about one socket.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct SocketInfo {
-    endpoints: Endpoints,
-    owner: Owner,
-    role: u8,
-    flags: u8,
-    /// State at `tcp_receive_reset`.
-    reset_state: u8,
-    /// State the connection left when it reached CLOSE (0: still open).
-    close_state: u8,
-    /// `enum sk_rst_reason` of the RST this host sent for it.
-    reason: u32,
-    unread_bytes: u32,
-    sk_err: u32,
-    /// 1 while a ConnectionClosed is owed for this socket.
-    close_pending: u32,
-}
 
 #[inline(always)]
 fn get(field: &u32) -> u32 {
@@ -187,7 +175,8 @@ fn observed_skb(skb: u64) -> bool {
 fn current_owner() -> Owner {
     let kernel = &CONFIG.kernel;
     let mut owner = Owner { tgid: (bpf_get_current_pid_tgid() >> 32) as u32, ..Owner::default() };
-    // SAFETY: helper without arguments.
+    // SAFETY: helpers without arguments.
+    owner.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let task = unsafe { bpf_get_current_task() };
     let leader: u64 = kread(task, get(&kernel.task_group_leader));
     let comm: [u8; TASK_COMM_LEN] = kread(leader, get(&kernel.task_comm));
@@ -219,8 +208,38 @@ fn emit(kind: EventKind, probe: ProbeId, sk: u64, state: u8, info: &SocketInfo) 
         (*ev).reason = info.reason;
         (*ev).unread_bytes = info.unread_bytes;
         (*ev).sk_err = info.sk_err;
+        (*ev)._pad = 0;
+        (*ev).facts = if kind == EventKind::ConnectionClosed { info.facts } else { ConnectionFacts::default() };
     }
     entry.submit(0);
+}
+
+/// Follows a socket's state: what the connection-state gauges and `states_seen` need.
+#[inline(always)]
+fn enter_state(info: &mut SocketInfo, state: u8, now: u64) {
+    info.state = state;
+    info.state_since_ns = now;
+    if state < 16 {
+        info.facts.states_seen |= 1 << state;
+    }
+}
+
+/// Reads what `tcp_sock` knows about the connection as it reaches CLOSE.
+#[inline(always)]
+fn read_facts(sk: u64, info: &mut SocketInfo, now: u64) {
+    let k = &CONFIG.kernel;
+    let done_bit = get(&k.sock_done_bit);
+    let fin = if done_bit < 64 { (kread::<u64>(sk, get(&k.sock_flags)) >> done_bit) & 1 } else { 0 };
+    let f = &mut info.facts;
+    f.fin_received = fin as u8;
+    // Both counters are in sequence space: the FIN received counts one byte.
+    f.bytes_received = kread::<u64>(sk, get(&k.tcp_bytes_received)).saturating_sub(fin);
+    f.bytes_sent = kread::<u64>(sk, get(&k.tcp_bytes_sent)).saturating_sub(kread::<u64>(sk, get(&k.tcp_bytes_retrans)));
+    f.srtt_us = kread::<u32>(sk, get(&k.tcp_srtt_us)) >> 3;
+    f.retransmits = kread(sk, get(&k.tcp_total_retrans));
+    f.data_segs_in = kread(sk, get(&k.tcp_data_segs_in));
+    f.data_segs_out = kread(sk, get(&k.tcp_data_segs_out));
+    f.duration_ns = if info.start_ns != 0 { now.saturating_sub(info.start_ns) } else { 0 };
 }
 
 /// Emits the ConnectionClosed owed for `sk`, if any.
@@ -233,6 +252,26 @@ fn emit_close(probe: ProbeId, sk: u64, info: &mut SocketInfo) {
     emit(EventKind::ConnectionClosed, probe, sk, info.close_state, info);
 }
 
+/// A zeroed [`SocketInfo`] in this CPU's scratch slot.
+#[inline(always)]
+fn fresh_info() -> Option<&'static mut SocketInfo> {
+    let info = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, used only until the program inserts it into SOCKETS; all-zero
+    // bytes are a valid SocketInfo.
+    unsafe {
+        core::ptr::write_bytes(info, 0, 1);
+        Some(&mut *info)
+    }
+}
+
+/// Inserts a new entry for `sk` (replacing any), counting a full map.
+#[inline(always)]
+fn insert_new(sk: u64, info: &SocketInfo) {
+    if SOCKETS.insert(&sk, info, 0).is_err() {
+        bump(counter::SOCKET_MAP_FULL);
+    }
+}
+
 /// The map entry for `sk`, created (owner unknown) if we have not seen the socket yet.
 #[inline(always)]
 fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut SocketInfo> {
@@ -241,8 +280,9 @@ fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut SocketInf
         // by the socket lock.
         return Some(unsafe { &mut *info });
     }
-    let info = SocketInfo { endpoints: *endpoints, ..SocketInfo::default() };
-    if SOCKETS.insert(&sk, &info, BPF_NOEXIST as u64).is_err() && SOCKETS.get_ptr_mut(&sk).is_none() {
+    let info = fresh_info()?;
+    info.endpoints = *endpoints;
+    if SOCKETS.insert(&sk, info, BPF_NOEXIST as u64).is_err() && SOCKETS.get_ptr_mut(&sk).is_none() {
         bump(counter::SOCKET_MAP_FULL);
         return None;
     }
@@ -268,6 +308,8 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let old = field::<i32>(&ctx, get(&f.oldstate)) as u8;
     let new = field::<i32>(&ctx, get(&f.newstate)) as u8;
     let endpoints = read_tuple(&ctx, &f.tuple);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     match (old, new) {
         (tcp_state::CLOSE, tcp_state::SYN_SENT) => {
             // Inside connect(): process context, the current task owns the socket. A socket that
@@ -276,32 +318,33 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
                 // SAFETY: see socket_entry.
                 emit_close(ProbeId::InetSockSetState, sk, unsafe { &mut *info });
             }
-            let info = SocketInfo {
-                endpoints,
-                owner: current_owner(),
-                role: Role::Client as u8,
-                flags: flags::OWNER_FROM_SYSCALL,
-                ..SocketInfo::default()
-            };
-            if SOCKETS.insert(&sk, &info, 0).is_err() {
-                bump(counter::SOCKET_MAP_FULL);
-            }
+            let Some(info) = fresh_info() else { return 0 };
+            info.endpoints = endpoints;
+            info.owner = current_owner();
+            info.role = Role::Client as u8;
+            info.flags = flags::OWNER_FROM_SYSCALL;
+            info.start_ns = now;
+            enter_state(info, new, now);
+            insert_new(sk, info);
         }
         (tcp_state::LISTEN, tcp_state::SYN_RECV) => {
             // A child cloned from a listener, in softirq: the owner is learned at accept().
-            let info = SocketInfo { endpoints, role: Role::Server as u8, ..SocketInfo::default() };
-            if SOCKETS.insert(&sk, &info, 0).is_err() {
-                bump(counter::SOCKET_MAP_FULL);
-            }
+            let Some(info) = fresh_info() else { return 0 };
+            info.endpoints = endpoints;
+            info.role = Role::Server as u8;
+            info.start_ns = now;
+            enter_state(info, new, now);
+            insert_new(sk, info);
         }
         (_, tcp_state::ESTABLISHED) => {
             // The source port of an active open is known from here on; tcp_disconnect() zeroes
             // the destination port later, so keep this copy.
             if let Some(info) = socket_entry(sk, &endpoints) {
                 info.endpoints = endpoints;
+                enter_state(info, new, now);
             }
         }
-        (tcp_state::LISTEN, tcp_state::CLOSE) => {}
+        (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
         (_, tcp_state::CLOSE) => {
             let Some(info) = socket_entry(sk, &endpoints) else { return 0 };
             if info.endpoints.remote_port == 0 || info.endpoints.local_port == 0 {
@@ -316,13 +359,21 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
             info.sk_err = kread::<i32>(sk, get(&kernel.sock_err)) as u32;
             info.close_state = old;
             info.close_pending = 1;
+            enter_state(info, new, now);
+            read_facts(sk, info, now);
             // A received reset or an error is the whole story. Otherwise the kernel may still
             // send an RST for this close (unread data, SO_LINGER 0): wait for it or for destroy.
             if info.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0 || info.sk_err != 0 {
                 emit_close(ProbeId::InetSockSetState, sk, info);
             }
         }
-        _ => {}
+        _ => {
+            // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, ...: follow the state of every socket,
+            // including ones that predate the daemon (owner unknown).
+            if let Some(info) = socket_entry(sk, &endpoints) {
+                enter_state(info, new, now);
+            }
+        }
     }
     0
 }

@@ -20,14 +20,25 @@ pub enum Family {
     ResetsSent = 1,
     Closes = 2,
     PrematureCloses = 3,
+    /// Segments retransmitted, added per connection at close.
+    Retransmits = 4,
 }
 
 impl Family {
-    pub const ALL: [Family; 4] = [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses];
+    pub const ALL: [Family; 5] = [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses, Self::Retransmits];
 }
 
 /// Command name bytes that render as `other` (no real comm is all 0xff).
 pub const COMM_OTHER: [u8; 16] = [0xff; 16];
+
+/// A short container id (12 hex characters) as bytes; all zero on the host.
+pub type ContainerKey = [u8; 12];
+
+/// The host: no container.
+pub const NO_CONTAINER: ContainerKey = [0; 12];
+
+/// Container bytes that render as `other` (overflow series).
+pub const CONTAINER_OTHER: ContainerKey = [0xff; 12];
 
 /// One series' labels, without strings: rendered only at scrape time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +48,8 @@ pub struct SeriesKey {
     pub role: u8,
     pub peer: Peer,
     pub port: Port,
+    /// The owner's short container id.
+    pub container: ContainerKey,
     /// The family's extra label: reset reason value, or premature kind index; 0 otherwise.
     pub detail: u32,
 }
@@ -47,7 +60,7 @@ impl SeriesKey {
     }
 
     fn overflow(self) -> Self {
-        Self { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, detail: self.detail }
+        Self { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, container: CONTAINER_OTHER, detail: self.detail }
     }
 }
 
@@ -67,7 +80,7 @@ struct FamilySeries {
 
 #[derive(Debug)]
 pub struct Aggregator {
-    families: [FamilySeries; 4],
+    families: [FamilySeries; Family::ALL.len()],
     max_peers: usize,
     max_series: usize,
     series: usize,
@@ -167,7 +180,7 @@ mod tests {
         comm[..5].copy_from_slice(b"nginx");
         let mut addr = [0u8; 16];
         addr[15] = peer;
-        SeriesKey { comm, role: 2, peer: Peer::Addr(addr), port: Port::Num(port), detail: 0 }
+        SeriesKey { comm, role: 2, peer: Peer::Addr(addr), port: Port::Num(port), container: NO_CONTAINER, detail: 0 }
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct StatusReport {
     /// Counts folded into `other` series by the cardinality caps.
     pub series_folded: u64,
     pub events: EventsReport,
+    /// The latest premature closes, newest last, with their cause where it was found.
+    #[serde(default)]
+    pub recent_premature: Vec<crate::events::EventRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -45,4 +48,7 @@ pub struct EventsReport {
     pub lost: u64,
     /// Events about sockets whose owner is unknown.
     pub unattributed: u64,
+    /// Event-log records that name their cause (the other end's process and reason).
+    #[serde(default)]
+    pub paired: u64,
 }

@@ -5,7 +5,7 @@ use std::{fs, net::IpAddr, ops::RangeInclusive};
 
 use observer_common::{Role, SocketEvent};
 
-use crate::aggregate::{COMM_OTHER, SeriesKey};
+use crate::aggregate::{COMM_OTHER, CONTAINER_OTHER, ContainerKey, SeriesKey};
 
 /// The `peer` label: a remote address, or `other` for peers folded by the cardinality cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,8 +50,9 @@ impl Attribution {
         Some(lo..=hi)
     }
 
-    /// The series an event counts in; `detail` is the family's extra label (reason, kind).
-    pub fn key(&self, ev: &SocketEvent, detail: u32) -> SeriesKey {
+    /// The series an event counts in; `detail` is the family's extra label (reason, kind),
+    /// `container` the owner's short container id.
+    pub fn key(&self, ev: &SocketEvent, detail: u32, container: ContainerKey) -> SeriesKey {
         let e = &ev.endpoints;
         let port = match Role::from_u8(ev.role) {
             Role::Client => Some(e.remote_port),
@@ -66,19 +67,16 @@ impl Attribution {
             role: ev.role,
             peer: Peer::Addr(e.remote_addr),
             port: port.filter(|p| *p != 0).map_or(Port::None, Port::Num),
+            container,
             detail,
         }
     }
 }
 
-/// Label values `[comm, role, peer, port]` of a series.
-pub fn label_values(key: &SeriesKey) -> [String; 4] {
+/// Label values `[comm, role, peer, port, container]` of a series.
+pub fn label_values(key: &SeriesKey) -> [String; 5] {
     let comm = if key.comm == COMM_OTHER { "other".to_string() } else { comm_text(&key.comm) };
-    let role = match Role::from_u8(key.role) {
-        Role::Client => "client",
-        Role::Server => "server",
-        Role::Unknown => "",
-    };
+    let role = role_text(key.role);
     let peer = match key.peer {
         Peer::Addr(addr) => ip_text(&addr),
         Peer::Other => "other".to_string(),
@@ -88,7 +86,26 @@ pub fn label_values(key: &SeriesKey) -> [String; 4] {
         Port::Num(p) => p.to_string(),
         Port::Other => "other".to_string(),
     };
-    [comm, role.to_string(), peer, port]
+    let container = if key.container == CONTAINER_OTHER { "other".to_string() } else { comm_text(&key.container) };
+    [comm, role.to_string(), peer, port, container]
+}
+
+/// A short container id as a series key (12 bytes; longer ids are cut, as `docker ps` does).
+pub fn container_key(short_id: &str) -> ContainerKey {
+    let mut key = ContainerKey::default();
+    for (dst, src) in key.iter_mut().zip(short_id.bytes()) {
+        *dst = src;
+    }
+    key
+}
+
+/// The `role` label value.
+pub fn role_text(role: u8) -> &'static str {
+    match Role::from_u8(role) {
+        Role::Client => "client",
+        Role::Server => "server",
+        Role::Unknown => "",
+    }
 }
 
 /// NUL-padded kernel comm → text.
@@ -119,22 +136,22 @@ mod tests {
         m
     }
 
-    fn labels(role: Role, local_port: u16, remote_port: u16) -> [String; 4] {
+    fn labels(role: Role, local_port: u16, remote_port: u16) -> [String; 5] {
         let mut comm = [0u8; 16];
         comm[..7].copy_from_slice(b"backend");
         let ev = SocketEvent {
             role: role as u8,
             endpoints: Endpoints { local_addr: v4([127, 0, 0, 1]), remote_addr: v4([10, 1, 2, 3]), local_port, remote_port, family: 2, _pad: 0 },
-            owner: Owner { tgid: 42, comm },
+            owner: Owner { tgid: 42, comm, ..Owner::default() },
             ..Default::default()
         };
-        label_values(&Attribution::new(32768..=60999).key(&ev, 0))
+        label_values(&Attribution::new(32768..=60999).key(&ev, 0, container_key("3f2a9c1b7d4e")))
     }
 
     #[test]
     fn client_port_is_remote_server_port_is_local() {
-        assert_eq!(labels(Role::Client, 45000, 8080), ["backend", "client", "10.1.2.3", "8080"]);
-        assert_eq!(labels(Role::Server, 8080, 45000), ["backend", "server", "10.1.2.3", "8080"]);
+        assert_eq!(labels(Role::Client, 45000, 8080), ["backend", "client", "10.1.2.3", "8080", "3f2a9c1b7d4e"]);
+        assert_eq!(labels(Role::Server, 8080, 45000), ["backend", "server", "10.1.2.3", "8080", "3f2a9c1b7d4e"]);
     }
 
     #[test]
@@ -152,7 +169,9 @@ mod tests {
         v6[15] = 1;
         assert_eq!(ip_text(&v6), "::1");
         assert_eq!(comm_text(b"nginx\0\0\0garbage"), "nginx");
-        let folded = SeriesKey { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, detail: 0 };
-        assert_eq!(label_values(&folded), ["other", "", "other", "other"]);
+        let folded = SeriesKey { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, container: CONTAINER_OTHER, detail: 0 };
+        assert_eq!(label_values(&folded), ["other", "", "other", "other", "other"]);
+        let host = SeriesKey { container: crate::aggregate::NO_CONTAINER, ..folded };
+        assert_eq!(label_values(&host)[4], "");
     }
 }

@@ -1,11 +1,12 @@
 //! How a connection ended: the decision from an event's facts to an [`Outcome`].
 
-use observer_common::{EventKind, flags, tcp_state};
+use observer_common::{EventKind, Role, SocketEvent, flags, tcp_state};
 
 use crate::{decode::Event, probes::btf::ResetReasons};
 
 /// Ways a connection ends prematurely, mutually exclusive. When several facts hold, the first
-/// listed wins (`Refused` > `PeerReset` > `UnreadData` > `LocalReset`).
+/// listed wins: `Refused` > `ConnectTimeout` > `PeerReset` > `Timeout` > `UnreadData` >
+/// `LocalReset` > `EofBeforeResponse` > `Abandoned` (README "How a connection ended").
 /// The discriminants are stable: they key aggregated series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -18,15 +19,41 @@ pub enum PrematureClose {
     UnreadData = 3,
     /// The local side aborted it with RST (SO_LINGER 0, `ss -K`, ...).
     LocalReset = 4,
+    /// Client: it sent a request (≥ 1 payload byte), received nothing, and the peer closed with
+    /// FIN: what a Go client reports as `EOF`.
+    EofBeforeResponse = 5,
+    /// Server: the peer sent ≥ 1 payload byte and closed before the local side sent any (the
+    /// client gave up; nginx's 499).
+    Abandoned = 6,
+    /// An established connection aborted by retransmission, user or keepalive timeout
+    /// (`ETIMEDOUT`).
+    Timeout = 7,
+    /// SYN retries exhausted: `connect()` gave `ETIMEDOUT`.
+    ConnectTimeout = 8,
 }
 
 impl PrematureClose {
+    pub const ALL: [Self; 8] = [
+        Self::Refused,
+        Self::ConnectTimeout,
+        Self::PeerReset,
+        Self::Timeout,
+        Self::UnreadData,
+        Self::LocalReset,
+        Self::EofBeforeResponse,
+        Self::Abandoned,
+    ];
+
     pub const fn from_index(v: u32) -> Option<Self> {
         match v {
             1 => Some(Self::Refused),
             2 => Some(Self::PeerReset),
             3 => Some(Self::UnreadData),
             4 => Some(Self::LocalReset),
+            5 => Some(Self::EofBeforeResponse),
+            6 => Some(Self::Abandoned),
+            7 => Some(Self::Timeout),
+            8 => Some(Self::ConnectTimeout),
             _ => None,
         }
     }
@@ -38,6 +65,10 @@ impl PrematureClose {
             Self::PeerReset => "peer_reset",
             Self::UnreadData => "unread_data",
             Self::LocalReset => "local_reset",
+            Self::EofBeforeResponse => "eof_before_response",
+            Self::Abandoned => "abandoned",
+            Self::Timeout => "timeout",
+            Self::ConnectTimeout => "connect_timeout",
         }
     }
 }
@@ -50,31 +81,54 @@ pub enum Outcome {
     Closed { premature: Option<PrematureClose> },
 }
 
+/// `ETIMEDOUT` as the kernel stores it in `sk_err` (positive).
+const ETIMEDOUT: u32 = libc::ETIMEDOUT as u32;
+
 pub fn classify(event: &Event, reasons: &ResetReasons) -> Outcome {
     let raw = &event.raw;
     match event.kind {
         EventKind::ResetReceived => Outcome::ResetReceived,
         EventKind::ResetSent => Outcome::ResetSent { reason: raw.reason },
-        EventKind::ConnectionClosed => {
-            let premature = if raw.flags & flags::RESET_RECEIVED != 0 {
-                if raw.reset_state == tcp_state::SYN_SENT || raw.state == tcp_state::SYN_SENT {
-                    Some(PrematureClose::Refused)
-                } else {
-                    Some(PrematureClose::PeerReset)
-                }
-            } else if raw.flags & flags::RESET_SENT != 0 {
-                // Before 6.12 the kernel reports no reason for active resets, so unread bytes
-                // (read at close) decide; the reason confirms it where the kernel gives one.
-                let abort_on_close = reasons.value_of("tcp_abort_on_close");
-                if raw.unread_bytes > 0 || abort_on_close == Some(raw.reason) {
-                    Some(PrematureClose::UnreadData)
-                } else {
-                    Some(PrematureClose::LocalReset)
-                }
-            } else {
-                None
-            };
-            Outcome::Closed { premature }
+        EventKind::ConnectionClosed => Outcome::Closed { premature: premature(raw, reasons) },
+    }
+}
+
+/// How a closed connection ended, in precedence order. `raw.state` is the state it left for
+/// CLOSE.
+fn premature(raw: &SocketEvent, reasons: &ResetReasons) -> Option<PrematureClose> {
+    let reset_received = raw.flags & flags::RESET_RECEIVED != 0;
+    let reset_sent = raw.flags & flags::RESET_SENT != 0;
+    let timed_out = raw.sk_err == ETIMEDOUT && !reset_received;
+    let f = &raw.facts;
+    // The peer's FIN arrived while the local side was still open: it closed first.
+    let peer_closed_first = f.entered(tcp_state::CLOSE_WAIT);
+    let sent_payload = f.data_segs_out > 0 || f.bytes_sent > 0;
+    let received_payload = f.data_segs_in > 0 || f.bytes_received > 0;
+    if reset_received && (raw.reset_state == tcp_state::SYN_SENT || raw.state == tcp_state::SYN_SENT) {
+        Some(PrematureClose::Refused)
+    } else if timed_out && raw.state == tcp_state::SYN_SENT {
+        Some(PrematureClose::ConnectTimeout)
+    } else if reset_received {
+        Some(PrematureClose::PeerReset)
+    } else if timed_out {
+        // Keepalive timeouts send an RST too; the timeout is the story.
+        Some(PrematureClose::Timeout)
+    } else if reset_sent {
+        // Before 6.12 the kernel reports no reason for active resets, so unread bytes (read at
+        // close) decide; the reason confirms it where the kernel gives one.
+        let abort_on_close = reasons.value_of("tcp_abort_on_close");
+        if raw.unread_bytes > 0 || abort_on_close == Some(raw.reason) {
+            Some(PrematureClose::UnreadData)
+        } else {
+            Some(PrematureClose::LocalReset)
+        }
+    } else if !peer_closed_first {
+        None
+    } else {
+        match Role::from_u8(raw.role) {
+            Role::Client if sent_payload && !received_payload => Some(PrematureClose::EofBeforeResponse),
+            Role::Server if received_payload && !sent_payload => Some(PrematureClose::Abandoned),
+            _ => None,
         }
     }
 }
@@ -82,7 +136,7 @@ pub fn classify(event: &Event, reasons: &ResetReasons) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use observer_common::{ProbeId, REASON_NONE, SocketEvent};
+    use observer_common::{ConnectionFacts, ProbeId, REASON_NONE};
 
     fn closed(flags: u8, state: u8, reset_state: u8, reason: u32, unread: u32) -> Event {
         Event {
@@ -127,6 +181,81 @@ mod tests {
     fn received_reset_wins_over_sent_reset() {
         let both = flags::RESET_RECEIVED | flags::RESET_SENT;
         assert_eq!(kind(&closed(both, tcp_state::ESTABLISHED, tcp_state::ESTABLISHED, 11, 5)), Some(PrematureClose::PeerReset));
+    }
+
+    /// A connection that closed without any reset, with these facts.
+    fn ended(role: Role, states: &[u8], segs_in: u32, segs_out: u32, sk_err: u32, close_state: u8) -> Event {
+        let mut facts = ConnectionFacts { data_segs_in: segs_in, data_segs_out: segs_out, ..Default::default() };
+        for s in states {
+            facts.states_seen |= 1 << s;
+        }
+        Event {
+            kind: EventKind::ConnectionClosed,
+            probe: ProbeId::InetSockSetState,
+            raw: SocketEvent { role: role as u8, state: close_state, sk_err, facts, ..Default::default() },
+        }
+    }
+
+    use tcp_state::{CLOSE_WAIT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, LAST_ACK, SYN_SENT};
+
+    #[test]
+    fn eof_before_response_needs_a_request_no_response_and_the_peer_closing_first() {
+        let eof = ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT, LAST_ACK], 0, 1, 0, LAST_ACK);
+        assert_eq!(kind(&eof), Some(PrematureClose::EofBeforeResponse));
+        // A response arrived: a normal close.
+        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT, LAST_ACK], 1, 1, 0, LAST_ACK)), None);
+        // Nothing was sent (an idle pooled connection the server closed): normal.
+        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT, LAST_ACK], 0, 0, 0, LAST_ACK)), None);
+        // The client closed first (it gave up): not EOF.
+        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2], 0, 1, 0, FIN_WAIT2)), None);
+    }
+
+    #[test]
+    fn abandoned_is_a_request_the_peer_gave_up_on() {
+        let gave_up = ended(Role::Server, &[ESTABLISHED, CLOSE_WAIT, LAST_ACK], 1, 0, 0, LAST_ACK);
+        assert_eq!(kind(&gave_up), Some(PrematureClose::Abandoned));
+        // The server answered: normal.
+        assert_eq!(kind(&ended(Role::Server, &[ESTABLISHED, CLOSE_WAIT, LAST_ACK], 1, 1, 0, LAST_ACK)), None);
+        // The server closed first without answering: the client sees EOF, the server did it.
+        assert_eq!(kind(&ended(Role::Server, &[ESTABLISHED, FIN_WAIT1, FIN_WAIT2], 1, 0, 0, FIN_WAIT2)), None);
+        // Role decides which kind applies.
+        assert_eq!(kind(&ended(Role::Unknown, &[ESTABLISHED, CLOSE_WAIT, LAST_ACK], 1, 0, 0, LAST_ACK)), None);
+    }
+
+    #[test]
+    fn timeouts_by_state() {
+        let etimedout = libc::ETIMEDOUT as u32;
+        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT], 0, 0, etimedout, SYN_SENT)), Some(PrematureClose::ConnectTimeout));
+        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED], 0, 3, etimedout, ESTABLISHED)), Some(PrematureClose::Timeout));
+        // Keepalive timeouts send an RST: still a timeout.
+        let mut keepalive = ended(Role::Client, &[SYN_SENT, ESTABLISHED], 0, 0, etimedout, ESTABLISHED);
+        keepalive.raw.flags = flags::RESET_SENT;
+        assert_eq!(kind(&keepalive), Some(PrematureClose::Timeout));
+        // A timeout wins over EOF facts; a received reset wins over a timeout.
+        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT], 0, 1, etimedout, CLOSE_WAIT)), Some(PrematureClose::Timeout));
+        let mut reset = ended(Role::Client, &[SYN_SENT, ESTABLISHED], 0, 1, etimedout, ESTABLISHED);
+        reset.raw.flags = flags::RESET_RECEIVED;
+        reset.raw.reset_state = ESTABLISHED;
+        assert_eq!(kind(&reset), Some(PrematureClose::PeerReset));
+    }
+
+    #[test]
+    fn reset_kinds_win_over_eof_and_abandoned() {
+        let mut ev = ended(Role::Server, &[ESTABLISHED, CLOSE_WAIT, LAST_ACK], 1, 0, 0, LAST_ACK);
+        ev.raw.flags = flags::RESET_SENT;
+        ev.raw.unread_bytes = 10;
+        assert_eq!(kind(&ev), Some(PrematureClose::UnreadData));
+    }
+
+    #[test]
+    fn kinds_have_stable_numbers_and_unique_labels() {
+        let mut labels = std::collections::BTreeSet::new();
+        for k in PrematureClose::ALL {
+            assert_eq!(PrematureClose::from_index(k as u32), Some(k));
+            assert!(labels.insert(k.label()));
+        }
+        assert_eq!(PrematureClose::from_index(0), None);
+        assert_eq!(PrematureClose::from_index(9), None);
     }
 
     #[test]

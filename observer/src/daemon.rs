@@ -11,13 +11,19 @@ use tokio::{
 };
 
 use crate::{
-    attribution::Attribution,
+    aggregate::NO_CONTAINER,
+    attribution::{Attribution, container_key},
     classify::classify,
+    connections::{self, SocketTable},
+    container::Containers,
     decode::decode,
     http::{self, Shared},
     metrics::Limits,
     probes::{self, ProbeOptions, btf::ResetReasons},
 };
+
+/// Records handled per turn of the event loop during a storm before others get a turn.
+const DRAIN_BATCH: usize = 4096;
 
 pub struct DaemonOptions {
     pub listen: SocketAddr,
@@ -29,7 +35,7 @@ pub struct DaemonOptions {
 pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     probes::check_permissions()?;
     // Bind before loading: a taken port should fail before anything is loaded into the kernel.
-    let listener = TcpListener::bind(options.listen).await.map_err(|e| listen_error(options.listen, e))?;
+    let listener = bind(options.listen).map_err(|e| listen_error(options.listen, e))?;
     let local = listener.local_addr().context("reading the listen address")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -44,13 +50,16 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let loaded = tokio::task::spawn_blocking(move || probes::load(options.probes))
         .await
         .context("probe loader panicked")??;
-    let probes::LoadedProbes { statuses, reasons, degraded, events, counters, logger, ebpf } = loaded;
+    let probes::LoadedProbes { statuses, reasons, degraded, events, counters, sockets, logger, ebpf } = loaded;
     let attached = statuses.iter().filter(|s| s.state == "attached").count();
     shared.set_probes(statuses, degraded, counters, reasons.clone());
     log::info!("observer {} ready: {attached} probes attached", crate::metrics::VERSION);
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;
+    let scanner = spawn_socket_scanner(SocketTable::new(sockets), shared.clone());
     let attribution = Attribution::default();
+    // Resolving a new cgroup walks the cgroup tree (at most once a second): rare and short.
+    let mut containers = Containers::new();
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which only happens through this AsyncFd.
     let mut ring = unsafe { AsyncFd::register(events) }
@@ -65,16 +74,30 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
                     Err(e) => break Err(anyhow::Error::new(e).context("waiting on the ring buffer")),
                 };
                 let ring = guard.get_inner_mut();
+                let mut handled = 0;
                 while let Some(record) = ring.next() {
-                    handle_record(&shared, &attribution, &reasons, &record);
+                    handle_record(&shared, &attribution, &mut containers, &reasons, &record);
+                    handled += 1;
+                    if handled == DRAIN_BATCH {
+                        break;
+                    }
                 }
-                guard.clear_ready();
+                if handled < DRAIN_BATCH {
+                    guard.clear_ready();
+                } else {
+                    // More may be waiting: let the HTTP server and the signals have a turn
+                    // first; the fd stays ready, so the loop comes straight back.
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                }
             }
         }
     };
 
     // Detach everything before saying goodbye: maps and programs go with their fds.
     shared.clear_kernel_counters();
+    scanner.abort();
+    let _ = scanner.await;
     drop(ring);
     if let Some(task) = kernel_log {
         task.abort();
@@ -92,6 +115,28 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refreshes the connection-state gauges from the kernel's socket map until aborted.
+fn spawn_socket_scanner(table: SocketTable, shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+    let table = Arc::new(std::sync::Mutex::new(table));
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(connections::SCAN_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let (table, shared) = (table.clone(), shared.clone());
+            // A map of tens of thousands of sockets takes a syscall per entry: off the runtime.
+            let scanned = tokio::task::spawn_blocking(move || {
+                let (by_state, oldest) = table.lock().unwrap_or_else(|e| e.into_inner()).scan();
+                shared.metrics.set_connections(&by_state, &oldest);
+            })
+            .await;
+            if let Err(e) = scanned {
+                log::warn!("scanning the socket map failed: {e}");
+            }
+        }
+    })
+}
+
 /// Forwards the kernel programs' aya-log records to the daemon's log until aborted.
 fn forward_kernel_log(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
@@ -107,7 +152,7 @@ fn forward_kernel_log(
     }))
 }
 
-fn handle_record(shared: &Shared, attribution: &Attribution, reasons: &ResetReasons, record: &[u8]) {
+fn handle_record(shared: &Shared, attribution: &Attribution, containers: &mut Containers, reasons: &ResetReasons, record: &[u8]) {
     let event = match decode(record) {
         Ok(event) => event,
         Err(e) => {
@@ -120,7 +165,21 @@ fn handle_record(shared: &Shared, attribution: &Attribution, reasons: &ResetReas
     // Resets for segments that matched no socket belong to no process by nature; only sockets
     // whose owner we failed to learn count as unattributed.
     let unattributed = event.raw.owner.tgid == 0 && event.raw.sk != 0;
-    shared.metrics.record(&event, outcome, attribution, unattributed);
+    let container = containers.resolve(event.raw.owner.cgroup_id);
+    let key = container.as_ref().map_or(NO_CONTAINER, |c| container_key(c.short_id()));
+    shared.metrics.record(&event, outcome, attribution, key, unattributed);
+    shared.record_event(&event, outcome, reasons, container.as_ref());
+}
+
+/// Listens with a deep accept queue: a burst of scrapes (hundreds of Prometheus replicas, a
+/// dashboard reload) must wait in the queue, not overflow it (the default is 128).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // A restarted daemon must not wait for its old connections' TIME_WAIT; a second listener on
+    // the same port still fails (no SO_REUSEPORT).
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 fn listen_error(addr: SocketAddr, e: std::io::Error) -> anyhow::Error {

@@ -57,8 +57,8 @@ mod tests {
     fn rejects_truncated_and_unknown_records() {
         let raw = SocketEvent { kind: 1, probe: 1, ..Default::default() };
         let bytes = bytes_of(&raw);
-        assert_eq!(decode(&bytes[..95]), Err(DecodeError::Short { len: 95, expected: 96 }));
-        assert_eq!(decode(&[]), Err(DecodeError::Short { len: 0, expected: 96 }));
+        assert_eq!(decode(&bytes[..159]), Err(DecodeError::Short { len: 159, expected: 160 }));
+        assert_eq!(decode(&[]), Err(DecodeError::Short { len: 0, expected: 160 }));
         let mut unknown = bytes.clone();
         unknown[0] = 77;
         assert_eq!(decode(&unknown), Err(DecodeError::Kind(77)));
@@ -113,7 +113,10 @@ mod properties {
             let reasons = ResetReasons::from_pairs([(1, "no_socket"), (2, "tcp_abort_on_close")]);
             let metrics = Metrics::new(Limits { max_peers: 2, max_series: 4 });
             let outcome = classify(&event, &reasons);
-            metrics.record(&event, outcome, &Attribution::default(), event.raw.owner.tgid == 0);
+            metrics.record(&event, outcome, &Attribution::default(), crate::aggregate::NO_CONTAINER, event.raw.owner.tgid == 0);
+            let mut log = crate::events::EventLog::default();
+            log.record(&event, outcome, &reasons, None);
+            prop_assert!(log.page(0, 10).events.len() <= 1);
             prop_assert!(!metrics.render().is_empty());
         }
     }

@@ -7,7 +7,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{StatusCode, header},
     response::IntoResponse,
     routing::get,
@@ -16,6 +16,10 @@ use tokio::net::TcpListener;
 
 use crate::{
     api::{EventsReport, ProbeReport, STATUS_PATH, StatusReport},
+    classify::Outcome,
+    container::Container,
+    decode::Event,
+    events::{EVENTS_PATH, EventLog, EventsPage},
     metrics::{Limits, Metrics, REVISION, VERSION},
     probes::{KernelCounters, ProbeStatus, btf::ResetReasons},
 };
@@ -27,11 +31,28 @@ pub struct Shared {
     kernel: String,
     probes: OnceLock<(Vec<ProbeStatus>, Vec<String>)>,
     kernel_counters: Mutex<Option<KernelCounters>>,
+    events: Mutex<EventLog>,
 }
 
 impl Shared {
     pub fn new(kernel: String, limits: Limits) -> Self {
-        Self { metrics: Metrics::new(limits), started: Instant::now(), kernel, probes: OnceLock::new(), kernel_counters: Mutex::new(None) }
+        Self {
+            metrics: Metrics::new(limits),
+            started: Instant::now(),
+            kernel,
+            probes: OnceLock::new(),
+            kernel_counters: Mutex::new(None),
+            events: Mutex::new(EventLog::default()),
+        }
+    }
+
+    fn event_log(&self) -> std::sync::MutexGuard<'_, EventLog> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds an event to the event log (`/api/v1/events`).
+    pub fn record_event(&self, event: &Event, outcome: Outcome, reasons: &ResetReasons, container: Option<&Arc<Container>>) {
+        self.event_log().record(event, outcome, reasons, container);
     }
 
     /// Marks the daemon ready: probes attached.
@@ -58,6 +79,10 @@ impl Shared {
         let (probes, degraded) = self.probes.get().cloned().unwrap_or_default();
         let seen_by_probe: std::collections::BTreeMap<String, u64> = self.metrics.events_seen().into_iter().collect();
         let (series, series_folded) = self.metrics.series();
+        let (paired, recent) = {
+            let log = self.event_log();
+            (log.paired(), log.recent_premature(RECENT_IN_STATUS))
+        };
         StatusReport {
             version: VERSION.into(),
             revision: REVISION.into(),
@@ -76,16 +101,22 @@ impl Shared {
                 seen_by_probe,
                 lost: self.metrics.events_lost(),
                 unattributed: self.metrics.events_unattributed(),
+                paired,
             },
+            recent_premature: recent,
         }
     }
 }
+
+/// Premature closes listed in the status.
+const RECENT_IN_STATUS: usize = 20;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route(STATUS_PATH, get(status))
+        .route(EVENTS_PATH, get(events))
         .with_state(shared)
 }
 
@@ -109,6 +140,20 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusReport> {
     Json(shared.status())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct EventsQuery {
+    /// Only records after this sequence number.
+    #[serde(default)]
+    since: u64,
+    /// At most this many (capped at the log's capacity).
+    limit: Option<usize>,
+}
+
+async fn events(State(shared): State<Arc<Shared>>, Query(q): Query<EventsQuery>) -> Json<EventsPage> {
+    let limit = q.limit.unwrap_or(1000).min(crate::events::LOG_CAPACITY);
+    Json(shared.event_log().page(q.since, limit))
 }
 
 #[cfg(test)]

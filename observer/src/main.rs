@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(cli::run::run(args))),
         Command::Status(args) => cli::status::run(args),
+        Command::Events(args) => cli::events::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

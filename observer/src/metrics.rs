@@ -4,14 +4,14 @@
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use prometheus::{
-    Encoder as _, IntCounter, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntGaugeVec, Opts, Registry, TextEncoder,
     core::{Collector, Desc},
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::{
     ALL_PROBES,
-    aggregate::{Aggregator, Family, SeriesKey},
+    aggregate::{Aggregator, ContainerKey, Family, SeriesKey},
     attribution::{Attribution, label_values},
     classify::{Outcome, PrematureClose},
     decode::Event,
@@ -46,7 +46,16 @@ pub struct Metrics {
     events_malformed: IntCounter,
     sockets_untracked: IntCounter,
     probe_info: IntGaugeVec,
+    /// By `role` and `premature` ("yes" / "no"): few series, whatever the traffic.
+    duration: HistogramVec,
+    connections_by_state: IntGaugeVec,
+    close_wait_oldest: prometheus::GaugeVec,
+    /// Held while the gauges are replaced, so a scrape never sees half a snapshot.
+    gauges_lock: Mutex<()>,
 }
+
+/// Connection lifetimes span a millisecond health check to a day-long stream.
+const DURATION_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0, 3600.0];
 
 impl Metrics {
     pub fn new(limits: Limits) -> Self {
@@ -66,6 +75,31 @@ impl Metrics {
             events_malformed: register(&registry, counter("observer_events_malformed_total", "Ring buffer records that could not be decoded.")),
             sockets_untracked: register(&registry, counter("observer_sockets_untracked_total", "Sockets the kernel side could not track because its socket map was full.")),
             probe_info: register(&registry, gauge_vec("observer_probe_info", "Attached probes and their attach points (1 per attached probe).", &["probe", "attach"])),
+            duration: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "observer_tcp_connection_duration_seconds",
+                        "Connection lifetimes from connect() or the SYN to CLOSE, by role and whether the connection ended prematurely.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                    &["role", "premature"],
+                )
+                .expect("valid metric definition"),
+            ),
+            connections_by_state: register(
+                &registry,
+                gauge_vec("observer_tcp_connections", "Open TCP connections by owning process, role and state (as ss names states).", &["comm", "role", "state", "container"]),
+            ),
+            close_wait_oldest: register(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new("observer_tcp_close_wait_oldest_seconds", "How long the process's oldest CLOSE-WAIT socket has waited for it to close it."),
+                    &["comm", "container"],
+                )
+                .expect("valid metric definition"),
+            ),
+            gauges_lock: Mutex::new(()),
             connections,
             reasons,
             registry,
@@ -86,23 +120,47 @@ impl Metrics {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one event.
-    pub fn record(&self, event: &Event, outcome: Outcome, attribution: &Attribution, unattributed: bool) {
+    /// Counts one event; `container` is its owner's short container id.
+    pub fn record(&self, event: &Event, outcome: Outcome, attribution: &Attribution, container: ContainerKey, unattributed: bool) {
         self.events[event.probe as usize].inc();
         if unattributed {
             self.events_unattributed.inc();
         }
         let raw = &event.raw;
+        let key = |detail| attribution.key(raw, detail, container);
         let mut agg = self.aggregator();
         match outcome {
-            Outcome::ResetReceived => agg.add(Family::ResetsReceived, attribution.key(raw, 0), 1),
-            Outcome::ResetSent { reason } => agg.add(Family::ResetsSent, attribution.key(raw, reason), 1),
+            Outcome::ResetReceived => agg.add(Family::ResetsReceived, key(0), 1),
+            Outcome::ResetSent { reason } => agg.add(Family::ResetsSent, key(reason), 1),
             Outcome::Closed { premature } => {
-                agg.add(Family::Closes, attribution.key(raw, 0), 1);
+                agg.add(Family::Closes, key(0), 1);
                 if let Some(kind) = premature {
-                    agg.add(Family::PrematureCloses, attribution.key(raw, kind as u32), 1);
+                    agg.add(Family::PrematureCloses, key(kind as u32), 1);
+                }
+                let facts = &raw.facts;
+                if facts.retransmits > 0 {
+                    agg.add(Family::Retransmits, key(0), u64::from(facts.retransmits));
+                }
+                drop(agg);
+                if facts.duration_ns > 0 {
+                    let role = crate::attribution::role_text(raw.role);
+                    let premature = if premature.is_some() { "yes" } else { "no" };
+                    self.duration.with_label_values(&[role, premature]).observe(facts.duration_ns as f64 / 1e9);
                 }
             }
+        }
+    }
+
+    /// Replaces the connection-state gauges with a new scan of the socket map.
+    pub fn set_connections(&self, by_state: &crate::connections::ByState, oldest: &crate::connections::OldestCloseWait) {
+        let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.connections_by_state.reset();
+        for ((comm, role, state, container), n) in by_state {
+            self.connections_by_state.with_label_values(&[comm.as_str(), role, state, container.as_str()]).set(*n);
+        }
+        self.close_wait_oldest.reset();
+        for ((comm, container), age) in oldest {
+            self.close_wait_oldest.with_label_values(&[comm.as_str(), container.as_str()]).set(*age);
         }
     }
 
@@ -141,7 +199,11 @@ impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 * 1024);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        let families = {
+            let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.registry.gather()
+        };
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             log::error!("encoding metrics: {e}");
         }
         out
@@ -156,7 +218,7 @@ struct ConnectionCollector {
 }
 
 /// (family, name, help, extra label).
-const FAMILIES: [(Family, &str, &str, Option<&str>); 4] = [
+const FAMILIES: [(Family, &str, &str, Option<&str>); 5] = [
     (Family::ResetsReceived, "observer_tcp_resets_received_total", "RST segments accepted on a socket, by the socket's owner.", None),
     (
         Family::ResetsSent,
@@ -171,6 +233,7 @@ const FAMILIES: [(Family, &str, &str, Option<&str>); 4] = [
         "Connections that ended prematurely, each counted once, by how they ended.",
         Some("kind"),
     ),
+    (Family::Retransmits, "observer_tcp_retransmits_total", "Segments retransmitted, counted when the connection closes.", None),
 ];
 
 const SERIES_FOLDED: (&str, &str) = (
@@ -184,7 +247,7 @@ impl ConnectionCollector {
         let mut descs: Vec<Desc> = FAMILIES
             .iter()
             .map(|(_, name, help, extra)| {
-                let mut labels: Vec<String> = ["comm", "role", "peer", "port"].map(String::from).to_vec();
+                let mut labels: Vec<String> = ["comm", "role", "peer", "port", "container"].map(String::from).to_vec();
                 labels.extend(extra.map(String::from));
                 Desc::new(name.to_string(), help.to_string(), labels, Default::default()).expect("valid metric definition")
             })
@@ -218,8 +281,8 @@ impl Collector for ConnectionCollector {
             let metrics: Vec<Metric> = agg
                 .iter(family)
                 .map(|(key, value)| {
-                    let [comm, role, peer, port] = label_values(key);
-                    let mut labels = vec![pair("comm", comm), pair("peer", peer), pair("port", port), pair("role", role)];
+                    let [comm, role, peer, port, container] = label_values(key);
+                    let mut labels = vec![pair("comm", comm), pair("container", container), pair("peer", peer), pair("port", port), pair("role", role)];
                     if let (Some(extra), Some(v)) = (extra, self.detail_label(family, key)) {
                         labels.push(pair(extra, v));
                     }

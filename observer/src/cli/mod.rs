@@ -1,5 +1,6 @@
 //! The `observer` command line: one subcommand per file.
 
+pub mod events;
 pub mod run;
 pub mod status;
 
@@ -21,4 +22,6 @@ pub enum Command {
     Run(run::RunArgs),
     /// Show a running daemon's probes and event counts.
     Status(status::StatusArgs),
+    /// Print a running daemon's recent resets and premature closes (with --follow, as they happen).
+    Events(events::EventsArgs),
 }

@@ -48,12 +48,18 @@ fn render(s: &StatusReport) -> String {
     for p in &s.probes {
         let _ = writeln!(out, "{:<21} {:<12} {}{}", p.probe, p.state, p.attach, p.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default());
     }
-    let _ = writeln!(out, "\nEVENTS  seen {}  lost {}  unattributed {}", s.events.seen, s.events.lost, s.events.unattributed);
+    let _ = writeln!(out, "\nEVENTS  seen {}  lost {}  unattributed {}  paired {}", s.events.seen, s.events.lost, s.events.unattributed, s.events.paired);
     for (probe, n) in &s.events.seen_by_probe {
         let _ = writeln!(out, "  {probe:<21} {n}");
     }
     for d in &s.degraded {
         let _ = writeln!(out, "degraded: {d}");
+    }
+    if !s.recent_premature.is_empty() {
+        let _ = writeln!(out, "\nRECENT PREMATURE CLOSES (newest last)");
+        for r in &s.recent_premature {
+            let _ = writeln!(out, "  {}", super::events::render(r));
+        }
     }
     out
 }

@@ -57,7 +57,7 @@ impl KernelBtf {
             bits += member_bits;
             ty = member_ty;
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Missing(format!("byte-aligned member `{path}` (it is a bitfield)")));
         }
         Ok(bits / 8)
@@ -123,6 +123,15 @@ impl KernelBtf {
     /// The struct offsets the kernel programs use. A member this kernel lacks stays [`ABSENT`]
     /// and is reported in `missing`; the programs then do without that fact.
     pub fn kernel_offsets(&self, missing: &mut Vec<String>) -> KernelOffsets {
+        let sock_done_bit = self.enum_value("sock_flags", "SOCK_DONE", missing);
+        // `sk_flags` moved into `sock_common` (as `skc_flags`) in 6.18.
+        let sock_flags = match self.member_offset("sock.sk_flags").or_else(|_| self.member_offset("sock.__sk_common.skc_flags")) {
+            Ok(off) => off,
+            Err(e) => {
+                missing.push(e.to_string());
+                ABSENT
+            }
+        };
         let mut get = |path: &str| match self.member_offset(path) {
             Ok(off) => off,
             Err(e) => {
@@ -147,6 +156,32 @@ impl KernelBtf {
             net_inum: get("net.ns.inum"),
             skb_dev: get("sk_buff.dev"),
             netdev_net: get("net_device.nd_net"),
+            sock_flags,
+            sock_done_bit,
+            tcp_bytes_received: get("tcp_sock.bytes_received"),
+            tcp_bytes_sent: get("tcp_sock.bytes_sent"),
+            tcp_bytes_retrans: get("tcp_sock.bytes_retrans"),
+            tcp_srtt_us: get("tcp_sock.srtt_us"),
+            tcp_total_retrans: get("tcp_sock.total_retrans"),
+            tcp_data_segs_in: get("tcp_sock.data_segs_in"),
+            tcp_data_segs_out: get("tcp_sock.data_segs_out"),
+        }
+    }
+
+    /// The value of `variant` in `enum name`, or [`ABSENT`] (reported in `missing`).
+    fn enum_value(&self, name: &str, variant: &str, missing: &mut Vec<String>) -> u32 {
+        match self.enum_values(name) {
+            Ok(values) => match values.iter().find(|(_, v)| v.as_str() == variant) {
+                Some((value, _)) => u32::try_from(*value).unwrap_or(ABSENT),
+                None => {
+                    missing.push(format!("enum {name} has no {variant}"));
+                    ABSENT
+                }
+            },
+            Err(e) => {
+                missing.push(e.to_string());
+                ABSENT
+            }
         }
     }
 }
@@ -237,6 +272,8 @@ mod tests {
         assert!(missing.is_empty(), "missing: {missing:?}");
         assert_eq!(offsets.file_private_data % 8, 0);
         assert!(offsets.tcp_rcv_nxt > offsets.sock_err);
+        assert_eq!(offsets.sock_done_bit, 1, "SOCK_DONE is the second sock flag on every kernel");
+        assert!(offsets.tcp_bytes_received > offsets.tcp_rcv_nxt);
         let reasons = ResetReasons::from_btf(&btf);
         assert_eq!(reasons.label(reasons.value_of("no_socket").unwrap()), "no_socket");
         assert!(reasons.value_of("tcp_abort_on_close").is_some());

@@ -12,7 +12,7 @@ use std::{fs, io};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
 use observer_common::{ProbeConfig, ProbeId, counter};
@@ -78,6 +78,8 @@ pub struct LoadedProbes {
     pub degraded: Vec<String>,
     pub events: RingBuf<MapData>,
     pub counters: KernelCounters,
+    /// The programs' per-socket map (owner, role, state): read for the connection-state gauges.
+    pub sockets: BpfHashMap<MapData, u64, observer_common::SocketInfo>,
     /// Forwards the programs' aya-log messages to the daemon's log; poll it when readable.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Owns the programs and their links: dropping it detaches and unloads them.
@@ -199,7 +201,9 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     let events = RingBuf::try_from(events).map_err(|source| LoadError::Map { name: "EVENTS", source })?;
     let counters = ebpf.take_map("COUNTERS").ok_or(LoadError::MissingMap("COUNTERS"))?;
     let counters = PerCpuArray::try_from(counters).map_err(|source| LoadError::Map { name: "COUNTERS", source })?;
-    Ok(LoadedProbes { statuses, reasons, degraded, events, counters: KernelCounters { map: counters }, logger, ebpf })
+    let sockets = ebpf.take_map("SOCKETS").ok_or(LoadError::MissingMap("SOCKETS"))?;
+    let sockets = BpfHashMap::try_from(sockets).map_err(|source| LoadError::Map { name: "SOCKETS", source })?;
+    Ok(LoadedProbes { statuses, reasons, degraded, events, counters: KernelCounters { map: counters }, sockets, logger, ebpf })
 }
 
 fn fill_config(config: &mut ProbeConfig, probe: ProbeId, format: &EventFormat) -> Result<(), TracefsError> {

@@ -119,8 +119,14 @@ impl Drop for Daemon {
 }
 
 pub fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    http_get_within(addr, path, Duration::from_secs(10))
+}
+
+/// The same, waiting up to `patience` for the answer (a guard against hangs, not a latency
+/// assertion: latency is measured by `cargo xtask bench`).
+pub fn http_get_within(addr: &str, path: &str, patience: Duration) -> Result<(u16, String), String> {
     let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(patience)).map_err(|e| e.to_string())?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).map_err(|e| format!("reading {path}: {e}"))?;

@@ -6,11 +6,12 @@
 //! command names and addresses, so they can run side by side.
 
 mod harness;
+mod intelligence;
 mod reliability;
 mod traffic;
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
     sync::OnceLock,
     time::{Duration, Instant},
@@ -36,6 +37,18 @@ fn main() {
         Trial::test("close_with_unread_request_is_unread_data_with_abort_on_close_reason", close_with_unread_data),
         Trial::test("connect_to_closed_port_is_refused_and_no_socket_reset_has_no_owner", connect_refused),
         Trial::test("graceful_connections_are_closed_once_each_and_never_premature", graceful),
+        Trial::test("ipv6_linger0_close_is_local_reset_for_server_and_peer_reset_for_client", || linger0_checks(&scenario_v6(Mode::Linger0, 11, "t11-lng6-srv", "t11-lng6-cli"))),
+        Trial::test("ipv6_close_with_unread_request_is_unread_data", || unread_checks(&scenario_v6(Mode::Unread, 12, "t12-unr6-srv", "t12-unr6-cli"))),
+        Trial::test("ipv6_connect_to_closed_port_is_refused", || refused_checks(&scenario_v6(Mode::Refused, 13, "t13-ref6-srv", "t13-ref6-cli"))),
+        Trial::test("ipv6_graceful_connections_are_never_premature", || graceful_checks(&scenario_v6(Mode::Graceful, 14, "t14-ok6-srv", "t14-ok6-cli"))),
+        Trial::test("eof_before_response_when_the_server_closes_without_answering", intelligence::eof_before_response),
+        Trial::test("ipv6_eof_before_response", intelligence::eof_before_response_v6),
+        Trial::test("abandoned_when_the_client_gives_up_before_the_answer", intelligence::abandoned),
+        Trial::test("timeout_when_the_link_goes_down_under_tcp_user_timeout_is_the_clients", intelligence::timeout),
+        Trial::test("connect_timeout_when_syn_retries_run_out", intelligence::connect_timeout),
+        Trial::test("a_process_in_a_container_cgroup_gets_its_container_label", intelligence::container_label),
+        Trial::test("a_received_reset_names_the_sending_process_and_its_reason", intelligence::cause_pairing),
+        Trial::test("close_wait_leak_shows_in_connection_gauges_and_oldest_age", intelligence::close_wait_leak),
         Trial::test("status_api_healthz_and_info_metrics_list_every_probe", status_lists_every_probe),
         Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", status_command),
         Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", bad_listen_address),
@@ -50,6 +63,14 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     // Stop the shared daemon before exiting: statics are never dropped.
     if let Some(Ok(daemon)) = SHARED.get() {
+        if let Ok(m) = daemon.metrics() {
+            eprintln!(
+                "shared daemon: {} events seen, {} lost, {} series",
+                m.sum("observer_events_total", &[]),
+                m.sum("observer_events_lost_total", &[]),
+                m.sum("observer_series", &[])
+            );
+        }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
     }
@@ -74,19 +95,29 @@ fn scenario(mode: Mode, tag: u8, server_comm: &'static str, client_comm: &'stati
         connections: N,
         server_comm,
         client_comm,
-        server_ip: Ipv4Addr::new(127, 10, tag, 1),
-        client_ip: Ipv4Addr::new(127, 20, tag, 1),
+        server_ip: Ipv4Addr::new(127, 10, tag, 1).into(),
+        client_ip: Ipv4Addr::new(127, 20, tag, 1).into(),
         port: 8000 + tag as u16,
         distinct_clients: false,
+        client_container: None,
     }
 }
 
+/// The same over IPv6 loopback (`::1` on both ends; comms and ports tell scenarios apart).
+fn scenario_v6(mode: Mode, tag: u8, server_comm: &'static str, client_comm: &'static str) -> Scenario {
+    let lo = IpAddr::from(Ipv6Addr::LOCALHOST);
+    Scenario { server_ip: lo, client_ip: lo, ..scenario(mode, tag, server_comm, client_comm) }
+}
+
 fn linger0_close() -> Result<(), Failed> {
+    linger0_checks(&scenario(Mode::Linger0, 1, "t1-lng-srv", "t1-lng-cli"))
+}
+
+fn linger0_checks(s: &Scenario) -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    let s = scenario(Mode::Linger0, 1, "t1-lng-srv", "t1-lng-cli");
     s.run()?;
     let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
-    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
     check("client premature peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), n)?;
@@ -103,11 +134,14 @@ fn linger0_close() -> Result<(), Failed> {
 }
 
 fn close_with_unread_data() -> Result<(), Failed> {
+    unread_checks(&scenario(Mode::Unread, 2, "t2-unr-srv", "t2-unr-cli"))
+}
+
+fn unread_checks(s: &Scenario) -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    let s = scenario(Mode::Unread, 2, "t2-unr-srv", "t2-unr-cli");
     s.run()?;
     let (srv, client, server) = (s.server_comm, s.client_labels(), s.server_labels());
-    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
     check("server premature unread_data", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "unread_data"))), n)?;
     check("server premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", srv)]), n)?;
@@ -123,8 +157,11 @@ fn close_with_unread_data() -> Result<(), Failed> {
 }
 
 fn connect_refused() -> Result<(), Failed> {
+    refused_checks(&scenario(Mode::Refused, 3, "t3-ref-srv", "t3-ref-cli"))
+}
+
+fn refused_checks(s: &Scenario) -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    let s = scenario(Mode::Refused, 3, "t3-ref-srv", "t3-ref-cli");
     s.run()?;
     let cli = s.client_comm;
     let closed_port = (s.port + 1).to_string();
@@ -143,11 +180,14 @@ fn connect_refused() -> Result<(), Failed> {
 }
 
 fn graceful() -> Result<(), Failed> {
+    graceful_checks(&scenario(Mode::Graceful, 4, "t4-ok-srv", "t4-ok-cli"))
+}
+
+fn graceful_checks(s: &Scenario) -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    let s = scenario(Mode::Graceful, 4, "t4-ok-srv", "t4-ok-cli");
     s.run()?;
     let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
-    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
     check("closes, both ends", m.sum("observer_tcp_closes_total", &client) + m.sum("observer_tcp_closes_total", &server), 2 * n)?;
     check("client closes", m.sum("observer_tcp_closes_total", &client), n)?;

@@ -12,7 +12,7 @@ use std::{
 use libtest_mimic::Failed;
 
 use crate::{
-    N, check, shared_daemon,
+    N, check,
     harness::{Daemon, Metrics, kernel_version},
     programs_of, all_program_ids,
     traffic::{Mode, Scenario},
@@ -25,10 +25,11 @@ fn scenario(mode: Mode, tag: u8, connections: u32, server_comm: &'static str, cl
         connections,
         server_comm,
         client_comm,
-        server_ip: Ipv4Addr::new(127, 30, tag, 1),
-        client_ip: Ipv4Addr::new(127, 40, tag, 1),
+        server_ip: Ipv4Addr::new(127, 30, tag, 1).into(),
+        client_ip: Ipv4Addr::new(127, 40, tag, 1).into(),
         port: 9000 + tag as u16,
         distinct_clients: false,
+        client_container: None,
     }
 }
 
@@ -57,7 +58,7 @@ fn accounted(daemon: &Daemon, expected: u64) -> Result<Metrics, Failed> {
 pub fn overflow_accounting() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 1, 300, "r1-ovf-srv", "r1-ovf-cli");
     let mut ns = s.prepare()?;
-    // 4096 bytes hold 39 events; with the daemon stopped, a burst of 1200 must overflow.
+    // 4096 bytes hold 24 events (160 bytes + an 8-byte header each); with the daemon stopped, a burst of 1200 must overflow.
     let daemon = Daemon::start(&["--netns", &ns.path, "--ring-buffer-size", "4096"])?;
     signal(&daemon, libc::SIGSTOP);
     let burst = ns.round();
@@ -203,7 +204,11 @@ pub fn two_daemons_count_independently() -> Result<(), Failed> {
 }
 
 pub fn hostile_http_peers() -> Result<(), Failed> {
-    let daemon = shared_daemon()?;
+    // Its own daemon, watching only this test's namespace: other tests' storms must not decide
+    // how fast it answers.
+    let s = scenario(Mode::Linger0, 6, N, "r6-http-srv", "r6-http-cli");
+    let mut ns = s.prepare()?;
+    let daemon = &Daemon::start(&["--netns", &ns.path])?;
     let addr = daemon.addr.clone();
     // A slow client that never finishes its request, held open throughout.
     let mut slow = TcpStream::connect(&addr).map_err(|e| e.to_string())?;
@@ -229,7 +234,7 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     let scrapes: Vec<_> = (0..500)
         .map(|_| {
             let addr = addr.clone();
-            std::thread::spawn(move || crate::harness::http_get(&addr, "/metrics").map(|(code, _)| code))
+            std::thread::spawn(move || crate::harness::http_get_within(&addr, "/metrics", Duration::from_secs(120)).map(|(code, _)| code))
         })
         .collect();
     let mut ok = 0;
@@ -245,8 +250,8 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     }
     check("concurrent scrapes answered 200", ok, 500)?;
     // And it keeps counting, exactly.
-    let s = scenario(Mode::Linger0, 6, N, "r6-http-srv", "r6-http-cli");
-    s.run()?;
+    ns.round()?;
+    ns.release()?;
     check_linger0(daemon, &s, N as u64)?;
     drop(slow);
     Ok(())

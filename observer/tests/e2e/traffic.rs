@@ -6,10 +6,11 @@
 
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
+    path::PathBuf,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// Environment variable that turns the test binary into a worker.
@@ -28,6 +29,19 @@ pub enum Mode {
     Graceful,
     /// Connects once to each of `connections` closed ports after `port`: a port scan.
     PortScan,
+    /// Reads the request and closes without answering (FIN): the client sees EOF.
+    NoResponse,
+    /// The client sends its request and closes at once; the server reads it, sees EOF, and
+    /// closes without answering: the client gave up.
+    Abandon,
+    /// Over a veth link to a server in its own namespace: after one exchange the server's end
+    /// goes down and the client writes with TCP_USER_TIMEOUT, so it times out (no RST).
+    Timeout,
+    /// Over a veth link whose far end is down: connect() with one SYN retry times out.
+    ConnectTimeout,
+    /// The server accepts and reads, the client closes, and the server never closes: its
+    /// sockets sit in CLOSE_WAIT until the round ends.
+    LeakCloseWait,
 }
 
 impl Mode {
@@ -38,7 +52,17 @@ impl Mode {
             Mode::Refused => "refused",
             Mode::Graceful => "graceful",
             Mode::PortScan => "portscan",
+            Mode::NoResponse => "noresponse",
+            Mode::Abandon => "abandon",
+            Mode::Timeout => "timeout",
+            Mode::ConnectTimeout => "connecttimeout",
+            Mode::LeakCloseWait => "leakclosewait",
         }
+    }
+
+    /// Modes whose server lives in its own namespace behind a veth link.
+    fn over_veth(self) -> bool {
+        matches!(self, Mode::Timeout | Mode::ConnectTimeout)
     }
 
     fn parse(s: &str) -> Self {
@@ -48,6 +72,11 @@ impl Mode {
             "refused" => Mode::Refused,
             "graceful" => Mode::Graceful,
             "portscan" => Mode::PortScan,
+            "noresponse" => Mode::NoResponse,
+            "abandon" => Mode::Abandon,
+            "timeout" => Mode::Timeout,
+            "connecttimeout" => Mode::ConnectTimeout,
+            "leakclosewait" => Mode::LeakCloseWait,
             other => panic!("unknown mode {other}"),
         }
     }
@@ -61,11 +90,13 @@ pub struct Scenario {
     pub connections: u32,
     pub server_comm: &'static str,
     pub client_comm: &'static str,
-    pub server_ip: Ipv4Addr,
-    pub client_ip: Ipv4Addr,
+    pub server_ip: IpAddr,
+    pub client_ip: IpAddr,
     pub port: u16,
-    /// Each connection comes from its own address (`client_ip` + i): many distinct peers.
+    /// Each connection comes from its own address (`client_ip` + i, IPv4): many distinct peers.
     pub distinct_clients: bool,
+    /// Run the client in a cgroup named as docker names a container's (`docker-<id>.scope`).
+    pub client_container: Option<&'static str>,
 }
 
 const REQUEST: &[u8] = b"GET /order HTTP/1.1\r\n\r\n";
@@ -124,6 +155,7 @@ impl Scenario {
             self.client_ip.to_string(),
             self.port.to_string(),
             if self.distinct_clients { "distinct" } else { "same" }.into(),
+            self.client_container.unwrap_or("-").into(),
         ]
     }
 
@@ -137,6 +169,7 @@ impl Scenario {
             client_ip: args[5].parse().expect("client ip"),
             port: args[6].parse().expect("port"),
             distinct_clients: args[7] == "distinct",
+            client_container: (args[8] != "-").then(|| leak(args[8].clone())),
         }
     }
 }
@@ -167,6 +200,32 @@ impl HeldNetns {
         self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         if line.trim() != "done" {
             return Err(format!("round {mode:?} x{connections} failed: {line}{}", self.release().err().unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    /// Starts a [`Mode::LeakCloseWait`] round and returns once its sockets sit in CLOSE_WAIT.
+    pub fn start_leak(&mut self, connections: u32) -> Result<(), String> {
+        let stdin = self.stdin.as_mut().ok_or("namespace already released")?;
+        writeln!(stdin, "go {} {connections}", Mode::LeakCloseWait.as_str()).map_err(|e| e.to_string())?;
+        stdin.flush().map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        if line.trim() != "leaking" {
+            return Err(format!("leak round failed: {line}{}", self.release().err().unwrap_or_default()));
+        }
+        Ok(())
+    }
+
+    /// Ends a leak round: the server closes its CLOSE_WAIT sockets.
+    pub fn end_leak(&mut self) -> Result<(), String> {
+        let stdin = self.stdin.as_mut().ok_or("namespace already released")?;
+        writeln!(stdin, "release").map_err(|e| e.to_string())?;
+        stdin.flush().map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        if line.trim() != "done" {
+            return Err(format!("leak round did not end: {line}{}", self.release().err().unwrap_or_default()));
         }
         Ok(())
     }
@@ -213,7 +272,7 @@ pub fn worker_main(role: &str) -> ! {
         }
         "client" => {
             set_comm(scenario.client_comm);
-            client(&scenario)
+            join_container_cgroup(&scenario).and_then(|()| client(&scenario))
         }
         other => Err(io::Error::other(format!("unknown worker role {other}"))),
     };
@@ -244,8 +303,11 @@ fn netns_worker(s: &Scenario) -> io::Result<()> {
     // Announce the namespace, then make one round of traffic per `go MODE N` line until EOF.
     println!("netns /proc/{}/ns/net", std::process::id());
     io::stdout().flush()?;
-    for line in io::stdin().lock().lines() {
-        let line = line?;
+    loop {
+        let mut line = String::new();
+        if io::stdin().read_line(&mut line)? == 0 {
+            break;
+        }
         let mut words = line.split_whitespace().skip(1);
         let (Some(mode), Some(n)) = (words.next(), words.next().and_then(|n| n.parse().ok())) else {
             return Err(io::Error::other(format!("bad round request {line:?}")));
@@ -260,23 +322,155 @@ fn netns_worker(s: &Scenario) -> io::Result<()> {
 /// Runs a server and a client worker for one round.
 fn netns_round(s: &Scenario) -> io::Result<()> {
     let exe = std::env::current_exe()?;
-    let spawn = |role: &str, stdout: Stdio| {
-        Command::new(&exe).env(WORKER_ENV, role).args(s.args()).stdin(Stdio::null()).stdout(stdout).spawn()
+    let spawn = |role: &str, stdin: Stdio, stdout: Stdio| {
+        Command::new(&exe).env(WORKER_ENV, role).args(s.args()).stdin(stdin).stdout(stdout).spawn()
     };
-    let mut server = spawn("server", Stdio::piped())?;
-    // The server says "ready" once it listens.
-    let mut ready = String::new();
-    BufReader::new(server.stdout.take().ok_or_else(|| io::Error::other("no server stdout"))?).read_line(&mut ready)?;
-    if ready.trim() != "ready" {
-        let _ = server.kill();
-        return Err(io::Error::other(format!("server did not start: {ready:?} ({:?})", server.wait()?)));
+    let mut server = spawn("server", Stdio::piped(), Stdio::piped())?;
+    let mut server_in = server.stdin.take().ok_or_else(|| io::Error::other("no server stdin"))?;
+    let mut server_out = BufReader::new(server.stdout.take().ok_or_else(|| io::Error::other("no server stdout"))?);
+    let mut line = String::new();
+    if s.mode.over_veth() {
+        // The server made its own namespace; link it to this one.
+        server_out.read_line(&mut line)?;
+        if line.trim() != "netns" {
+            let _ = server.kill();
+            return Err(io::Error::other(format!("server did not make its namespace: {line:?} ({:?})", server.wait()?)));
+        }
+        link_to(server.id(), s)?;
+        writeln!(server_in, "veth")?;
+        server_in.flush()?;
+        line.clear();
     }
-    let client = spawn("client", Stdio::null())?.wait()?;
+    // The server says "ready" once it listens.
+    server_out.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let _ = server.kill();
+        return Err(io::Error::other(format!("server did not start: {line:?} ({:?})", server.wait()?)));
+    }
+    let client = spawn("client", Stdio::null(), Stdio::null())?.wait();
+    if s.mode == Mode::LeakCloseWait && client.as_ref().is_ok_and(|c| c.success()) {
+        // The leak is in place; hold it until the test has looked.
+        println!("leaking");
+        io::stdout().flush()?;
+        let mut release = String::new();
+        io::stdin().read_line(&mut release)?;
+    }
+    // The server may wait for the round's end (CLOSE_WAIT leaks, a link that went down).
+    drop(server_in);
     let server_status = server.wait()?;
+    if let Some(id) = s.client_container {
+        let _ = std::fs::remove_dir(container_cgroup_dir(id)?);
+    }
+    let client = client?;
     if !client.success() || !server_status.success() {
         return Err(io::Error::other(format!("client {client}, server {server_status}")));
     }
     Ok(())
+}
+
+/// Runs `ip ARGS...`, failing with its output.
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output().map_err(|e| io::Error::other(format!("running ip (iproute2, installed by `cargo xtask setup`): {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))))
+    }
+}
+
+/// The MAC the server's end gets; the client's side knows it statically, so a link that is
+/// down loses segments silently instead of failing neighbour resolution (EHOSTUNREACH).
+const SERVER_MAC: &str = "02:00:00:00:00:02";
+
+/// A veth pair from this namespace (`vA`, the client's address) to the server's (`vB`).
+fn link_to(server_pid: u32, s: &Scenario) -> io::Result<()> {
+    ip(&["link", "add", "vA", "type", "veth", "peer", "name", "vB", "netns", &server_pid.to_string()])?;
+    ip(&["addr", "add", &format!("{}/24", s.client_ip), "dev", "vA"])?;
+    ip(&["link", "set", "vA", "up"])?;
+    ip(&["neigh", "replace", &s.server_ip.to_string(), "lladdr", SERVER_MAC, "dev", "vA", "nud", "permanent"])
+}
+
+/// Server side of [`link_to`], in the server's own namespace.
+fn server_veth(s: &Scenario) -> io::Result<()> {
+    // SAFETY: the worker is single-threaded.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    loopback_up()?;
+    println!("netns");
+    io::stdout().flush()?;
+    let mut line = String::new();
+    io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != "veth" {
+        return Err(io::Error::other(format!("expected `veth`, got {line:?}")));
+    }
+    ip(&["link", "set", "vB", "address", SERVER_MAC])?;
+    ip(&["addr", "add", &format!("{}/24", s.server_ip), "dev", "vB"])?;
+    if s.mode == Mode::Timeout {
+        ip(&["link", "set", "vB", "up"])?;
+    }
+    Ok(())
+}
+
+/// The cgroup directory of the scenario's client container.
+fn container_cgroup_dir(id: &str) -> io::Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let root = observer::container::cgroup2_mount(&mountinfo).ok_or_else(|| io::Error::other("no cgroup2 mount on this machine"))?;
+    Ok(root.join("observer-e2e.slice").join(format!("docker-{id}.scope")))
+}
+
+/// Moves the client into its container's cgroup, as a container runtime would.
+fn join_container_cgroup(s: &Scenario) -> io::Result<()> {
+    let Some(id) = s.client_container else { return Ok(()) };
+    let dir = container_cgroup_dir(id)?;
+    std::fs::create_dir_all(&dir).map_err(|e| io::Error::other(format!("creating cgroup {}: {e}", dir.display())))?;
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| io::Error::other(format!("joining cgroup {}: {e}", dir.display())))
+}
+
+/// Waits until `ifname` has lost its carrier (its peer went down).
+fn wait_carrier_lost(ifname: &str) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while interface_flags(ifname)? & libc::IFF_RUNNING as libc::c_short != 0 {
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!("{ifname} never lost its carrier")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn interface_flags(ifname: &str) -> io::Result<libc::c_short> {
+    // SAFETY: a datagram socket used only for an interface ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zeroed ifreq is valid; the name fits.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes().chain([0])) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: ioctl on a valid fd with a valid ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    // SAFETY: SIOCGIFFLAGS filled ifru_flags.
+    if rc < 0 { Err(err) } else { Ok(unsafe { req.ifr_ifru.ifru_flags }) }
+}
+
+/// Waits for the round's end (the netns worker closes our stdin).
+fn wait_for_round_end() -> io::Result<()> {
+    let mut rest = String::new();
+    io::stdin().lock().read_to_string(&mut rest)?;
+    Ok(())
+}
+
+fn set_sockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: setsockopt with a valid int on an open socket.
+    let rc = unsafe { libc::setsockopt(fd, level, name, (&value as *const i32).cast(), size_of::<i32>() as libc::socklen_t) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// `ip link set lo up`, by ioctl.
@@ -307,16 +501,42 @@ fn loopback_up() -> io::Result<()> {
 }
 
 fn server(s: &Scenario) -> io::Result<()> {
+    if s.mode.over_veth() {
+        server_veth(s)?;
+    }
     let listener = TcpListener::bind((s.server_ip, s.port))?;
     println!("ready");
     io::stdout().flush()?;
-    if matches!(s.mode, Mode::Refused | Mode::PortScan) {
+    let mut request = [0u8; REQUEST.len()];
+    match s.mode {
         // Nobody accepts on the port the client targets (port + 1); this one just exists.
-        return Ok(());
+        Mode::Refused | Mode::PortScan => return Ok(()),
+        // The link is down: nothing arrives.
+        Mode::ConnectTimeout => return wait_for_round_end(),
+        Mode::Timeout | Mode::LeakCloseWait => {
+            let mut held = Vec::new();
+            for _ in 0..s.connections {
+                let (mut conn, _) = listener.accept()?;
+                conn.read_exact(&mut request)?;
+                if s.mode == Mode::Timeout {
+                    conn.write_all(b"ok")?;
+                } else {
+                    // The client closed: from here on the socket is in CLOSE_WAIT until we close.
+                    let mut rest = Vec::new();
+                    conn.read_to_end(&mut rest)?;
+                }
+                held.push(conn);
+            }
+            if s.mode == Mode::Timeout {
+                // The client now writes into a link that is down.
+                ip(&["link", "set", "vB", "down"])?;
+            }
+            return wait_for_round_end();
+        }
+        _ => {}
     }
     for _ in 0..s.connections {
         let (mut conn, _) = listener.accept()?;
-        let mut request = [0u8; REQUEST.len()];
         match s.mode {
             Mode::Linger0 => {
                 conn.read_exact(&mut request)?;
@@ -333,15 +553,34 @@ fn server(s: &Scenario) -> io::Result<()> {
                 conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")?;
                 drop(conn);
             }
-            Mode::Refused | Mode::PortScan => unreachable!(),
+            Mode::NoResponse => {
+                conn.read_exact(&mut request)?;
+                drop(conn);
+            }
+            Mode::Abandon => {
+                conn.read_exact(&mut request)?;
+                // The client closes before we answer: read its FIN, then close without a word.
+                let mut rest = Vec::new();
+                conn.read_to_end(&mut rest)?;
+                drop(conn);
+            }
+            Mode::Refused | Mode::PortScan | Mode::Timeout | Mode::ConnectTimeout | Mode::LeakCloseWait => unreachable!(),
         }
     }
     Ok(())
 }
 
 fn client(s: &Scenario) -> io::Result<()> {
+    match s.mode {
+        Mode::Timeout => return client_timeout(s),
+        Mode::ConnectTimeout => return client_connect_timeout(s),
+        _ => {}
+    }
     for i in 0..s.connections {
-        let ip = if s.distinct_clients { Ipv4Addr::from(u32::from(s.client_ip) + i) } else { s.client_ip };
+        let ip = match s.client_ip {
+            IpAddr::V4(v4) if s.distinct_clients => IpAddr::V4((u32::from(v4) + i).into()),
+            ip => ip,
+        };
         let socket = socket_bound_to(ip)?;
         match s.mode {
             Mode::Refused | Mode::PortScan => {
@@ -351,6 +590,12 @@ fn client(s: &Scenario) -> io::Result<()> {
                     other => return Err(io::Error::other(format!("connection {i}: expected ECONNREFUSED, got {other:?}"))),
                 }
             }
+            Mode::Abandon | Mode::LeakCloseWait => {
+                // Send the request and give up at once.
+                let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
+                conn.write_all(REQUEST)?;
+                drop(conn);
+            }
             mode => {
                 let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
                 conn.write_all(REQUEST)?;
@@ -358,6 +603,7 @@ fn client(s: &Scenario) -> io::Result<()> {
                 let read = conn.read_to_end(&mut response);
                 match (mode, read) {
                     (Mode::Graceful, Ok(_)) if response.ends_with(b"ok") => {}
+                    (Mode::NoResponse, Ok(0)) => {} // EOF before any response
                     (Mode::Linger0 | Mode::Unread, Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
                     (mode, other) => {
                         return Err(io::Error::other(format!("connection {i} ({mode:?}): unexpected read result {other:?}")));
@@ -365,6 +611,58 @@ fn client(s: &Scenario) -> io::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// All connections exchange once, then (the server's end of the link gone) write again with a
+/// 1 s TCP_USER_TIMEOUT: each must fail with ETIMEDOUT.
+fn client_timeout(s: &Scenario) -> io::Result<()> {
+    let mut conns = Vec::new();
+    for _ in 0..s.connections {
+        let fd = socket_bound_to(s.client_ip)?;
+        set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 1000)?;
+        let mut conn = connect(fd, SocketAddr::from((s.server_ip, s.port)))?;
+        conn.write_all(REQUEST)?;
+        conns.push(conn);
+    }
+    for conn in &mut conns {
+        let mut ok = [0u8; 2];
+        conn.read_exact(&mut ok)?;
+    }
+    wait_carrier_lost("vA")?;
+    for conn in &mut conns {
+        conn.write_all(REQUEST)?;
+    }
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        match conn.read(&mut byte) {
+            Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {}
+            other => return Err(io::Error::other(format!("connection {i}: expected ETIMEDOUT, got {other:?}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Connects (in parallel) over a link whose far end is down, one SYN retry each: ETIMEDOUT.
+fn client_connect_timeout(s: &Scenario) -> io::Result<()> {
+    wait_carrier_lost("vA")?;
+    let to = SocketAddr::from((s.server_ip, s.port));
+    let attempts: Vec<_> = (0..s.connections)
+        .map(|_| {
+            let ip = s.client_ip;
+            std::thread::spawn(move || -> io::Result<()> {
+                let fd = socket_bound_to(ip)?;
+                set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1)?;
+                match connect(fd, to) {
+                    Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT) => Ok(()),
+                    other => Err(io::Error::other(format!("expected ETIMEDOUT, got {other:?}"))),
+                }
+            })
+        })
+        .collect();
+    for a in attempts {
+        a.join().map_err(|_| io::Error::other("connect thread panicked"))??;
     }
     Ok(())
 }
@@ -392,15 +690,16 @@ fn wait_readable(conn: &TcpStream) -> io::Result<()> {
 }
 
 /// A TCP socket bound to `ip` (so the scenario's client address is its own).
-fn socket_bound_to(ip: Ipv4Addr) -> io::Result<i32> {
+fn socket_bound_to(ip: IpAddr) -> io::Result<i32> {
+    let family = if ip.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let addr = sockaddr(SocketAddr::from((ip, 0)));
-    // SAFETY: bind with a valid sockaddr_in.
-    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) } != 0 {
+    let (addr, len) = sockaddr(SocketAddr::new(ip, 0));
+    // SAFETY: bind with a valid sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_storage).cast(), len) } != 0 {
         let e = io::Error::last_os_error();
         // SAFETY: our fd.
         unsafe { libc::close(fd) };
@@ -413,20 +712,40 @@ fn connect(fd: i32, to: SocketAddr) -> io::Result<TcpStream> {
     use std::os::fd::FromRawFd as _;
     // SAFETY: fd is an open socket we own; TcpStream takes ownership and closes it.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let addr = sockaddr(to);
-    // SAFETY: connect with a valid sockaddr_in.
-    if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32) } != 0 {
+    let (addr, len) = sockaddr(to);
+    // SAFETY: connect with a valid sockaddr of `len` bytes.
+    if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_storage).cast(), len) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(stream)
 }
 
-fn sockaddr(addr: SocketAddr) -> libc::sockaddr_in {
-    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only here") };
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
-        sin_zero: [0; 8],
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero sockaddr_storage is valid; the family-specific view fits inside it.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            (storage, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            (storage, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
     }
 }

@@ -1,0 +1,114 @@
+//! Open connections by TCP state, per process: `observer_tcp_connections` and
+//! `observer_tcp_close_wait_oldest_seconds`, for leaks and pool exhaustion.
+//!
+//! The kernel programs already follow every socket's state in the `SOCKETS` map (owner, role,
+//! state and since when), so the daemon reads that map every [`SCAN_INTERVAL`] instead of
+//! sending every state change through the ring buffer. A process that never closes sockets its
+//! peers have closed shows a growing CLOSE-WAIT count and age.
+//!
+//! Sockets opened before the daemon started enter the map, owner unknown (`comm=""`), at their
+//! next state change.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use observer_common::{SocketInfo, tcp_state};
+
+use crate::{
+    attribution::{comm_text, role_text},
+    container::Containers,
+    events::state_name,
+};
+
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// (comm, role, state, container) → open sockets.
+pub type ByState = BTreeMap<(String, &'static str, &'static str, String), i64>;
+/// (comm, container) → seconds the oldest CLOSE-WAIT socket has waited.
+pub type OldestCloseWait = BTreeMap<(String, String), f64>;
+
+/// The kernel's per-socket map, read from user space.
+pub struct SocketTable {
+    map: BpfHashMap<MapData, u64, SocketInfo>,
+    containers: Containers,
+}
+
+impl SocketTable {
+    pub fn new(map: BpfHashMap<MapData, u64, SocketInfo>) -> Self {
+        Self { map, containers: Containers::new() }
+    }
+
+    /// One pass over the map. Entries that vanish while we iterate are skipped.
+    pub fn scan(&mut self) -> (ByState, OldestCloseWait) {
+        let now = monotonic_ns();
+        let mut infos = Vec::new();
+        for entry in self.map.iter() {
+            match entry {
+                Ok((_, info)) => infos.push(info),
+                Err(e) => log::debug!("reading the socket map: {e}"),
+            }
+        }
+        summarize(&infos, now, |cgroup_id| self.containers.resolve(cgroup_id).map(|c| c.short_id().to_string()).unwrap_or_default())
+    }
+}
+
+/// Counts open sockets by (comm, role, state, container) and the oldest CLOSE-WAIT per process.
+pub fn summarize(infos: &[SocketInfo], now_ns: u64, mut container: impl FnMut(u64) -> String) -> (ByState, OldestCloseWait) {
+    let mut by_state = ByState::new();
+    let mut oldest = OldestCloseWait::new();
+    for info in infos {
+        // Closed sockets wait only for their destruction; listeners are not connections.
+        if matches!(info.state, 0 | tcp_state::CLOSE | tcp_state::LISTEN) {
+            continue;
+        }
+        let comm = comm_text(&info.owner.comm);
+        let container = if info.owner.cgroup_id == 0 { String::new() } else { container(info.owner.cgroup_id) };
+        if info.state == tcp_state::CLOSE_WAIT {
+            let age = now_ns.saturating_sub(info.state_since_ns) as f64 / 1e9;
+            let slot = oldest.entry((comm.clone(), container.clone())).or_insert(0.0);
+            *slot = slot.max(age);
+        }
+        *by_state.entry((comm, role_text(info.role), state_name(info.state), container)).or_insert(0) += 1;
+    }
+    (by_state, oldest)
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use observer_common::{Owner, Role};
+
+    use super::*;
+
+    fn info(comm: &[u8], role: Role, state: u8, since: u64, cgroup_id: u64) -> SocketInfo {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm);
+        SocketInfo { owner: Owner { comm: c, tgid: 1, cgroup_id, ..Owner::default() }, role: role as u8, state, state_since_ns: since, ..SocketInfo::default() }
+    }
+
+    #[test]
+    fn counts_by_state_and_ages_close_wait() {
+        let infos = [
+            info(b"leaky", Role::Server, tcp_state::CLOSE_WAIT, 1_000_000_000, 0),
+            info(b"leaky", Role::Server, tcp_state::CLOSE_WAIT, 4_000_000_000, 0),
+            info(b"leaky", Role::Server, tcp_state::ESTABLISHED, 0, 0),
+            info(b"client", Role::Client, tcp_state::FIN_WAIT2, 0, 7),
+            info(b"gone", Role::Client, tcp_state::CLOSE, 0, 0),
+            info(b"", Role::Unknown, 0, 0, 0),
+        ];
+        let (by_state, oldest) = summarize(&infos, 11_000_000_000, |id| format!("ctr{id}"));
+        assert_eq!(by_state[&("leaky".into(), "server", "CLOSE-WAIT", String::new())], 2);
+        assert_eq!(by_state[&("leaky".into(), "server", "ESTAB", String::new())], 1);
+        assert_eq!(by_state[&("client".into(), "client", "FIN-WAIT-2", "ctr7".into())], 1);
+        assert_eq!(by_state.len(), 3, "closed and unknown-state sockets are not open connections");
+        assert_eq!(oldest[&("leaky".into(), String::new())], 10.0);
+        assert_eq!(oldest.len(), 1);
+    }
+}

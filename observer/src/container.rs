@@ -1,0 +1,737 @@
+//! Which cgroup, and which container, an event came from.
+//!
+//! The kernel programs can only afford `bpf_get_current_cgroup_id()`: a `u64` that is the kernfs
+//! inode number of the task's cgroup v2 directory. Operators think in containers, so this module
+//! turns that number back into the cgroup's path (by finding the directory with that inode under
+//! the cgroup2 mount) and the path into a container id (by the naming conventions of the
+//! container runtimes).
+//!
+//! The kernel offers no cheap inode → path lookup from user space (`open_by_handle_at` needs
+//! `CAP_DAC_READ_SEARCH` and still yields no path), so a miss walks the cgroup2 tree. A walk costs
+//! one `read_dir` per cgroup and one `stat` per directory, so it is amortised: every directory a
+//! walk sees is cached, and walks are rate-limited so that a flood of ids that do not resolve
+//! (cgroups outside our cgroup namespace, cgroups already removed) cannot keep the daemon walking.
+//! A walk is synchronous file-system work; callers on an async runtime should expect a resolve
+//! that misses to block for as long as one walk takes (milliseconds for thousands of cgroups).
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+/// Where the kernel describes this process's mounts; the cgroup2 mount point is found there
+/// rather than assumed, because hybrid (v1 + v2) hosts mount it at `/sys/fs/cgroup/unified`.
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// At most one walk per interval, however many unknown ids arrive.
+const WALK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long an id that a walk did not find stays "unknown" without another walk. Longer than the
+/// walk interval so that one id that never resolves costs one walk per TTL, not one per second;
+/// short enough that a cgroup created during a walk (and so missed by it) resolves soon after.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+/// Bound on cached cgroups (and, separately, on remembered unknown ids). Far above the cgroup
+/// count of any real host, so in practice the cache only ever grows to the host's cgroup count;
+/// the bound exists so that memory stays bounded if that assumption is wrong.
+const MAX_ENTRIES: usize = 65_536;
+
+/// Length of a container id as every runtime we recognise prints it: 256 bits in hex.
+const ID_LEN: usize = 64;
+
+/// Length of the abbreviated id that `docker ps`, `crictl ps` and `podman ps` show.
+const SHORT_ID_LEN: usize = 12;
+
+/// Prefixes of systemd scope units (and podman's cgroupfs directories) that hold one container's
+/// processes. `crio-conmon-<id>.scope` and `libpod-conmon-<id>.scope` also start with a prefix
+/// from this list but hold the runtime's monitor process, not the container; they are rejected
+/// because what follows the prefix (`conmon-<id>`) is not a bare id.
+const SCOPE_PREFIXES: [&str; 4] = ["docker-", "cri-containerd-", "crio-", "libpod-"];
+
+/// The runtime names that appear in the middle of systemd-driver cgroup paths written as
+/// `<slice>:<runtime>:<id>` (the form containerd's systemd cgroup driver uses, and which shows
+/// up verbatim in the cgroup tree of nested setups such as kind nodes).
+const COLON_RUNTIMES: [&str; 4] = ["cri-containerd", "docker", "crio", "libpod"];
+
+/// A cgroup, as seen by the observer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// Path of the cgroup relative to the cgroup2 mount, starting with `/` (`/` is the root).
+    pub cgroup_path: String,
+    /// The full container id, usually 64 hex digits; `None` for cgroups that hold no container
+    /// (host services, user sessions, the root).
+    pub id: Option<String>,
+}
+
+impl Container {
+    fn new(cgroup_path: String) -> Self {
+        let id = container_id(&cgroup_path);
+        Self { cgroup_path, id }
+    }
+
+    /// The first 12 characters of the id, as container tools display it; `""` when there is no id.
+    pub fn short_id(&self) -> &str {
+        match &self.id {
+            // `get` rather than slicing: ids are ASCII hex by construction, but a char boundary
+            // panic is not a price worth paying for that assumption.
+            Some(id) => id.get(..SHORT_ID_LEN).unwrap_or(id),
+            None => "",
+        }
+    }
+}
+
+/// Resolves cgroup ids to [`Container`]s, with a cache and a bounded walk rate.
+#[derive(Debug)]
+pub struct Containers {
+    /// The cgroup2 mount; `None` when there is none, which makes every lookup `None`.
+    root: Option<PathBuf>,
+    /// Every cgroup the walks have seen, by inode.
+    cache: HashMap<u64, Arc<Container>>,
+    /// Ids a walk did not find, with the time of that walk.
+    negative: HashMap<u64, Instant>,
+    /// When the last walk started; `None` before the first.
+    last_walk: Option<Instant>,
+    /// [`MAX_ENTRIES`], smaller in tests.
+    max_entries: usize,
+    /// Whether an unreadable root has been reported, so that it is reported once, not per walk.
+    warned_unreadable: bool,
+    /// Number of walks so far: lets the tests check that the cache and the rate limit work.
+    walks: u64,
+}
+
+impl Default for Containers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Containers {
+    /// Resolves against the cgroup2 mount named in `/proc/self/mountinfo`. Without one (a
+    /// cgroup v1-only host, or no `/proc`) every lookup returns `None`, after one warning here.
+    pub fn new() -> Self {
+        let root = match fs::read_to_string(MOUNTINFO) {
+            Ok(text) => cgroup2_mount(&text),
+            Err(e) => {
+                log::warn!("cannot read {MOUNTINFO} ({e}); events will carry no container");
+                return Self::from_root(None);
+            }
+        };
+        if root.is_none() {
+            log::warn!("no cgroup2 mount in {MOUNTINFO}; events will carry no container");
+        }
+        Self::from_root(root)
+    }
+
+    /// Resolves against the directory tree under `root` as if it were the cgroup2 mount.
+    pub fn with_root(root: PathBuf) -> Self {
+        Self::from_root(Some(root))
+    }
+
+    fn from_root(root: Option<PathBuf>) -> Self {
+        Self {
+            root,
+            cache: HashMap::new(),
+            negative: HashMap::new(),
+            last_walk: None,
+            max_entries: MAX_ENTRIES,
+            warned_unreadable: false,
+            walks: 0,
+        }
+    }
+
+    /// The cgroup2 mount this instance resolves against.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    /// The cgroup (and container) with this id. `None` for 0 (what the kernel reports when it
+    /// has no cgroup to give), without a cgroup2 mount, for ids no walk has found, and for
+    /// unknown ids while walks are rate-limited.
+    pub fn resolve(&mut self, cgroup_id: u64) -> Option<Arc<Container>> {
+        self.resolve_at(cgroup_id, Instant::now())
+    }
+
+    /// [`Self::resolve`] at a given time, so that tests can step over the rate limits.
+    fn resolve_at(&mut self, cgroup_id: u64, now: Instant) -> Option<Arc<Container>> {
+        if cgroup_id == 0 {
+            return None;
+        }
+        if let Some(hit) = self.cache.get(&cgroup_id) {
+            return Some(Arc::clone(hit));
+        }
+        // An id a recent walk did not find will not be found by walking again so soon.
+        if let Some(&missed) = self.negative.get(&cgroup_id) {
+            if now.saturating_duration_since(missed) < NEGATIVE_TTL {
+                return None;
+            }
+            self.negative.remove(&cgroup_id);
+        }
+        if self
+            .last_walk
+            .is_some_and(|t| now.saturating_duration_since(t) < WALK_INTERVAL)
+        {
+            // Not recorded as negative: no walk has looked for this id yet.
+            return None;
+        }
+        let root = self.root.clone()?;
+        let found = self.walk(&root, cgroup_id, now);
+        if found.is_none() {
+            self.remember_negative(cgroup_id, now);
+        }
+        found
+    }
+
+    /// Walks the whole tree under `root`, caching every directory, and returns the one whose
+    /// inode is `target`. Does not stop at the target: the rest of the tree is what lets later
+    /// lookups hit the cache.
+    fn walk(&mut self, root: &Path, target: u64, now: Instant) -> Option<Arc<Container>> {
+        self.last_walk = Some(now);
+        self.walks += 1;
+        // A full cache is rebuilt rather than trimmed: the walk refills it with what exists now,
+        // which also drops the cgroups removed since.
+        if self.cache.len() >= self.max_entries {
+            self.cache.clear();
+        }
+        let mut found = None;
+        // An explicit stack, not recursion: cgroup depth is small in practice, but it is set by
+        // whoever creates cgroups, not by us.
+        let mut stack = vec![(root.to_path_buf(), String::from("/"))];
+        while let Some((dir, rel)) = stack.pop() {
+            // Cgroups vanish while we walk; a directory that cannot be stat'ed or read is skipped.
+            let ino = match fs::metadata(&dir) {
+                Ok(meta) => meta.ino(),
+                Err(e) => {
+                    self.note_unreadable(&dir, root, &e);
+                    continue;
+                }
+            };
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    self.note_unreadable(&dir, root, &e);
+                    continue;
+                }
+            };
+            let container = self.remember(ino, rel.clone());
+            if ino == target {
+                found = Some(container);
+            }
+            for entry in entries.flatten() {
+                // `file_type` does not follow symlinks: a cgroup tree has none, and a test tree
+                // (or a mistaken root) with a symlink loop must not make the walk endless.
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let child_rel = if rel == "/" {
+                    format!("/{name}")
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((entry.path(), child_rel));
+            }
+        }
+        found
+    }
+
+    /// Caches one directory seen by a walk (space permitting) and returns its entry, reusing the
+    /// cached `Arc` when the same cgroup is already known so that repeated walks do not allocate.
+    fn remember(&mut self, ino: u64, cgroup_path: String) -> Arc<Container> {
+        self.negative.remove(&ino);
+        if let Some(known) = self.cache.get(&ino)
+            && known.cgroup_path == cgroup_path
+        {
+            return Arc::clone(known);
+        }
+        let container = Arc::new(Container::new(cgroup_path));
+        // A replaced entry (same inode, new path: a cgroup renamed, or an inode reused) does not
+        // grow the cache, so it is always allowed.
+        if self.cache.len() < self.max_entries || self.cache.contains_key(&ino) {
+            self.cache.insert(ino, Arc::clone(&container));
+        }
+        container
+    }
+
+    fn remember_negative(&mut self, cgroup_id: u64, now: Instant) {
+        if self.negative.len() >= self.max_entries {
+            self.negative
+                .retain(|_, &mut t| now.saturating_duration_since(t) < NEGATIVE_TTL);
+            // Still full: a flood of distinct ids. Forgetting them costs at most one walk per
+            // interval, which the walk rate limit already allows.
+            if self.negative.len() >= self.max_entries {
+                self.negative.clear();
+            }
+        }
+        self.negative.insert(cgroup_id, now);
+    }
+
+    /// An unreadable subdirectory is routine (a cgroup removed mid-walk); an unreadable root
+    /// means no lookup will ever succeed, which deserves one warning.
+    fn note_unreadable(&mut self, dir: &Path, root: &Path, e: &std::io::Error) {
+        if dir == root && !self.warned_unreadable {
+            self.warned_unreadable = true;
+            log::warn!(
+                "cannot read cgroup2 mount {} ({e}); events will carry no container",
+                root.display()
+            );
+        } else {
+            log::debug!("skipping cgroup {} ({e})", dir.display());
+        }
+    }
+}
+
+/// The mount point of the cgroup2 file system in a `/proc/<pid>/mountinfo` text. When there are
+/// several, the conventional places win (`/sys/fs/cgroup`, then the hybrid layout's
+/// `/sys/fs/cgroup/unified`), then the first listed.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    let mounts: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| {
+            // `<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ...`:
+            // the optional fields vary in number, so the file-system type is found after `-`.
+            let mut fields = line.split(' ');
+            let mount_point = fields.nth(4)?;
+            let mut rest = fields.skip_while(|f| *f != "-");
+            rest.next()?;
+            (rest.next()? == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+        })
+        .collect();
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .find_map(|want| mounts.iter().find(|m| m.as_path() == Path::new(want)))
+        .or_else(|| mounts.first())
+        .cloned()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011` tab, `\012` newline, `\134`
+/// backslash), which the kernel applies to paths so that fields stay space-separated.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        // Byte-wise, not `str` slicing: the path is whatever someone mounted, and slicing a
+        // non-ASCII name at a fixed offset could split a character.
+        // Three octal digits can exceed a byte (`\777`); such text is kept as it is.
+        if let Some(&[b'\\', a, b, c]) = bytes.get(i..i + 4)
+            && [a, b, c].iter().all(|d| (b'0'..=b'7').contains(d))
+            && let Ok(byte) = u8::try_from(
+                u32::from(a - b'0') * 64 + u32::from(b - b'0') * 8 + u32::from(c - b'0'),
+            )
+        {
+            out.push(byte);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The container id in a cgroup path (relative to the cgroup2 mount), from the naming
+/// conventions of docker, containerd, CRI-O, podman and kubernetes: the last path component
+/// that names a container wins, so a container's own sub-cgroups (systemd inside a container,
+/// podman's `.../container`) resolve to that container. `None` for host cgroups.
+pub fn container_id(cgroup_path: &str) -> Option<String> {
+    cgroup_path
+        .rsplit('/')
+        .find_map(component_id)
+        .map(str::to_owned)
+}
+
+/// The container id one path component names, if it names one.
+fn component_id(component: &str) -> Option<&str> {
+    // `/docker/<id>` (docker, cgroupfs driver), `/kubepods/<qos>/pod<uid>/<id>` (kubernetes,
+    // cgroupfs driver).
+    if is_id(component) {
+        return Some(component);
+    }
+    // `kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>`: containerd's systemd-driver
+    // cgroupsPath, which nested setups (kind nodes) show as a directory name.
+    let mut parts = component.rsplitn(3, ':');
+    if let (Some(id), Some(runtime), Some(_slice)) = (parts.next(), parts.next(), parts.next()) {
+        return (COLON_RUNTIMES.contains(&runtime) && is_id(id)).then_some(id);
+    }
+    // `docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`
+    // (systemd driver); `libpod-<id>` (podman, cgroupfs driver).
+    let unit = component.strip_suffix(".scope").unwrap_or(component);
+    SCOPE_PREFIXES
+        .iter()
+        .find_map(|prefix| unit.strip_prefix(prefix))
+        .filter(|id| is_id(id))
+}
+
+/// Exactly 64 lowercase hex digits: what the runtimes generate. Anything looser would take
+/// host unit names with hex-looking suffixes for containers.
+fn is_id(s: &str) -> bool {
+    s.len() == ID_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    const ID: &str = "3f1c2b7e9a0d4c5b8e6f7a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f";
+    const POD: &str = "2b6c9a1e_7f3d_4c8a_9b2e_1d5f6a7b8c9d";
+
+    #[test]
+    fn container_ids_from_real_world_paths() {
+        let cases: Vec<(String, Option<&str>)> = vec![
+            // docker, systemd cgroup driver.
+            (format!("/system.slice/docker-{ID}.scope"), Some(ID)),
+            // docker, cgroupfs driver.
+            (format!("/docker/{ID}"), Some(ID)),
+            // rootless docker.
+            (
+                format!("/user.slice/user-1000.slice/user@1000.service/user.slice/docker-{ID}.scope"),
+                Some(ID),
+            ),
+            // containerd under kubernetes, systemd driver.
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD}.slice/cri-containerd-{ID}.scope"
+                ),
+                Some(ID),
+            ),
+            // containerd under kubernetes, guaranteed QoS (no QoS slice).
+            (format!("/kubepods.slice/kubepods-pod{POD}.slice/cri-containerd-{ID}.scope"), Some(ID)),
+            // CRI-O.
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{POD}.slice/crio-{ID}.scope"
+                ),
+                Some(ID),
+            ),
+            // CRI-O's monitor process: not a container.
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{POD}.slice/crio-conmon-{ID}.scope"
+                ),
+                None,
+            ),
+            // kubernetes, cgroupfs driver.
+            (format!("/kubepods/burstable/pod{}/{ID}", POD.replace('_', "-")), Some(ID)),
+            (format!("/kubepods/pod{}/{ID}", POD.replace('_', "-")), Some(ID)),
+            // podman, systemd driver; its monitor; its cgroupfs driver; its split layout.
+            (format!("/machine.slice/libpod-{ID}.scope"), Some(ID)),
+            (format!("/machine.slice/libpod-conmon-{ID}.scope"), None),
+            (format!("/libpod_parent/libpod-{ID}"), Some(ID)),
+            (format!("/machine.slice/libpod-{ID}.scope/container"), Some(ID)),
+            // containerd with the systemd driver inside a kind node.
+            (
+                format!(
+                    "/system.slice/containerd.service/kubepods-besteffort-pod{POD}.slice:cri-containerd:{ID}"
+                ),
+                Some(ID),
+            ),
+            // kind node (itself a docker container) running a pod: the innermost container wins.
+            (
+                format!(
+                    "/system.slice/docker-{}.scope/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{POD}.slice/cri-containerd-{ID}.scope",
+                    "a".repeat(64)
+                ),
+                Some(ID),
+            ),
+            // systemd inside a docker container: the container's sub-cgroups.
+            (format!("/system.slice/docker-{ID}.scope/system.slice/nginx.service"), Some(ID)),
+            // Host cgroups.
+            ("/".to_owned(), None),
+            (String::new(), None),
+            ("/system.slice/sshd.service".to_owned(), None),
+            ("/system.slice/docker.service".to_owned(), None),
+            ("/system.slice/containerd.service".to_owned(), None),
+            ("/user.slice/user-1000.slice/session-3.scope".to_owned(), None),
+            ("/user.slice/user-1000.slice/user@1000.service/app.slice/app-gnome-firefox-4711.scope".to_owned(), None),
+            ("/init.scope".to_owned(), None),
+            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD}.slice"), None),
+            // Not quite an id: wrong length, uppercase, non-hex, unknown runtime.
+            (format!("/docker/{}", &ID[..63]), None),
+            (format!("/docker/{ID}0"), None),
+            (format!("/docker/{}", ID.to_uppercase()), None),
+            (format!("/system.slice/docker-{}.scope", ID.replace('f', "g")), None),
+            (format!("/system.slice/runc-{ID}.scope"), None),
+            (format!("/system.slice/foo.slice:unknown:{ID}"), None),
+            // A 32-hex id (some sandboxes use these): not a container id by our rule.
+            ("/process_api/365b04b0dedd69f1dd612b8c603513fd".to_owned(), None),
+        ];
+        for (path, want) in &cases {
+            assert_eq!(container_id(path).as_deref(), *want, "path {path:?}");
+        }
+    }
+
+    #[test]
+    fn short_id_is_the_first_twelve_characters() {
+        let c = Container::new(format!("/docker/{ID}"));
+        assert_eq!(c.short_id(), &ID[..12]);
+        assert_eq!(Container::new("/init.scope".to_owned()).short_id(), "");
+        let odd = Container {
+            cgroup_path: "/x".to_owned(),
+            id: Some("abc".to_owned()),
+        };
+        assert_eq!(odd.short_id(), "abc");
+    }
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_mountinfo() {
+        let unified = "\
+25 1 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:28 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:29 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+";
+        assert_eq!(
+            cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure = "\
+35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+        assert_eq!(cgroup2_mount(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        // No optional fields, an escaped space, and the conventional place listed second.
+        let odd = "\
+40 1 0:40 / /mnt/my\\040cgroups rw - cgroup2 none rw
+41 1 0:41 / /sys/fs/cgroup rw - cgroup2 none rw
+";
+        assert_eq!(cgroup2_mount(odd), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount("40 1 0:40 / /mnt/my\\040cgroups rw - cgroup2 none rw\n"),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
+        // Non-ASCII names and escapes next to them; `\777` is no byte and stays as written.
+        assert_eq!(
+            cgroup2_mount("40 1 0:40 / /mnt/ü\\134x\\777 rw - cgroup2 none rw\n"),
+            Some(PathBuf::from("/mnt/ü\\x\\777"))
+        );
+        // v1 only, and garbage.
+        assert_eq!(
+            cgroup2_mount("33 31 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"),
+            None
+        );
+        assert_eq!(cgroup2_mount("not mountinfo\n\n- cgroup2\n"), None);
+    }
+
+    /// A directory tree under the temp dir, removed when dropped (even when an assertion fails).
+    struct TempTree(PathBuf);
+
+    impl TempTree {
+        fn new(tag: &str) -> Self {
+            static SEQ: AtomicU32 = AtomicU32::new(0);
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!(
+                "observer-container-{tag}-{}-{n}",
+                std::process::id()
+            ));
+            fs::create_dir_all(&dir).expect("create temp tree");
+            Self(dir)
+        }
+
+        fn mkdir(&self, rel: &str) -> (PathBuf, u64) {
+            let path = self.0.join(rel.trim_start_matches('/'));
+            fs::create_dir_all(&path).expect("create dir in temp tree");
+            let ino = fs::metadata(&path).expect("stat dir in temp tree").ino();
+            (path, ino)
+        }
+    }
+
+    impl Drop for TempTree {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// An id that is not the inode of any directory in `tree`.
+    fn unknown_id(tree: &TempTree) -> u64 {
+        let (_, root_ino) = tree.mkdir("");
+        u64::MAX - root_ino
+    }
+
+    #[test]
+    fn resolves_a_temp_tree() {
+        let tree = TempTree::new("resolve");
+        let container_rel = format!("/system.slice/docker-{ID}.scope");
+        let (_, container_ino) = tree.mkdir(&container_rel);
+        let (_, sshd_ino) = tree.mkdir("/system.slice/sshd.service");
+        let (_, nested_ino) = tree.mkdir(&format!("{container_rel}/system.slice/nginx.service"));
+        let (_, root_ino) = tree.mkdir("");
+        let mut containers = Containers::with_root(tree.0.clone());
+
+        let c = containers
+            .resolve(container_ino)
+            .expect("the container's cgroup resolves");
+        assert_eq!(c.cgroup_path, container_rel);
+        assert_eq!(c.id.as_deref(), Some(ID));
+        assert_eq!(c.short_id(), &ID[..12]);
+        assert_eq!(containers.walks, 1);
+
+        // Everything else was cached by that one walk.
+        let sshd = containers
+            .resolve(sshd_ino)
+            .expect("a host cgroup resolves");
+        assert_eq!(sshd.cgroup_path, "/system.slice/sshd.service");
+        assert_eq!(sshd.id, None);
+        let nested = containers
+            .resolve(nested_ino)
+            .expect("a nested cgroup resolves");
+        assert_eq!(
+            nested.cgroup_path,
+            format!("{container_rel}/system.slice/nginx.service")
+        );
+        assert_eq!(nested.id.as_deref(), Some(ID));
+        let root = containers.resolve(root_ino).expect("the root resolves");
+        assert_eq!(root.cgroup_path, "/");
+        assert_eq!(root.id, None);
+        // A hit returns the cached entry itself.
+        assert!(Arc::ptr_eq(
+            &c,
+            &containers.resolve(container_ino).expect("cached")
+        ));
+        assert_eq!(containers.walks, 1);
+
+        assert_eq!(containers.resolve(0), None);
+        assert_eq!(containers.walks, 1, "0 never walks");
+    }
+
+    #[test]
+    fn unknown_ids_are_none_and_walks_are_rate_limited() {
+        let tree = TempTree::new("ratelimit");
+        tree.mkdir("/a/b");
+        let unknown = unknown_id(&tree);
+        let mut containers = Containers::with_root(tree.0.clone());
+        let t0 = Instant::now();
+
+        assert_eq!(containers.resolve_at(unknown, t0), None);
+        assert_eq!(containers.walks, 1);
+        // The same unknown id again: remembered, no walk, even after the walk interval.
+        assert_eq!(containers.resolve_at(unknown, t0 + WALK_INTERVAL * 2), None);
+        assert_eq!(containers.walks, 1);
+
+        // A cgroup created after the walk, looked up within the interval: no walk yet.
+        let (_, late_ino) = tree.mkdir("/a/late");
+        assert_eq!(
+            containers.resolve_at(late_ino, t0 + WALK_INTERVAL / 2),
+            None
+        );
+        // A flood of distinct unknown ids within the interval: still no walk.
+        for id in 1..1000 {
+            assert_eq!(
+                containers.resolve_at(unknown - id, t0 + WALK_INTERVAL / 2),
+                None
+            );
+        }
+        assert_eq!(containers.walks, 1);
+        // After the interval the new cgroup resolves with one more walk.
+        let late = containers
+            .resolve_at(late_ino, t0 + WALK_INTERVAL)
+            .expect("resolves after the interval");
+        assert_eq!(late.cgroup_path, "/a/late");
+        assert_eq!(containers.walks, 2);
+
+        // The negative expires: the unknown id is walked for again, once.
+        let later = t0 + WALK_INTERVAL + NEGATIVE_TTL;
+        assert_eq!(containers.resolve_at(unknown, later), None);
+        assert_eq!(containers.walks, 3);
+        assert_eq!(containers.resolve_at(unknown, later), None);
+        assert_eq!(containers.walks, 3);
+    }
+
+    #[test]
+    fn a_full_cache_is_rebuilt_by_the_next_walk() {
+        let tree = TempTree::new("bound");
+        let mut inos = Vec::new();
+        for i in 0..8 {
+            inos.push(tree.mkdir(&format!("/c{i}")).1);
+        }
+        let mut containers = Containers::with_root(tree.0.clone());
+        containers.max_entries = 4;
+        let t0 = Instant::now();
+
+        // Whichever directory is asked for resolves, even when the cache has no room for it.
+        for (i, &ino) in inos.iter().enumerate() {
+            let now = t0 + WALK_INTERVAL * (i as u32 + 1);
+            let c = containers
+                .resolve_at(ino, now)
+                .expect("resolves despite the bound");
+            assert_eq!(c.cgroup_path, format!("/c{i}"));
+            assert!(
+                containers.cache.len() <= 4,
+                "cache holds {}",
+                containers.cache.len()
+            );
+        }
+        // The negative cache is bounded too.
+        let unknown = unknown_id(&tree);
+        for id in 0..20u32 {
+            let now = t0 + WALK_INTERVAL * (100 + id);
+            assert_eq!(containers.resolve_at(unknown - u64::from(id), now), None);
+            assert!(
+                containers.negative.len() <= 4,
+                "negative holds {}",
+                containers.negative.len()
+            );
+        }
+    }
+
+    #[test]
+    fn no_root_resolves_nothing() {
+        let mut containers = Containers::from_root(None);
+        assert_eq!(containers.resolve(1), None);
+        assert_eq!(containers.resolve(12345), None);
+        let mut missing =
+            Containers::with_root(std::env::temp_dir().join("observer-container-does-not-exist"));
+        assert_eq!(missing.resolve(1), None);
+    }
+
+    /// A cgroup under the real cgroup2 mount, removed when dropped (even when an assertion fails).
+    struct TempCgroup(PathBuf);
+
+    impl Drop for TempCgroup {
+        fn drop(&mut self) {
+            if let Err(e) = fs::remove_dir(&self.0) {
+                eprintln!("could not remove test cgroup {}: {e}", self.0.display());
+            }
+        }
+    }
+
+    #[test]
+    fn resolves_a_real_cgroup() {
+        let mut containers = Containers::new();
+        let root = containers
+            .root()
+            .expect(
+                "this test needs a cgroup2 mount in /proc/self/mountinfo (the test hosts have one)",
+            )
+            .to_path_buf();
+        let name = format!("observer-unit-{}", std::process::id());
+        let path = root.join(&name);
+        if let Err(e) = fs::create_dir(&path) {
+            panic!(
+                "cannot create test cgroup {} ({e}): this test must run as root, as the suite does",
+                path.display()
+            );
+        }
+        let cgroup = TempCgroup(path);
+        let ino = fs::metadata(&cgroup.0).expect("stat the test cgroup").ino();
+
+        let c = containers.resolve(ino).expect("the new cgroup resolves");
+        assert_eq!(c.cgroup_path, format!("/{name}"));
+        assert_eq!(c.id, None);
+        // The root cgroup was cached by the same walk.
+        let root_ino = fs::metadata(&root).expect("stat the cgroup2 root").ino();
+        assert_eq!(
+            containers
+                .resolve(root_ino)
+                .expect("the root resolves")
+                .cgroup_path,
+            "/"
+        );
+        assert_eq!(containers.walks, 1);
+    }
+}

@@ -1,0 +1,488 @@
+//! The event log: recent resets and premature closes, one record each, with who owned the socket
+//! and, when both ends of the connection live on this node, who caused it (cause pairing).
+//!
+//! Pairing works because a reset crosses this node twice: the sender's `tcp_send_reset` names the
+//! segment's endpoints (its local address and port, then the peer's), and the receiver's
+//! `tcp_receive_reset` names the same four values mirrored. Either can come first: the kernel
+//! traces an active reset *after* transmitting it, and on loopback the receiver may already have
+//! processed it. So both sides wait for each other: recent sends by flow, and records still
+//! without a cause by the flow of the reset they received; whichever arrives second completes
+//! the pair, updating records already logged.
+//!
+//! Bounded: at most [`RECENT_SENDS`] remembered sends and waiting flows (each kept
+//! [`PAIRING_WINDOW_NS`]), at most [`PENDING_CAUSES`] causes waiting for their close, and the
+//! last [`LOG_CAPACITY`] records.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
+
+use observer_common::{Endpoints, SocketEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    attribution::{comm_text, ip_text, role_text},
+    classify::{Outcome, PrematureClose},
+    container::Container,
+    decode::Event,
+    probes::btf::ResetReasons,
+};
+
+pub const EVENTS_PATH: &str = "/api/v1/events";
+/// Records kept for `/api/v1/events`.
+pub const LOG_CAPACITY: usize = 4096;
+/// Resets sent remembered for pairing.
+const RECENT_SENDS: usize = 8192;
+/// How long a sent reset waits for its receiver.
+const PAIRING_WINDOW_NS: u64 = 2_000_000_000;
+/// Paired causes waiting for the receiving connection's close.
+const PENDING_CAUSES: usize = 8192;
+
+/// Who caused a reset or premature close: the other end of the connection, on this node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Cause {
+    /// The process that sent the RST; empty for a reset answering a segment that matched no
+    /// socket (nothing listens: `reason` `no_socket`).
+    pub comm: String,
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    /// The kernel's reason on the sending side.
+    pub reason: String,
+    /// "reset by backend[4711]: tcp_abort_on_close".
+    pub summary: String,
+}
+
+/// One record of the event log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventRecord {
+    /// Increases by one per record; `/api/v1/events?since=SEQ` returns the later ones.
+    pub seq: u64,
+    /// Kernel monotonic clock (ns) at the event.
+    pub timestamp_ns: u64,
+    /// `reset_received`, `reset_sent` or `closed`.
+    pub event: String,
+    /// For `closed`: the premature kind (`peer_reset`, `eof_before_response`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// For `reset_sent`: the kernel's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub comm: String,
+    pub pid: u32,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cgroup: String,
+    pub local: String,
+    pub remote: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<Facts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+}
+
+/// Per-connection facts of a `closed` record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Facts {
+    pub duration_seconds: f64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub srtt_us: u32,
+    pub retransmits: u32,
+    /// The state the connection left for CLOSE.
+    pub final_state: String,
+    /// `local` (this side sent the first FIN), `peer`, `reset`, `timeout` or `unknown`.
+    pub close_initiator: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventsPage {
+    /// Pass as `since` to get what comes after this page.
+    pub next: u64,
+    /// Sequence number of the newest record in the log (0: none yet).
+    pub latest: u64,
+    pub events: Vec<EventRecord>,
+}
+
+/// (local address, local port, remote address, remote port) as the sender saw them.
+type Flow = ([u8; 16], u16, [u8; 16], u16);
+
+fn flow(e: &Endpoints) -> Flow {
+    (e.local_addr, e.local_port, e.remote_addr, e.remote_port)
+}
+
+fn mirrored(e: &Endpoints) -> Flow {
+    (e.remote_addr, e.remote_port, e.local_addr, e.local_port)
+}
+
+#[derive(Debug, Default)]
+pub struct EventLog {
+    records: VecDeque<EventRecord>,
+    next_seq: u64,
+    /// Recent resets sent, by flow, with the time they were sent.
+    sends: HashMap<Flow, (u64, Cause)>,
+    sends_order: VecDeque<(u64, Flow)>,
+    /// Causes found for a socket's received reset, kept for its close.
+    pending: HashMap<u64, Cause>,
+    pending_order: VecDeque<u64>,
+    /// Records still without a cause, by the flow of the reset they received (as its sender
+    /// saw it), with the time of the first.
+    waiting: HashMap<Flow, (u64, Vec<(u64, u64)>)>,
+    waiting_order: VecDeque<(u64, Flow)>,
+    paired: u64,
+}
+
+impl EventLog {
+    /// Records one event (resets and premature closes; graceful closes are only counted).
+    pub fn record(&mut self, event: &Event, outcome: Outcome, reasons: &ResetReasons, container: Option<&Arc<Container>>) {
+        let raw = &event.raw;
+        let (name, kind, reason, cause) = match outcome {
+            Outcome::ResetSent { reason } => {
+                let reason = reasons.label(reason).to_string();
+                self.remember_send(raw, &reason, container);
+                self.complete_waiting(flow(&raw.endpoints));
+                ("reset_sent", None, Some(reason), None)
+            }
+            Outcome::ResetReceived => {
+                let cause = self.pair(raw);
+                if let Some(cause) = &cause {
+                    self.remember_pending(raw.sk, cause.clone());
+                }
+                ("reset_received", None, None, cause)
+            }
+            Outcome::Closed { premature: None } => {
+                self.pending.remove(&raw.sk);
+                return;
+            }
+            Outcome::Closed { premature: Some(kind) } => {
+                let cause = match kind {
+                    PrematureClose::PeerReset | PrematureClose::Refused => self.pending.remove(&raw.sk).or_else(|| self.pair(raw)),
+                    _ => None,
+                };
+                ("closed", Some(kind.label().to_string()), None, cause)
+            }
+        };
+        let e = &raw.endpoints;
+        let facts = (name == "closed").then(|| facts(raw, kind.as_deref()));
+        let awaits_cause = cause.is_none() && matches!(kind.as_deref(), None | Some("peer_reset" | "refused")) && name != "reset_sent";
+        let seq = self.push(EventRecord {
+            seq: 0,
+            timestamp_ns: raw.timestamp_ns,
+            event: name.to_string(),
+            kind,
+            reason,
+            comm: comm_text(&raw.owner.comm),
+            pid: raw.owner.tgid,
+            role: role_text(raw.role).to_string(),
+            container: container.map(|c| c.short_id().to_string()).unwrap_or_default(),
+            cgroup: container.map(|c| c.cgroup_path.clone()).unwrap_or_default(),
+            local: endpoint_text(&e.local_addr, e.local_port),
+            remote: endpoint_text(&e.remote_addr, e.remote_port),
+            facts,
+            cause,
+        });
+        if awaits_cause {
+            self.wait_for_cause(mirrored(e), raw.timestamp_ns, seq, raw.sk);
+        }
+    }
+
+    fn push(&mut self, mut record: EventRecord) -> u64 {
+        self.next_seq += 1;
+        record.seq = self.next_seq;
+        if record.cause.is_some() {
+            self.paired += 1;
+        }
+        if self.records.len() == LOG_CAPACITY {
+            self.records.pop_front();
+        }
+        self.records.push_back(record);
+        self.next_seq
+    }
+
+    /// Record `seq` (about socket `sk`) waits for the send of the reset it received.
+    fn wait_for_cause(&mut self, f: Flow, now: u64, seq: u64, sk: u64) {
+        while let Some(&(at, old)) = self.waiting_order.front() {
+            if self.waiting_order.len() < RECENT_SENDS && now.saturating_sub(at) < PAIRING_WINDOW_NS {
+                break;
+            }
+            self.waiting_order.pop_front();
+            if self.waiting.get(&old).is_some_and(|(t, _)| *t == at) {
+                self.waiting.remove(&old);
+            }
+        }
+        let entry = self.waiting.entry(f).or_insert_with(|| (now, Vec::new()));
+        if entry.1.is_empty() {
+            self.waiting_order.push_back((now, f));
+        }
+        if entry.1.len() < 8 {
+            entry.1.push((seq, sk));
+        }
+    }
+
+    /// A send just arrived for `f`: records that received it earlier get their cause now.
+    fn complete_waiting(&mut self, f: Flow) {
+        let Some((_, seqs)) = self.waiting.remove(&f) else { return };
+        let Some((_, cause)) = self.sends.get(&f) else { return };
+        let cause = cause.clone();
+        let first = self.records.front().map_or(0, |r| r.seq);
+        let mut still_open = Vec::new();
+        let mut closed = Vec::new();
+        for (seq, sk) in seqs {
+            let Some(record) = seq.checked_sub(first).and_then(|i| self.records.get_mut(i as usize)) else { continue };
+            if record.cause.is_none() {
+                record.cause = Some(cause.clone());
+                self.paired += 1;
+            }
+            if record.event == "reset_received" { still_open.push(sk) } else { closed.push(sk) }
+        }
+        // A receiver whose close is not logged yet gets the cause when it comes.
+        for sk in still_open.into_iter().filter(|sk| !closed.contains(sk)) {
+            self.remember_pending(sk, cause.clone());
+        }
+    }
+
+    fn remember_send(&mut self, raw: &SocketEvent, reason: &str, container: Option<&Arc<Container>>) {
+        let now = raw.timestamp_ns;
+        while let Some(&(at, f)) = self.sends_order.front() {
+            if self.sends_order.len() < RECENT_SENDS && now.saturating_sub(at) < PAIRING_WINDOW_NS {
+                break;
+            }
+            self.sends_order.pop_front();
+            if self.sends.get(&f).is_some_and(|(t, _)| *t == at) {
+                self.sends.remove(&f);
+            }
+        }
+        let comm = comm_text(&raw.owner.comm);
+        let summary = if raw.sk == 0 {
+            format!("reset by the kernel, nothing listening: {reason}")
+        } else if comm.is_empty() {
+            format!("reset by an unknown process: {reason}")
+        } else {
+            format!("reset by {comm}[{}]: {reason}", raw.owner.tgid)
+        };
+        let cause = Cause {
+            comm,
+            pid: raw.owner.tgid,
+            container: container.map(|c| c.short_id().to_string()).unwrap_or_default(),
+            reason: reason.to_string(),
+            summary,
+        };
+        let f = flow(&raw.endpoints);
+        self.sends.insert(f, (now, cause));
+        self.sends_order.push_back((now, f));
+    }
+
+    /// The remembered send whose segment this socket received.
+    fn pair(&self, raw: &SocketEvent) -> Option<Cause> {
+        let (at, cause) = self.sends.get(&mirrored(&raw.endpoints))?;
+        (raw.timestamp_ns.saturating_sub(*at) < PAIRING_WINDOW_NS).then(|| cause.clone())
+    }
+
+    fn remember_pending(&mut self, sk: u64, cause: Cause) {
+        if self.pending.insert(sk, cause).is_none() {
+            self.pending_order.push_back(sk);
+        }
+        while self.pending_order.len() > PENDING_CAUSES {
+            if let Some(old) = self.pending_order.pop_front() {
+                self.pending.remove(&old);
+            }
+        }
+    }
+
+    /// Records after `since`, at most `limit`.
+    pub fn page(&self, since: u64, limit: usize) -> EventsPage {
+        let events: Vec<EventRecord> = self.records.iter().filter(|r| r.seq > since).take(limit).cloned().collect();
+        let next = events.last().map_or(since.min(self.next_seq).max(self.first_seq().saturating_sub(1)), |r| r.seq);
+        EventsPage { next, latest: self.next_seq, events }
+    }
+
+    fn first_seq(&self) -> u64 {
+        self.records.front().map_or(self.next_seq + 1, |r| r.seq)
+    }
+
+    /// The last `n` premature closes, oldest first.
+    pub fn recent_premature(&self, n: usize) -> Vec<EventRecord> {
+        let mut recent: Vec<EventRecord> = self.records.iter().rev().filter(|r| r.kind.is_some()).take(n).cloned().collect();
+        recent.reverse();
+        recent
+    }
+
+    /// Records that name their cause.
+    pub fn paired(&self) -> u64 {
+        self.paired
+    }
+}
+
+fn endpoint_text(addr: &[u8; 16], port: u16) -> String {
+    let ip = ip_text(addr);
+    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+}
+
+fn facts(raw: &SocketEvent, kind: Option<&str>) -> Facts {
+    use observer_common::tcp_state::*;
+    let f = &raw.facts;
+    let close_initiator = match kind {
+        Some("peer_reset" | "refused" | "unread_data" | "local_reset") => "reset",
+        Some("timeout" | "connect_timeout") => "timeout",
+        _ if f.entered(CLOSE_WAIT) => "peer",
+        _ if f.entered(FIN_WAIT1) => "local",
+        _ => "unknown",
+    };
+    Facts {
+        duration_seconds: f.duration_ns as f64 / 1e9,
+        bytes_received: f.bytes_received,
+        bytes_sent: f.bytes_sent,
+        srtt_us: f.srtt_us,
+        retransmits: f.retransmits,
+        final_state: state_name(raw.state).to_string(),
+        close_initiator: close_initiator.to_string(),
+    }
+}
+
+/// TCP state names as `ss` prints them.
+pub fn state_name(state: u8) -> &'static str {
+    use observer_common::tcp_state::*;
+    match state {
+        ESTABLISHED => "ESTAB",
+        SYN_SENT => "SYN-SENT",
+        SYN_RECV => "SYN-RECV",
+        FIN_WAIT1 => "FIN-WAIT-1",
+        FIN_WAIT2 => "FIN-WAIT-2",
+        TIME_WAIT => "TIME-WAIT",
+        CLOSE => "CLOSE",
+        CLOSE_WAIT => "CLOSE-WAIT",
+        LAST_ACK => "LAST-ACK",
+        LISTEN => "LISTEN",
+        CLOSING => "CLOSING",
+        NEW_SYN_RECV => "NEW-SYN-RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use observer_common::{EventKind, Owner, ProbeId, Role, flags, tcp_state};
+
+    use super::*;
+
+    fn v4(last: u8) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        a[10] = 0xff;
+        a[11] = 0xff;
+        a[12] = 127;
+        a[15] = last;
+        a
+    }
+
+    fn ev(kind: EventKind, sk: u64, comm: &[u8], pid: u32, local: (u8, u16), remote: (u8, u16)) -> Event {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm);
+        Event {
+            kind,
+            probe: ProbeId::TcpSendReset,
+            raw: SocketEvent {
+                kind: kind as u16,
+                sk,
+                timestamp_ns: 1_000,
+                role: Role::Client as u8,
+                state: tcp_state::ESTABLISHED,
+                flags: flags::RESET_RECEIVED,
+                endpoints: Endpoints { local_addr: v4(local.0), local_port: local.1, remote_addr: v4(remote.0), remote_port: remote.1, family: 2, _pad: 0 },
+                owner: Owner { tgid: pid, comm: c, ..Owner::default() },
+                ..SocketEvent::default()
+            },
+        }
+    }
+
+    fn reasons() -> ResetReasons {
+        ResetReasons::from_pairs([(2, "SK_RST_REASON_TCP_ABORT_ON_CLOSE")])
+    }
+
+    #[test]
+    fn a_received_reset_and_its_close_name_the_sender_and_its_reason() {
+        let mut log = EventLog::default();
+        let sent = ev(EventKind::ResetSent, 0xa, b"userbackend", 4711, (1, 8080), (2, 40000));
+        log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
+        let received = ev(EventKind::ResetReceived, 0xb, b"nginx", 99, (2, 40000), (1, 8080));
+        log.record(&received, Outcome::ResetReceived, &reasons(), None);
+        let closed = ev(EventKind::ConnectionClosed, 0xb, b"nginx", 99, (2, 40000), (1, 8080));
+        log.record(&closed, Outcome::Closed { premature: Some(PrematureClose::PeerReset) }, &reasons(), None);
+        let page = log.page(0, 100);
+        assert_eq!(page.events.len(), 3);
+        assert_eq!(page.next, 3);
+        for r in &page.events[1..] {
+            let cause = r.cause.as_ref().expect("paired");
+            assert_eq!(cause.summary, "reset by userbackend[4711]: tcp_abort_on_close");
+            assert_eq!((cause.comm.as_str(), cause.pid), ("userbackend", 4711));
+        }
+        assert_eq!(page.events[2].kind.as_deref(), Some("peer_reset"));
+        assert_eq!(page.events[2].local, "127.0.0.2:40000");
+        assert_eq!(log.paired(), 2);
+        assert!(log.page(3, 100).events.is_empty());
+    }
+
+    #[test]
+    fn a_send_traced_after_the_receive_still_pairs_both_records() {
+        // The kernel traces an active reset after transmitting it; on loopback the receiver
+        // may have processed it (and closed) already.
+        let mut log = EventLog::default();
+        let received = ev(EventKind::ResetReceived, 0xb, b"nginx", 99, (2, 40000), (1, 8080));
+        log.record(&received, Outcome::ResetReceived, &reasons(), None);
+        let closed = ev(EventKind::ConnectionClosed, 0xb, b"nginx", 99, (2, 40000), (1, 8080));
+        log.record(&closed, Outcome::Closed { premature: Some(PrematureClose::PeerReset) }, &reasons(), None);
+        let sent = ev(EventKind::ResetSent, 0xa, b"userbackend", 4711, (1, 8080), (2, 40000));
+        log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
+        let page = log.page(0, 10);
+        for r in &page.events[..2] {
+            assert_eq!(r.cause.as_ref().map(|c| c.summary.as_str()), Some("reset by userbackend[4711]: tcp_abort_on_close"), "{r:?}");
+        }
+        assert_eq!(log.paired(), 2);
+        assert!(log.pending.is_empty(), "the close is logged: nothing left waiting for it");
+        // Received first, closed after the send: the close gets the cause too.
+        let mut log = EventLog::default();
+        log.record(&received, Outcome::ResetReceived, &reasons(), None);
+        log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
+        log.record(&closed, Outcome::Closed { premature: Some(PrematureClose::PeerReset) }, &reasons(), None);
+        assert_eq!(log.paired(), 2);
+        assert!(log.page(0, 10).events.iter().filter(|r| r.event != "reset_sent").all(|r| r.cause.is_some()));
+    }
+
+    #[test]
+    fn unrelated_or_stale_sends_are_not_paired() {
+        let mut log = EventLog::default();
+        let sent = ev(EventKind::ResetSent, 0xa, b"srv", 1, (1, 8080), (2, 40001));
+        log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
+        let other = ev(EventKind::ResetReceived, 0xb, b"cli", 2, (2, 40000), (1, 8080));
+        log.record(&other, Outcome::ResetReceived, &reasons(), None);
+        let mut late = ev(EventKind::ResetReceived, 0xc, b"cli", 2, (2, 40001), (1, 8080));
+        late.raw.timestamp_ns += PAIRING_WINDOW_NS;
+        log.record(&late, Outcome::ResetReceived, &reasons(), None);
+        assert!(log.page(0, 10).events.iter().all(|r| r.cause.is_none()));
+    }
+
+    #[test]
+    fn the_log_and_the_pairing_tables_are_bounded() {
+        let mut log = EventLog::default();
+        for i in 0..(LOG_CAPACITY as u64 + RECENT_SENDS as u64 + 10) {
+            let mut sent = ev(EventKind::ResetSent, i, b"srv", 1, (1, (i % 60000) as u16), (2, (i / 60000) as u16));
+            sent.raw.timestamp_ns = i;
+            log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
+        }
+        assert_eq!(log.records.len(), LOG_CAPACITY);
+        assert!(log.sends.len() <= RECENT_SENDS);
+        assert!(log.sends_order.len() <= RECENT_SENDS);
+        for i in 0..(RECENT_SENDS as u64 + 10) {
+            let mut received = ev(EventKind::ResetReceived, i, b"cli", 2, (2, (i % 60000) as u16), (3, (i / 60000) as u16));
+            received.raw.timestamp_ns = i;
+            log.record(&received, Outcome::ResetReceived, &reasons(), None);
+        }
+        assert!(log.waiting.len() <= RECENT_SENDS);
+        assert!(log.waiting_order.len() <= RECENT_SENDS);
+        let page = log.page(0, 10);
+        assert_eq!(page.events.len(), 10);
+        assert_eq!(page.events[0].seq, log.next_seq - LOG_CAPACITY as u64 + 1);
+    }
+}

@@ -1,0 +1,239 @@
+//! Connection intelligence: the kinds beyond resets, per-connection facts, containers, cause
+//! pairing and connection-state gauges, exact on real sockets.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use libtest_mimic::Failed;
+
+use crate::{
+    N, active_reason, both_closed, check, scenario, scenario_v6, shared_daemon,
+    harness::{Daemon, Metrics, kernel_version},
+    traffic::{Mode, Scenario},
+    with,
+};
+
+const PREMATURE: &str = "observer_tcp_premature_closes_total";
+const CLOSES: &str = "observer_tcp_closes_total";
+
+/// The length of the request every client sends (traffic.rs).
+const REQUEST_BYTES: u64 = 23;
+
+/// Runs `s` under a daemon of its own that watches only the scenario's namespace: tests that
+/// read the event log must not find it flooded by other tests' traffic.
+fn run_watched(s: &Scenario) -> Result<Daemon, Failed> {
+    let mut ns = s.prepare()?;
+    let daemon = Daemon::start(&["--netns", &ns.path])?;
+    ns.round()?;
+    ns.release()?;
+    Ok(daemon)
+}
+
+/// Every premature close of `comm`, by kind: the context a failed count needs.
+fn kinds(m: &Metrics, comm: &str) -> String {
+    let kinds: Vec<String> = m.matching(PREMATURE, &[("comm", comm)]).map(|(l, v)| format!("{}={v}", l["kind"])).collect();
+    format!("[{}]", kinds.join(", "))
+}
+
+fn events_of(daemon: &Daemon, comm: &str) -> Result<Vec<serde_json::Value>, Failed> {
+    let (code, body) = daemon.get("/api/v1/events?since=0&limit=4096")?;
+    check("/api/v1/events status", code as u64, 200)?;
+    let page: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("events JSON: {e}: {body}"))?;
+    Ok(page["events"].as_array().cloned().unwrap_or_default().into_iter().filter(|e| e["comm"] == comm).collect())
+}
+
+pub fn eof_before_response() -> Result<(), Failed> {
+    eof_checks(&scenario(Mode::NoResponse, 21, "t21-eof-srv", "t21-eof-cli"))
+}
+
+pub fn eof_before_response_v6() -> Result<(), Failed> {
+    eof_checks(&scenario_v6(Mode::NoResponse, 22, "t22-eof6-srv", "t22-eof6-cli"))
+}
+
+/// The server reads each request and closes without a word: the client saw EOF.
+fn eof_checks(s: &Scenario) -> Result<(), Failed> {
+    let daemon = &run_watched(s)?;
+    let (client, server) = (s.client_labels(), s.server_labels());
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
+    let n = N as u64;
+    check("client eof_before_response", m.sum(PREMATURE, &with(&client, ("kind", "eof_before_response"))), n)?;
+    check("client premature (all kinds)", m.sum(PREMATURE, &[("comm", s.client_comm)]), n)?;
+    check("server premature (it closed first: not abandoned)", m.sum(PREMATURE, &[("comm", s.server_comm)]), 0)?;
+    check("closes, both ends", m.sum(CLOSES, &client) + m.sum(CLOSES, &server), 2 * n)?;
+    check("resets", m.sum("observer_tcp_resets_sent_total", &[("comm", s.server_comm)]) + m.sum("observer_tcp_resets_received_total", &[("comm", s.client_comm)]), 0)?;
+    // Per-connection facts: the request went out, nothing came back, the peer closed first.
+    let events = events_of(daemon, s.client_comm)?;
+    check("client events logged", events.len() as u64, n)?;
+    for e in &events {
+        let f = &e["facts"];
+        if e["kind"] != "eof_before_response" || f["bytes_sent"] != REQUEST_BYTES || f["bytes_received"] != 0 || f["close_initiator"] != "peer" || f["final_state"] != "LAST-ACK" {
+            return Err(format!("unexpected event/facts: {e}").into());
+        }
+        if f["duration_seconds"].as_f64().is_none_or(|d| d <= 0.0) || e["pid"].as_u64().is_none_or(|p| p == 0) {
+            return Err(format!("no duration or pid: {e}").into());
+        }
+    }
+    Ok(())
+}
+
+/// Each client sends its request and closes before the server answers.
+pub fn abandoned() -> Result<(), Failed> {
+    let s = scenario(Mode::Abandon, 23, "t23-abn-srv", "t23-abn-cli");
+    let daemon = &run_watched(&s)?;
+    let (client, server) = (s.client_labels(), s.server_labels());
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let n = N as u64;
+    check("server abandoned", m.sum(PREMATURE, &with(&server, ("kind", "abandoned"))), n)?;
+    check("server premature (all kinds)", m.sum(PREMATURE, &[("comm", s.server_comm)]), n)?;
+    check("client premature (it gave up itself)", m.sum(PREMATURE, &[("comm", s.client_comm)]), 0)?;
+    check("closes, both ends", m.sum(CLOSES, &client) + m.sum(CLOSES, &server), 2 * n)?;
+    for e in events_of(daemon, s.server_comm)? {
+        let f = &e["facts"];
+        if f["bytes_received"] != REQUEST_BYTES || f["bytes_sent"] != 0 || f["close_initiator"] != "peer" {
+            return Err(format!("unexpected facts: {e}").into());
+        }
+    }
+    Ok(())
+}
+
+/// A scenario over a veth link (its own /24 per tag).
+fn veth_scenario(mode: Mode, tag: u8, server_comm: &'static str, client_comm: &'static str) -> Scenario {
+    Scenario {
+        server_ip: IpAddr::V4(Ipv4Addr::new(10, 77, tag, 2)),
+        client_ip: IpAddr::V4(Ipv4Addr::new(10, 77, tag, 1)),
+        connections: 3,
+        ..scenario(mode, tag, server_comm, client_comm)
+    }
+}
+
+/// The server's end of the link goes down; the client writes with TCP_USER_TIMEOUT and the
+/// kernel gives up in a timer (softirq): the close must still be the client's.
+pub fn timeout() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let s = veth_scenario(Mode::Timeout, 24, "t24-to-srv", "t24-to-cli");
+    s.run()?;
+    let client = s.client_labels();
+    let n = s.connections as u64;
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum(PREMATURE, &[("comm", s.client_comm)]) >= n)?;
+    check("client timeout", m.sum(PREMATURE, &with(&client, ("kind", "timeout"))), n)
+        .map_err(|e| format!("{}; all kinds: {}", e.message().unwrap_or_default(), kinds(&m, s.client_comm)))?;
+    check("client premature (all kinds)", m.sum(PREMATURE, &[("comm", s.client_comm)]), n)?;
+    check("client closes", m.sum(CLOSES, &client), n)?;
+    for comm in ["swapper/0", "swapper/1", "ksoftirqd/0", "ksoftirqd/1", ""] {
+        check(&format!("timeouts attributed to {comm:?}"), m.sum(PREMATURE, &[("comm", comm), ("kind", "timeout")]), 0)?;
+    }
+    // Retransmissions before the timeout are counted for the client.
+    if m.sum("observer_tcp_retransmits_total", &client) < n {
+        return Err(format!("retransmits: {} for {n} timed-out connections", m.sum("observer_tcp_retransmits_total", &client)).into());
+    }
+    Ok(())
+}
+
+pub fn connect_timeout() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let s = veth_scenario(Mode::ConnectTimeout, 25, "t25-cto-srv", "t25-cto-cli");
+    s.run()?;
+    let client = s.client_labels();
+    let n = s.connections as u64;
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum(PREMATURE, &[("comm", s.client_comm)]) >= n)?;
+    check("client connect_timeout", m.sum(PREMATURE, &with(&client, ("kind", "connect_timeout"))), n)
+        .map_err(|e| format!("{}; all kinds: {}", e.message().unwrap_or_default(), kinds(&m, s.client_comm)))?;
+    check("client premature (all kinds)", m.sum(PREMATURE, &[("comm", s.client_comm)]), n)?;
+    Ok(())
+}
+
+/// The client runs in a cgroup named as docker names a container's.
+pub fn container_label() -> Result<(), Failed> {
+    const ID: &str = "4f1c0ffee0ddba11c0de5eed0b5e55ed4f1c0ffee0ddba11c0de5eed0b5e55ed";
+    let s = Scenario { client_container: Some(ID), ..scenario(Mode::Linger0, 26, "t26-ctr-srv", "t26-ctr-cli") };
+    let daemon = &run_watched(&s)?;
+    let (client, server) = (s.client_labels(), s.server_labels());
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let n = N as u64;
+    check("client resets received in its container", m.sum("observer_tcp_resets_received_total", &with(&client, ("container", &ID[..12]))), n)?;
+    check("client peer_reset in its container", m.sum(PREMATURE, &with(&client, ("container", &ID[..12]))), n)?;
+    check("server (on the host) resets sent", m.sum("observer_tcp_resets_sent_total", &with(&server, ("container", ""))), n)?;
+    for e in events_of(daemon, s.client_comm)? {
+        if e["container"] != ID[..12] || !e["cgroup"].as_str().is_some_and(|c| c.ends_with(&format!("/docker-{ID}.scope"))) {
+            return Err(format!("event without its container and cgroup: {e}").into());
+        }
+    }
+    Ok(())
+}
+
+/// Both ends on this node: the client's received reset names the server process and its reason.
+pub fn cause_pairing() -> Result<(), Failed> {
+    let s = scenario(Mode::Linger0, 27, "t27-pair-srv", "t27-pair-cli");
+    let daemon = &run_watched(&s)?;
+    daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let server_events = events_of(daemon, s.server_comm)?;
+    let server_pid = server_events.first().and_then(|e| e["pid"].as_u64()).ok_or("no server events")?;
+    let reason = active_reason("tcp_state");
+    let events = events_of(daemon, s.client_comm)?;
+    // Per connection: the reset received and the premature close, each naming its cause.
+    check("client events logged", events.len() as u64, 2 * N as u64)?;
+    let want = format!("reset by {}[{server_pid}]: {reason}", s.server_comm);
+    for e in &events {
+        let cause = &e["cause"];
+        if cause["comm"] != s.server_comm || cause["pid"] != server_pid || cause["reason"] != reason || cause["summary"] != want.as_str() {
+            return Err(format!("cause {cause} is not {want:?}: {e}").into());
+        }
+    }
+    // A refused connect: the kernel answered for a port nobody listens on.
+    let r = scenario(Mode::Refused, 28, "t28-pref-srv", "t28-pref-cli");
+    let daemon = &run_watched(&r)?;
+    daemon.settled_metrics(&r.peers(), |m| m.sum(PREMATURE, &[("comm", r.client_comm)]) >= N as u64)?;
+    let refused = events_of(daemon, r.client_comm)?;
+    check("refused client events", refused.len() as u64, 2 * N as u64)?;
+    if kernel_version() >= (6, 10) {
+        // No-socket resets are traced since 6.10.
+        let want = format!("reset by the kernel, nothing listening: {}", active_reason("no_socket"));
+        if let Some(e) = refused.iter().find(|e| e["cause"]["summary"] != want.as_str()) {
+            return Err(format!("refused connect without cause {want:?}: {e}").into());
+        }
+    }
+    // The status carries the latest premature closes with their cause.
+    let (_, body) = daemon.get("/api/v1/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    if status["events"]["paired"].as_u64().is_none_or(|p| p < 2 * N as u64) || !status["recent_premature"].is_array() {
+        return Err(format!("status lacks pairing: {body}").into());
+    }
+    Ok(())
+}
+
+fn gauge(m: &Metrics, name: &str, filter: &[(&str, &str)]) -> f64 {
+    m.matching(name, filter).map(|(_, v)| v).sum()
+}
+
+/// A server that never closes the sockets its clients closed: CLOSE_WAIT grows and ages.
+pub fn close_wait_leak() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let s = scenario(Mode::LeakCloseWait, 29, "t29-leak-srv", "t29-leak-cli");
+    let mut ns = s.prepare()?;
+    ns.start_leak(N)?;
+    let n = N as f64;
+    let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "CLOSE-WAIT")];
+    let m = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) >= n)?;
+    let got = gauge(&m, "observer_tcp_connections", &leaking);
+    if got != n {
+        return Err(format!("CLOSE-WAIT sockets of the leaking server: got {got}, want {n}").into());
+    }
+    // The clients closed theirs: the kernel keeps their FIN-WAIT-2 ends as timewait
+    // minisockets, which belong to no process.
+    let clients = gauge(&m, "observer_tcp_connections", &[("comm", s.client_comm)]);
+    if clients != 0.0 {
+        return Err(format!("open sockets of the clients that closed them: {clients}").into());
+    }
+    let age = gauge(&m, "observer_tcp_close_wait_oldest_seconds", &[("comm", s.server_comm)]);
+    if age <= 0.0 {
+        return Err(format!("oldest CLOSE-WAIT age of the leaking server: {age}").into());
+    }
+    // Once it closes them, the gauge drops to zero.
+    ns.end_leak()?;
+    let m = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) == 0.0)?;
+    let left = gauge(&m, "observer_tcp_connections", &leaking);
+    if left != 0.0 {
+        return Err(format!("CLOSE-WAIT sockets after the server closed them: {left}").into());
+    }
+    ns.release()?;
+    Ok(())
+}
