@@ -122,6 +122,8 @@ pub struct KernelOffsets {
     pub tcp_data_segs_in: u32,
     /// `tcp_sock.data_segs_out` (u32).
     pub tcp_data_segs_out: u32,
+    /// `sock.__sk_common.skc_cookie` (u64): the socket cookie sock_diag reports.
+    pub sock_cookie: u32,
 }
 
 impl KernelOffsets {
@@ -151,6 +153,7 @@ impl KernelOffsets {
         tcp_total_retrans: ABSENT,
         tcp_data_segs_in: ABSENT,
         tcp_data_segs_out: ABSENT,
+        sock_cookie: ABSENT,
     };
 }
 
@@ -222,7 +225,7 @@ mod tests {
         assert_eq!(size_of::<SkTupleFields>(), 8 * 4);
         assert_eq!(size_of::<SetStateFields>(), 12 * 4);
         assert_eq!(size_of::<SendResetFields>(), 13 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 25 * 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 25) * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 26) * 4);
     }
 }

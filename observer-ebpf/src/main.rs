@@ -24,13 +24,13 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
@@ -48,6 +48,13 @@ static CONFIG: ProbeConfig = ProbeConfig::ABSENT;
 /// destroyed (e.g. created before a restart) cannot fill it; the size is set by the daemon.
 #[map]
 static SOCKETS: LruHashMap<u64, SocketInfo> = LruHashMap::with_max_entries(65536, 0);
+
+/// Sockets that were open before the daemon started, keyed by socket cookie: the daemon fills it
+/// at start-up from the kernel's socket table (sock_diag, which also assigns every socket its
+/// cookie) with the owner it found in /proc. A socket we have not seen is looked up here at its
+/// first event and adopted into `SOCKETS`. Not preallocated: it is empty on most nodes.
+#[map]
+static SEEDS: HashMap<u64, SocketInfo> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// The one ring buffer every event goes through; the size is set by the daemon.
 #[map]
@@ -272,13 +279,31 @@ fn insert_new(sk: u64, info: &SocketInfo) {
     }
 }
 
-/// The map entry for `sk`, created (owner unknown) if we have not seen the socket yet.
+/// The map entry for `sk`, adopted from `SEEDS` if the daemon found the socket at start-up.
 #[inline(always)]
-fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut SocketInfo> {
+fn known_socket(sk: u64) -> Option<&'static mut SocketInfo> {
     if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
         // SAFETY: map values live as long as the entry; programs on one socket are serialised
         // by the socket lock.
         return Some(unsafe { &mut *info });
+    }
+    let cookie: u64 = kread(sk, get(&CONFIG.kernel.sock_cookie));
+    if cookie == 0 {
+        return None;
+    }
+    // SAFETY: read-only use of the seed, copied into SOCKETS before it is removed.
+    let seed = unsafe { SEEDS.get(&cookie) }?;
+    insert_new(sk, seed);
+    let _ = SEEDS.remove(&cookie);
+    // SAFETY: as above.
+    SOCKETS.get_ptr_mut(&sk).map(|info| unsafe { &mut *info })
+}
+
+/// The map entry for `sk`, created (owner unknown) if we have not seen the socket yet.
+#[inline(always)]
+fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut SocketInfo> {
+    if let Some(info) = known_socket(sk) {
+        return Some(info);
     }
     let info = fresh_info()?;
     info.endpoints = *endpoints;
@@ -406,9 +431,7 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 
     // A full socket we track: the reset is its owner's. Anything else (no socket, a TIME_WAIT
     // or request minisock) is reported with what the record says and no owner.
-    if sk != 0 && let Some(info) = SOCKETS.get_ptr_mut(&sk) {
-        // SAFETY: see socket_entry.
-        let info = unsafe { &mut *info };
+    if sk != 0 && let Some(info) = known_socket(sk) {
         info.flags |= flags::RESET_SENT;
         info.reason = reason;
         emit(EventKind::ResetSent, ProbeId::TcpSendReset, sk, state, info);

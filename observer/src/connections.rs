@@ -6,8 +6,8 @@
 //! sending every state change through the ring buffer. A process that never closes sockets its
 //! peers have closed shows a growing CLOSE-WAIT count and age.
 //!
-//! Sockets opened before the daemon started enter the map, owner unknown (`comm=""`), at their
-//! next state change.
+//! Connections opened before the daemon started are in the `SEEDS` map (see [`crate::seed`])
+//! until their next event moves them into `SOCKETS`; both are counted, each connection once.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -27,29 +27,45 @@ pub type ByState = BTreeMap<(String, &'static str, &'static str, String), i64>;
 /// (comm, container) → seconds the oldest CLOSE-WAIT socket has waited.
 pub type OldestCloseWait = BTreeMap<(String, String), f64>;
 
-/// The kernel's per-socket map, read from user space.
+/// The kernel's per-socket maps, read from user space.
 pub struct SocketTable {
-    map: BpfHashMap<MapData, u64, SocketInfo>,
+    sockets: BpfHashMap<MapData, u64, SocketInfo>,
+    seeds: BpfHashMap<MapData, u64, SocketInfo>,
     containers: Containers,
 }
 
 impl SocketTable {
-    pub fn new(map: BpfHashMap<MapData, u64, SocketInfo>) -> Self {
-        Self { map, containers: Containers::new() }
+    pub fn new(sockets: BpfHashMap<MapData, u64, SocketInfo>, seeds: BpfHashMap<MapData, u64, SocketInfo>) -> Self {
+        Self { sockets, seeds, containers: Containers::new() }
     }
 
-    /// One pass over the map. Entries that vanish while we iterate are skipped.
+    /// One pass over both maps. Entries that vanish while we iterate are skipped.
     pub fn scan(&mut self) -> (ByState, OldestCloseWait) {
         let now = monotonic_ns();
-        let mut infos = Vec::new();
-        for entry in self.map.iter() {
-            match entry {
-                Ok((_, info)) => infos.push(info),
-                Err(e) => log::debug!("reading the socket map: {e}"),
-            }
-        }
+        let tracked: Vec<SocketInfo> = values(&self.sockets);
+        // A connection opened while the daemon was starting can be both tracked and seeded (its
+        // seed is then never adopted): count it once, by its endpoints.
+        let known: std::collections::HashSet<_> = tracked.iter().map(|i| endpoints_key(i)).collect();
+        let mut infos = tracked;
+        infos.extend(values(&self.seeds).into_iter().filter(|i| !known.contains(&endpoints_key(i))));
         summarize(&infos, now, |cgroup_id| self.containers.resolve(cgroup_id).map(|c| c.short_id().to_string()).unwrap_or_default())
     }
+}
+
+fn values(map: &BpfHashMap<MapData, u64, SocketInfo>) -> Vec<SocketInfo> {
+    let mut infos = Vec::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((_, info)) => infos.push(info),
+            Err(e) => log::debug!("reading a socket map: {e}"),
+        }
+    }
+    infos
+}
+
+fn endpoints_key(info: &SocketInfo) -> ([u8; 16], u16, [u8; 16], u16) {
+    let e = &info.endpoints;
+    (e.local_addr, e.local_port, e.remote_addr, e.remote_port)
 }
 
 /// Counts open sockets by (comm, role, state, container) and the oldest CLOSE-WAIT per process.
@@ -74,7 +90,7 @@ pub fn summarize(infos: &[SocketInfo], now_ns: u64, mut container: impl FnMut(u6
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };

@@ -17,6 +17,7 @@ use crate::{
     connections::{self, SocketTable},
     container::Containers,
     decode::decode,
+    seed,
     http::{self, Shared},
     metrics::Limits,
     probes::{self, ProbeOptions, btf::ResetReasons},
@@ -47,16 +48,40 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     }));
     log::info!("serving /metrics, /healthz and /api/v1/status on http://{local}");
 
+    let netns = options.probes.netns;
     let loaded = tokio::task::spawn_blocking(move || probes::load(options.probes))
         .await
         .context("probe loader panicked")??;
-    let probes::LoadedProbes { statuses, reasons, degraded, events, counters, sockets, logger, ebpf } = loaded;
+    let probes::LoadedProbes { statuses, reasons, degraded, events, counters, sockets, mut seeds, logger, ebpf } = loaded;
+    // Connections opened before now: their owners, for the programs to adopt and the gauges to
+    // count from the first scrape.
+    let (seeded, seeds) = tokio::task::spawn_blocking(move || (seed::seed(&mut seeds, netns), seeds))
+        .await
+        .context("seeding from the socket table panicked")?;
+    log::info!(
+        "{} connections already open in {} network namespaces, {} with their owning process",
+        seeded.connections,
+        seeded.namespaces,
+        seeded.owned
+    );
+    // The first scan before going ready, so the first scrape already has the gauges.
+    let table = tokio::task::spawn_blocking(move || {
+        let mut table = SocketTable::new(sockets, seeds);
+        let (by_state, oldest) = table.scan();
+        (table, by_state, oldest)
+    })
+    .await
+    .context("scanning the socket map panicked")
+    .map(|(table, by_state, oldest)| {
+        shared.metrics.set_connections(&by_state, &oldest);
+        table
+    })?;
     let attached = statuses.iter().filter(|s| s.state == "attached").count();
     shared.set_probes(statuses, degraded, counters, reasons.clone());
     log::info!("observer {} ready: {attached} probes attached", crate::metrics::VERSION);
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;
-    let scanner = spawn_socket_scanner(SocketTable::new(sockets), shared.clone());
+    let scanner = spawn_socket_scanner(table, shared.clone());
     let attribution = Attribution::default();
     // Resolving a new cgroup walks the cgroup tree (at most once a second): rare and short.
     let mut containers = Containers::new();
@@ -119,7 +144,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
 fn spawn_socket_scanner(table: SocketTable, shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     let table = Arc::new(std::sync::Mutex::new(table));
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(connections::SCAN_INTERVAL);
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + connections::SCAN_INTERVAL, connections::SCAN_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;

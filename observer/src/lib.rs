@@ -17,6 +17,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod probes;
+pub mod seed;
 
 pub use observer_common::ProbeId;
 

@@ -165,6 +165,7 @@ impl KernelBtf {
             tcp_total_retrans: get("tcp_sock.total_retrans"),
             tcp_data_segs_in: get("tcp_sock.data_segs_in"),
             tcp_data_segs_out: get("tcp_sock.data_segs_out"),
+            sock_cookie: get("sock.__sk_common.skc_cookie"),
         }
     }
 

@@ -80,6 +80,8 @@ pub struct LoadedProbes {
     pub counters: KernelCounters,
     /// The programs' per-socket map (owner, role, state): read for the connection-state gauges.
     pub sockets: BpfHashMap<MapData, u64, observer_common::SocketInfo>,
+    /// Sockets found open at start-up, by cookie, for the programs to adopt (`seed` module).
+    pub seeds: BpfHashMap<MapData, u64, observer_common::SocketInfo>,
     /// Forwards the programs' aya-log messages to the daemon's log; poll it when readable.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Owns the programs and their links: dropping it detaches and unloads them.
@@ -203,7 +205,9 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     let counters = PerCpuArray::try_from(counters).map_err(|source| LoadError::Map { name: "COUNTERS", source })?;
     let sockets = ebpf.take_map("SOCKETS").ok_or(LoadError::MissingMap("SOCKETS"))?;
     let sockets = BpfHashMap::try_from(sockets).map_err(|source| LoadError::Map { name: "SOCKETS", source })?;
-    Ok(LoadedProbes { statuses, reasons, degraded, events, counters: KernelCounters { map: counters }, sockets, logger, ebpf })
+    let seeds = ebpf.take_map("SEEDS").ok_or(LoadError::MissingMap("SEEDS"))?;
+    let seeds = BpfHashMap::try_from(seeds).map_err(|source| LoadError::Map { name: "SEEDS", source })?;
+    Ok(LoadedProbes { statuses, reasons, degraded, events, counters: KernelCounters { map: counters }, sockets, seeds, logger, ebpf })
 }
 
 fn fill_config(config: &mut ProbeConfig, probe: ProbeId, format: &EventFormat) -> Result<(), TracefsError> {

@@ -237,3 +237,29 @@ pub fn close_wait_leak() -> Result<(), Failed> {
     ns.release()?;
     Ok(())
 }
+
+/// Connections open before the daemon starts: seeded from the kernel's socket table, so the
+/// gauges are right at the first scrape and their closes are counted for their owner.
+pub fn connections_open_before_start() -> Result<(), Failed> {
+    let s = scenario(Mode::LeakCloseWait, 30, "t30-seed-srv", "t30-seed-cli");
+    let mut ns = s.prepare()?;
+    ns.start_leak(N)?;
+    let daemon = Daemon::start(&["--netns", &ns.path])?;
+    let n = N as u64;
+    let first = daemon.metrics()?;
+    let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "CLOSE-WAIT")];
+    let got = gauge(&first, "observer_tcp_connections", &leaking);
+    if got != n as f64 {
+        return Err(format!("CLOSE-WAIT sockets of the server at the first scrape: got {got}, want {n}").into());
+    }
+    ns.end_leak()?;
+    ns.release()?;
+    let server = s.server_labels();
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum(CLOSES, &[("comm", s.server_comm)]) >= n)?;
+    check("server closes, attributed through the seed", m.sum(CLOSES, &server), n)?;
+    // It read each request, never answered, and the client closed first.
+    check("server abandoned", m.sum(PREMATURE, &with(&server, ("kind", "abandoned"))), n)
+        .map_err(|e| format!("{}; all kinds: {}", e.message().unwrap_or_default(), kinds(&m, s.server_comm)))?;
+    check("events about sockets of unknown owner", m.sum("observer_events_unattributed_total", &[]), 0)?;
+    Ok(())
+}

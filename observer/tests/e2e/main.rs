@@ -49,6 +49,7 @@ fn main() {
         Trial::test("a_process_in_a_container_cgroup_gets_its_container_label", intelligence::container_label),
         Trial::test("a_received_reset_names_the_sending_process_and_its_reason", intelligence::cause_pairing),
         Trial::test("close_wait_leak_shows_in_connection_gauges_and_oldest_age", intelligence::close_wait_leak),
+        Trial::test("connections_open_before_start_are_seeded_from_the_socket_table", intelligence::connections_open_before_start),
         Trial::test("status_api_healthz_and_info_metrics_list_every_probe", status_lists_every_probe),
         Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", status_command),
         Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", bad_listen_address),
