@@ -84,6 +84,43 @@ impl Container {
     }
 }
 
+/// `FILEID_KERNFS`: the file handle type of cgroup2 (kernfs) directories, whose handle is the
+/// 8-byte cgroup id itself.
+const FILEID_KERNFS: i32 = 0xfe;
+
+/// The path (relative to the cgroup2 mount `root`, starting with '/') of the cgroup with id
+/// `cgroup_id`, by opening it as a file handle: what `name_to_handle_at` gives for a cgroup2
+/// directory is its id, so the id opens the directory directly. Needs CAP_DAC_READ_SEARCH.
+fn path_by_handle(root: &Path, cgroup_id: u64) -> Option<String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    #[repr(C)]
+    struct KernfsHandle {
+        handle_bytes: u32,
+        handle_type: i32,
+        id: u64,
+    }
+    let mount = fs::File::open(root).ok()?;
+    let mut handle = KernfsHandle { handle_bytes: 8, handle_type: FILEID_KERNFS, id: cgroup_id };
+    // SAFETY: open_by_handle_at(2) with an open directory fd and a `struct file_handle` whose
+    // 8 handle bytes follow its two header fields.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            &mut handle as *mut KernfsHandle,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just gave us this fd; File closes it.
+    let dir = unsafe { fs::File::from_raw_fd(fd as i32) };
+    let target = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+    let relative = target.strip_prefix(root).ok()?;
+    Some(format!("/{}", relative.to_str()?))
+}
+
 /// Resolves cgroup ids to [`Container`]s, with a cache and a bounded walk rate.
 #[derive(Debug)]
 pub struct Containers {
@@ -162,6 +199,16 @@ impl Containers {
         }
         if let Some(hit) = self.cache.get(&cgroup_id) {
             return Some(Arc::clone(hit));
+        }
+        // Exact and cheap: open the cgroup by its id. Walking is the fallback (no
+        // CAP_DAC_READ_SEARCH, a kernel without kernfs file handles).
+        if let Some(path) = self.root.as_deref().and_then(|root| path_by_handle(root, cgroup_id)) {
+            if self.cache.len() >= self.max_entries {
+                self.cache.clear();
+            }
+            let container = Arc::new(Container { id: container_id(&path), cgroup_path: path });
+            self.cache.insert(cgroup_id, Arc::clone(&container));
+            return Some(container);
         }
         // An id a recent walk did not find will not be found by walking again so soon.
         if let Some(&missed) = self.negative.get(&cgroup_id) {
@@ -723,15 +770,19 @@ mod tests {
         let c = containers.resolve(ino).expect("the new cgroup resolves");
         assert_eq!(c.cgroup_path, format!("/{name}"));
         assert_eq!(c.id, None);
-        // The root cgroup was cached by the same walk.
         let root_ino = fs::metadata(&root).expect("stat the cgroup2 root").ino();
-        assert_eq!(
-            containers
-                .resolve(root_ino)
-                .expect("the root resolves")
-                .cgroup_path,
-            "/"
-        );
-        assert_eq!(containers.walks, 1);
+        assert_eq!(containers.resolve(root_ino).expect("the root resolves").cgroup_path, "/");
+        // Both opened by their id, without walking the tree.
+        assert_eq!(containers.walks, 0);
+
+        // A container's cgroup created just now resolves at once, rate limit or not.
+        let id = "9a3e5d2c41b7f08e6d1c2b3a4f5e6d7c8b9a0f1e2d3c4b5a6978877665544332";
+        let scope = cgroup.0.join(format!("docker-{id}.scope"));
+        fs::create_dir(&scope).expect("create a container cgroup");
+        let scope = TempCgroup(scope);
+        let c = containers.resolve(fs::metadata(&scope.0).expect("stat").ino()).expect("resolves");
+        assert_eq!(c.id.as_deref(), Some(id));
+        assert_eq!(c.short_id(), &id[..12]);
+        drop(scope);
     }
 }

@@ -72,9 +72,10 @@ pub fn render(r: &EventRecord) -> String {
         line.push_str(&format!(" container={}", r.container));
     }
     if let Some(f) = &r.facts {
+        let duration = if f.duration_seconds < 1.0 { format!("{:.3}ms", f.duration_seconds * 1e3) } else { format!("{:.3}s", f.duration_seconds) };
         line.push_str(&format!(
-            " dur={:.3}s rx={}B tx={}B rtt={}us retrans={} closed-by={}",
-            f.duration_seconds, f.bytes_received, f.bytes_sent, f.srtt_us, f.retransmits, f.close_initiator
+            " dur={duration} rx={}B tx={}B rtt={}us retrans={} closed-by={}",
+            f.bytes_received, f.bytes_sent, f.srtt_us, f.retransmits, f.close_initiator
         ));
     }
     if let Some(c) = &r.cause {
