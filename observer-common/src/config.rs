@@ -3,7 +3,9 @@
 //! Tracepoint record layouts and kernel struct layouts differ between kernel versions, so nothing
 //! here is compiled in: the daemon reads record offsets from tracefs `format` files and struct
 //! member offsets from the running kernel's BTF, and writes them into this global before loading.
-//! Every offset is a byte offset; [`ABSENT`] means "this kernel does not have that field".
+//! Every offset is a byte offset; [`ABSENT`] means "this kernel does not have that field". The
+//! tracepoint back end reads the record offsets, the kprobe back end the struct offsets and the
+//! argument positions ([`KprobeArgs`]); both use the struct offsets for what records lack.
 
 /// Offset value for a field the running kernel does not have.
 pub const ABSENT: u32 = u32::MAX;
@@ -124,6 +126,40 @@ pub struct KernelOffsets {
     pub tcp_data_segs_out: u32,
     /// `sock.__sk_common.skc_cookie` (u64): the socket cookie sock_diag reports.
     pub sock_cookie: u32,
+    // The kprobe back end reads a socket's endpoints from `struct sock_common` and, for resets
+    // answering a segment that matched no socket, from the segment's IP and TCP headers.
+    /// `sock.__sk_common.skc_family` (u16).
+    pub sock_family: u32,
+    /// `sock.__sk_common.skc_num` (u16, local port, host byte order).
+    pub sock_num: u32,
+    /// `sock.__sk_common.skc_dport` (u16, remote port, network byte order).
+    pub sock_dport: u32,
+    /// `sock.__sk_common.skc_rcv_saddr` (4 bytes, local IPv4 address).
+    pub sock_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_daddr` (4 bytes, remote IPv4 address).
+    pub sock_daddr: u32,
+    /// `sock.__sk_common.skc_v6_rcv_saddr` (16 bytes; absent without CONFIG_IPV6).
+    pub sock_v6_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_v6_daddr` (16 bytes; absent without CONFIG_IPV6).
+    pub sock_v6_daddr: u32,
+    /// `sk_buff.head` (pointer).
+    pub skb_head: u32,
+    /// `sk_buff.network_header` (u16 offset from `head`).
+    pub skb_network_header: u32,
+    /// `sk_buff.transport_header` (u16 offset from `head`).
+    pub skb_transport_header: u32,
+    /// `iphdr.saddr`.
+    pub iphdr_saddr: u32,
+    /// `iphdr.daddr`.
+    pub iphdr_daddr: u32,
+    /// `ipv6hdr.saddr`.
+    pub ipv6hdr_saddr: u32,
+    /// `ipv6hdr.daddr`.
+    pub ipv6hdr_daddr: u32,
+    /// `tcphdr.source` (network byte order).
+    pub tcphdr_source: u32,
+    /// `tcphdr.dest` (network byte order).
+    pub tcphdr_dest: u32,
 }
 
 impl KernelOffsets {
@@ -154,7 +190,44 @@ impl KernelOffsets {
         tcp_data_segs_in: ABSENT,
         tcp_data_segs_out: ABSENT,
         sock_cookie: ABSENT,
+        sock_family: ABSENT,
+        sock_num: ABSENT,
+        sock_dport: ABSENT,
+        sock_rcv_saddr: ABSENT,
+        sock_daddr: ABSENT,
+        sock_v6_rcv_saddr: ABSENT,
+        sock_v6_daddr: ABSENT,
+        skb_head: ABSENT,
+        skb_network_header: ABSENT,
+        skb_transport_header: ABSENT,
+        iphdr_saddr: ABSENT,
+        iphdr_daddr: ABSENT,
+        ipv6hdr_saddr: ABSENT,
+        ipv6hdr_daddr: ABSENT,
+        tcphdr_source: ABSENT,
+        tcphdr_dest: ABSENT,
     };
+}
+
+/// The argument positions the kprobe programs can read a reset reason from (0-based; the
+/// reason is the second or third argument in the kernels that pass one). Any other position is
+/// reported and ignored.
+pub const KPROBE_REASON_ARGS: [u32; 2] = [1, 2];
+
+/// Argument positions (0-based) of the kprobed functions, from their prototypes in BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KprobeArgs {
+    /// `reason` of `tcp_send_active_reset(sk, priority, reason)` (6.10+).
+    pub active_reset_reason: u32,
+    /// `reason` of `tcp_v4_send_reset(sk, skb, reason)` (6.10+).
+    pub v4_reset_reason: u32,
+    /// `reason` of `tcp_v6_send_reset(sk, skb, reason)` (6.10+).
+    pub v6_reset_reason: u32,
+}
+
+impl KprobeArgs {
+    pub const ABSENT: Self = Self { active_reset_reason: ABSENT, v4_reset_reason: ABSENT, v6_reset_reason: ABSENT };
 }
 
 /// Everything the kernel programs need to know about the running kernel.
@@ -172,6 +245,7 @@ pub struct ProbeConfig {
     /// Only sockets in the network namespace with this inode number are observed; 0: all.
     pub netns_filter: u32,
     pub kernel: KernelOffsets,
+    pub kprobe: KprobeArgs,
 }
 
 impl ProbeConfig {
@@ -198,6 +272,7 @@ impl ProbeConfig {
         accept_ret: ABSENT,
         netns_filter: 0,
         kernel: KernelOffsets::ABSENT,
+        kprobe: KprobeArgs::ABSENT,
     };
 }
 
@@ -225,7 +300,8 @@ mod tests {
         assert_eq!(size_of::<SkTupleFields>(), 8 * 4);
         assert_eq!(size_of::<SetStateFields>(), 12 * 4);
         assert_eq!(size_of::<SendResetFields>(), 13 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 26) * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 42 * 4);
+        assert_eq!(size_of::<KprobeArgs>(), 3 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 42 + 3) * 4);
     }
 }

@@ -1,24 +1,33 @@
 //! observer's kernel programs.
 //!
-//! One event path, four tracepoints and two syscall exits:
+//! Five logical hooks, each served by one of two back ends the daemon picks per hook at start-up
+//! (tracepoints where the kernel has them, kprobes otherwise; `--probes` forces one). Both back
+//! ends call the same `on_*` functions below, so the logic lives in one place:
 //!
-//! * `sock:inet_sock_set_state` follows each TCP socket's life. `CLOSE→SYN_SENT` runs inside
-//!   `connect()`, so the current task *is* the owner (role client); `LISTEN→SYN_RECV` creates an
-//!   accepted child in softirq (role server, owner learned at `accept()`); `X→CLOSE` ends the
-//!   connection.
-//! * `syscalls:sys_exit_accept{,4}` walk the new fd to its `struct sock` and record the accepting
-//!   process as owner.
-//! * `tcp:tcp_receive_reset` / `tcp:tcp_send_reset` report resets. They often run in softirq on
-//!   whatever task was on the CPU (on loopback: the *peer*), so the owner always comes from the
-//!   per-socket map, never from the current task.
-//! * `tcp:tcp_destroy_sock` is the socket's last event; the map entry goes with it.
+//! | hook | tracepoint back end | kprobe back end | logic |
+//! |---|---|---|---|
+//! | set_state | `sock:inet_sock_set_state` | `tcp_set_state(sk, state)` | [`on_state_change`] |
+//! | receive_reset | `tcp:tcp_receive_reset` | `tcp_reset(sk, skb)` | [`on_reset_received`] |
+//! | send_reset | `tcp:tcp_send_reset` | `tcp_send_active_reset`, `tcp_v4_send_reset`, `tcp_v6_send_reset` | [`on_reset_sent`] |
+//! | destroy | `tcp:tcp_destroy_sock` | `tcp_v4_destroy_sock(sk)` | [`on_destroy`] |
+//! | accept | `syscalls:sys_exit_accept{,4}` | kretprobe `inet_csk_accept` | [`on_accept`] |
+//!
+//! * set_state follows each TCP socket's life. `CLOSE→SYN_SENT` runs inside `connect()`, so the
+//!   current task *is* the owner (role client); `LISTEN→SYN_RECV` creates an accepted child in
+//!   softirq (role server, owner learned at `accept()`); `X→CLOSE` ends the connection.
+//! * accept records the accepting process as the owner of the new socket.
+//! * receive_reset / send_reset report resets. They often run in softirq on whatever task was on
+//!   the CPU (on loopback: the *peer*), so the owner always comes from the per-socket map, never
+//!   from the current task.
+//! * destroy is the socket's last event; the map entry goes with it.
 //!
 //! `ConnectionClosed` is emitted exactly once per connection, when everything needed to classify
 //! it is known: at `X→CLOSE` if a reset was received or an error is set; otherwise after the
 //! reset the kernel sends *after* `X→CLOSE` (close with unread data, SO_LINGER 0), or at
-//! `tcp_destroy_sock` when no reset follows (graceful close).
+//! destroy when no reset follows (graceful close).
 //!
-//! Record and struct offsets come from the `CONFIG` global, filled in by the daemon at load time.
+//! Record offsets (tracepoints), struct offsets and argument positions (kprobes) come from the
+//! `CONFIG` global, filled in by the daemon at load time from tracefs and the kernel's BTF.
 
 #![no_std]
 #![no_main]
@@ -29,9 +38,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
     },
-    macros::{map, tracepoint},
+    macros::{kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use aya_log_ebpf::debug;
 use observer_common::{
@@ -305,8 +314,16 @@ fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut SocketInf
     if let Some(info) = known_socket(sk) {
         return Some(info);
     }
+    create_entry(sk, endpoints, Role::Unknown, 0)
+}
+
+/// Creates the map entry for a socket not in the map yet (keeps one a racing program created).
+#[inline(always)]
+fn create_entry(sk: u64, endpoints: &Endpoints, role: Role, start_ns: u64) -> Option<&'static mut SocketInfo> {
     let info = fresh_info()?;
     info.endpoints = *endpoints;
+    info.role = role as u8;
+    info.start_ns = start_ns;
     if SOCKETS.insert(&sk, info, BPF_NOEXIST as u64).is_err() && SOCKETS.get_ptr_mut(&sk).is_none() {
         bump(counter::SOCKET_MAP_FULL);
         return None;
@@ -314,6 +331,180 @@ fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut SocketInf
     // SAFETY: as above.
     SOCKETS.get_ptr_mut(&sk).map(|info| unsafe { &mut *info })
 }
+
+// ---------------------------------------------------------------------------------------------
+// The logic, shared by both back ends.
+// ---------------------------------------------------------------------------------------------
+
+/// `sk` (a TCP socket in an observed namespace) goes from state `old` to `new`.
+#[inline(always)]
+fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: &Endpoints) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match (old, new) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => {
+            // Inside connect(): process context, the current task owns the socket. A socket that
+            // is connected again starts a new connection; settle the previous one first.
+            if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
+                // SAFETY: see known_socket.
+                emit_close(probe, sk, unsafe { &mut *info });
+            }
+            let Some(info) = fresh_info() else { return };
+            info.endpoints = *endpoints;
+            info.owner = current_owner();
+            info.role = Role::Client as u8;
+            info.flags = flags::OWNER_FROM_SYSCALL;
+            info.start_ns = now;
+            enter_state(info, new, now);
+            insert_new(sk, info);
+        }
+        (tcp_state::LISTEN, tcp_state::SYN_RECV) => {
+            // A child cloned from a listener, in softirq: the owner is learned at accept().
+            // (Only the tracepoint sees this: the kernel sets SYN_RECV without tcp_set_state().)
+            let Some(info) = fresh_info() else { return };
+            info.endpoints = *endpoints;
+            info.role = Role::Server as u8;
+            info.start_ns = now;
+            enter_state(info, new, now);
+            insert_new(sk, info);
+        }
+        (_, tcp_state::ESTABLISHED) => {
+            let info = match known_socket(sk) {
+                Some(info) => info,
+                // A child whose LISTEN→SYN_RECV was not seen: always so with the kprobe back end
+                // (inet_csk_clone_lock() sets SYN_RECV directly), or the daemon started between.
+                // Only passive opens leave SYN_RECV for ESTABLISHED on a socket new to us.
+                None if old == tcp_state::SYN_RECV => {
+                    let Some(info) = create_entry(sk, endpoints, Role::Server, now) else { return };
+                    enter_state(info, old, now);
+                    info
+                }
+                None => {
+                    let Some(info) = create_entry(sk, endpoints, Role::Unknown, 0) else { return };
+                    info
+                }
+            };
+            // The source port of an active open is known from here on; tcp_disconnect() zeroes
+            // the destination port later, so keep this copy.
+            info.endpoints = *endpoints;
+            enter_state(info, new, now);
+        }
+        (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
+        (_, tcp_state::CLOSE) => {
+            let Some(info) = socket_entry(sk, endpoints) else { return };
+            if info.endpoints.remote_port == 0 || info.endpoints.local_port == 0 {
+                info.endpoints = *endpoints;
+            }
+            let kernel = &CONFIG.kernel;
+            // __tcp_close() purges the receive queue without advancing copied_seq, so this is
+            // still the number of bytes the application never read.
+            let rcv_nxt: u32 = kread(sk, get(&kernel.tcp_rcv_nxt));
+            let copied_seq: u32 = kread(sk, get(&kernel.tcp_copied_seq));
+            info.unread_bytes = rcv_nxt.wrapping_sub(copied_seq);
+            info.sk_err = kread::<i32>(sk, get(&kernel.sock_err)) as u32;
+            info.close_state = old;
+            info.close_pending = 1;
+            enter_state(info, new, now);
+            read_facts(sk, info, now);
+            // A received reset or an error is the whole story. Otherwise the kernel may still
+            // send an RST for this close (unread data, SO_LINGER 0): wait for it or for destroy.
+            if info.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0 || info.sk_err != 0 {
+                emit_close(probe, sk, info);
+            }
+        }
+        _ => {
+            // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, ...: follow the state of every socket,
+            // including ones that predate the daemon (owner unknown).
+            if let Some(info) = socket_entry(sk, endpoints) {
+                enter_state(info, new, now);
+            }
+        }
+    }
+}
+
+/// The kernel resets `sk` (an observed socket) because of an RST: `tcp_reset()`.
+#[inline(always)]
+fn on_reset_received(probe: ProbeId, sk: u64, endpoints: &Endpoints) {
+    let Some(info) = socket_entry(sk, endpoints) else { return };
+    info.flags |= flags::RESET_RECEIVED;
+    info.reset_state = kread(sk, get(&CONFIG.kernel.sock_state));
+    emit(EventKind::ResetReceived, probe, sk, info.reset_state, info);
+}
+
+/// This host sends an RST, on behalf of `sk` (0: a segment that matched no socket), in TCP state
+/// `state` (0 without a socket). `endpoints` fills in what to report when `sk` is not a socket we
+/// track; `local` is the RST's sender (this host).
+#[inline(always)]
+fn on_reset_sent(probe: ProbeId, sk: u64, reason: u32, state: u8, endpoints: impl FnOnce(&mut Endpoints)) {
+    // A full socket we track: the reset is its owner's. Anything else (no socket, a TIME_WAIT
+    // or request minisock, a listener) is reported with its endpoints and no owner.
+    if sk != 0 && let Some(info) = known_socket(sk) {
+        info.flags |= flags::RESET_SENT;
+        info.reason = reason;
+        emit(EventKind::ResetSent, probe, sk, state, info);
+        emit_close(probe, sk, info);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        bump(counter::RING_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
+    unsafe {
+        *ev = SocketEvent {
+            kind: EventKind::ResetSent as u16,
+            probe: probe as u16,
+            state,
+            flags: flags::RESET_SENT,
+            timestamp_ns: bpf_ktime_get_ns(),
+            sk,
+            reason,
+            ..SocketEvent::default()
+        };
+        endpoints(&mut (*ev).endpoints);
+    }
+    entry.submit(0);
+}
+
+/// `sk` is destroyed: its last event.
+#[inline(always)]
+fn on_destroy(probe: ProbeId, sk: u64) {
+    if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
+        // SAFETY: see known_socket.
+        emit_close(probe, sk, unsafe { &mut *info });
+        let _ = SOCKETS.remove(&sk);
+    }
+}
+
+/// `accept()` handed `sk` to the current process, in its context: it is the owner. `adopt`
+/// creates the entry when the socket is new to us, for callers that know `sk` is a TCP child.
+#[inline(always)]
+fn on_accept(sk: u64, adopt: bool) {
+    let info = match SOCKETS.get_ptr_mut(&sk) {
+        // SAFETY: see known_socket.
+        Some(info) => unsafe { &mut *info },
+        None if adopt => {
+            // SAFETY: helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let mut endpoints = Endpoints::default();
+            read_sock_endpoints(sk, &mut endpoints);
+            let Some(info) = create_entry(sk, &endpoints, Role::Server, now) else { return };
+            enter_state(info, kread(sk, get(&CONFIG.kernel.sock_state)), now);
+            info
+        }
+        // Only sockets already known as TCP children (LISTEN→SYN_RECV) are touched, which also
+        // leaves accept() on UNIX and other sockets alone.
+        None => return,
+    };
+    info.owner = current_owner();
+    info.role = Role::Server as u8;
+    info.flags |= flags::OWNER_FROM_SYSCALL;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tracepoint back end: endpoints from the record (layout from tracefs).
+// ---------------------------------------------------------------------------------------------
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -333,73 +524,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let old = field::<i32>(&ctx, get(&f.oldstate)) as u8;
     let new = field::<i32>(&ctx, get(&f.newstate)) as u8;
     let endpoints = read_tuple(&ctx, &f.tuple);
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match (old, new) {
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) => {
-            // Inside connect(): process context, the current task owns the socket. A socket that
-            // is connected again starts a new connection; settle the previous one first.
-            if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
-                // SAFETY: see socket_entry.
-                emit_close(ProbeId::InetSockSetState, sk, unsafe { &mut *info });
-            }
-            let Some(info) = fresh_info() else { return 0 };
-            info.endpoints = endpoints;
-            info.owner = current_owner();
-            info.role = Role::Client as u8;
-            info.flags = flags::OWNER_FROM_SYSCALL;
-            info.start_ns = now;
-            enter_state(info, new, now);
-            insert_new(sk, info);
-        }
-        (tcp_state::LISTEN, tcp_state::SYN_RECV) => {
-            // A child cloned from a listener, in softirq: the owner is learned at accept().
-            let Some(info) = fresh_info() else { return 0 };
-            info.endpoints = endpoints;
-            info.role = Role::Server as u8;
-            info.start_ns = now;
-            enter_state(info, new, now);
-            insert_new(sk, info);
-        }
-        (_, tcp_state::ESTABLISHED) => {
-            // The source port of an active open is known from here on; tcp_disconnect() zeroes
-            // the destination port later, so keep this copy.
-            if let Some(info) = socket_entry(sk, &endpoints) {
-                info.endpoints = endpoints;
-                enter_state(info, new, now);
-            }
-        }
-        (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
-        (_, tcp_state::CLOSE) => {
-            let Some(info) = socket_entry(sk, &endpoints) else { return 0 };
-            if info.endpoints.remote_port == 0 || info.endpoints.local_port == 0 {
-                info.endpoints = endpoints;
-            }
-            let kernel = &CONFIG.kernel;
-            // __tcp_close() purges the receive queue without advancing copied_seq, so this is
-            // still the number of bytes the application never read.
-            let rcv_nxt: u32 = kread(sk, get(&kernel.tcp_rcv_nxt));
-            let copied_seq: u32 = kread(sk, get(&kernel.tcp_copied_seq));
-            info.unread_bytes = rcv_nxt.wrapping_sub(copied_seq);
-            info.sk_err = kread::<i32>(sk, get(&kernel.sock_err)) as u32;
-            info.close_state = old;
-            info.close_pending = 1;
-            enter_state(info, new, now);
-            read_facts(sk, info, now);
-            // A received reset or an error is the whole story. Otherwise the kernel may still
-            // send an RST for this close (unread data, SO_LINGER 0): wait for it or for destroy.
-            if info.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0 || info.sk_err != 0 {
-                emit_close(ProbeId::InetSockSetState, sk, info);
-            }
-        }
-        _ => {
-            // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, ...: follow the state of every socket,
-            // including ones that predate the daemon (owner unknown).
-            if let Some(info) = socket_entry(sk, &endpoints) {
-                enter_state(info, new, now);
-            }
-        }
-    }
+    on_state_change(ProbeId::InetSockSetState, sk, old, new, &endpoints);
     0
 }
 
@@ -411,10 +536,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let endpoints = read_tuple(&ctx, f);
-    let Some(info) = socket_entry(sk, &endpoints) else { return 0 };
-    info.flags |= flags::RESET_RECEIVED;
-    info.reset_state = kread(sk, get(&CONFIG.kernel.sock_state));
-    emit(EventKind::ResetReceived, ProbeId::TcpReceiveReset, sk, info.reset_state, info);
+    on_reset_received(ProbeId::TcpReceiveReset, sk, &endpoints);
     0
 }
 
@@ -428,47 +550,13 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     }
     let reason = if get(&f.reason) != ABSENT { field::<u32>(&ctx, get(&f.reason)) } else { REASON_NONE };
     let state = field::<i32>(&ctx, get(&f.state)) as u8;
-
-    // A full socket we track: the reset is its owner's. Anything else (no socket, a TIME_WAIT
-    // or request minisock) is reported with what the record says and no owner.
-    if sk != 0 && let Some(info) = known_socket(sk) {
-        info.flags |= flags::RESET_SENT;
-        info.reason = reason;
-        emit(EventKind::ResetSent, ProbeId::TcpSendReset, sk, state, info);
-        emit_close(ProbeId::TcpSendReset, sk, info);
-        return 0;
-    }
-    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
-        bump(counter::RING_FULL);
-        return 0;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
-    unsafe {
-        *ev = SocketEvent {
-            kind: EventKind::ResetSent as u16,
-            probe: ProbeId::TcpSendReset as u16,
-            state,
-            flags: flags::RESET_SENT,
-            timestamp_ns: bpf_ktime_get_ns(),
-            sk,
-            reason,
-            ..SocketEvent::default()
-        };
-        read_send_reset_endpoints(&ctx, &mut (*ev).endpoints);
-    }
-    entry.submit(0);
+    on_reset_sent(ProbeId::TcpSendReset, sk, reason, state, |e| read_send_reset_endpoints(&ctx, e));
     0
 }
 
 #[tracepoint]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    let sk: u64 = field(&ctx, get(&CONFIG.destroy_sock.skaddr));
-    if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
-        // SAFETY: see socket_entry.
-        emit_close(ProbeId::TcpDestroySock, sk, unsafe { &mut *info });
-        let _ = SOCKETS.remove(&sk);
-    }
+    on_destroy(ProbeId::TcpDestroySock, field(&ctx, get(&CONFIG.destroy_sock.skaddr)));
     0
 }
 
@@ -505,15 +593,8 @@ fn record_accept(ctx: &TracePointContext, ret_offset: u32) -> u32 {
         debug!(ctx, "accept returned fd {} but its socket could not be read", ret);
         return 0;
     }
-    // Only sockets already known as TCP children (LISTEN→SYN_RECV) are touched, which also
-    // leaves accept() on UNIX and other sockets alone.
-    if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
-        // SAFETY: see socket_entry.
-        let info = unsafe { &mut *info };
-        info.owner = current_owner();
-        info.role = Role::Server as u8;
-        info.flags |= flags::OWNER_FROM_SYSCALL;
-    }
+    // The fd may be any kind of socket: only known TCP children are touched.
+    on_accept(sk, false);
     0
 }
 
@@ -525,6 +606,185 @@ pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
     record_accept(&ctx, get(&CONFIG.accept_ret))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kprobe back end: arguments from registers (positions from BTF function prototypes),
+// endpoints from `struct sock_common` or the segment's headers (offsets from BTF).
+// ---------------------------------------------------------------------------------------------
+
+/// A pointer argument of a kprobed function (0 if absent).
+#[inline(always)]
+fn ptr_arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// The `enum sk_rst_reason` argument at position `index` (from the function's prototype in BTF:
+/// the position differs between kernels, e.g. `tcp_send_active_reset(sk, reason)` on 6.12 and
+/// `(sk, priority, reason)` on 6.18), [`REASON_NONE`] if the function has none (before 6.10).
+#[inline(always)]
+fn reason_arg(ctx: &ProbeContext, index: u32) -> u32 {
+    // The verifier only allows `pt_regs` reads at constant offsets: read each candidate
+    // register on its own (black_box keeps LLVM from turning the choice into one read at a
+    // computed offset), then choose the value.
+    let second = core::hint::black_box(ctx.arg::<u64>(1).unwrap_or(0));
+    let third = core::hint::black_box(ctx.arg::<u64>(2).unwrap_or(0));
+    match index {
+        1 => second as u32,
+        2 => third as u32,
+        _ => REASON_NONE,
+    }
+}
+
+/// A socket's endpoints from its `struct sock_common` (also valid for TIME_WAIT and request
+/// minisocks, which share it). IPv4 addresses are stored v4-mapped, as the records have them.
+#[inline(always)]
+fn read_sock_endpoints(sk: u64, e: &mut Endpoints) {
+    let k = &CONFIG.kernel;
+    e.family = kread(sk, get(&k.sock_family));
+    e.local_port = kread(sk, get(&k.sock_num));
+    e.remote_port = u16::from_be(kread(sk, get(&k.sock_dport)));
+    if e.family == AF_INET6 && get(&k.sock_v6_daddr) != ABSENT {
+        // v4-mapped for an AF_INET6 socket talking IPv4, exactly as the tracepoints show it.
+        e.local_addr = kread(sk, get(&k.sock_v6_rcv_saddr));
+        e.remote_addr = kread(sk, get(&k.sock_v6_daddr));
+    } else {
+        e.local_addr = v4_mapped(kread(sk, get(&k.sock_rcv_saddr)));
+        e.remote_addr = v4_mapped(kread(sk, get(&k.sock_daddr)));
+    }
+}
+
+/// The endpoints of the RST answering segment `skb`: its destination is this host (`local`).
+#[inline(always)]
+fn read_skb_endpoints(skb: u64, e: &mut Endpoints) {
+    let k = &CONFIG.kernel;
+    let head: u64 = kread(skb, get(&k.skb_head));
+    if head == 0 {
+        return;
+    }
+    let ip = head + kread::<u16>(skb, get(&k.skb_network_header)) as u64;
+    let th = head + kread::<u16>(skb, get(&k.skb_transport_header)) as u64;
+    e.local_port = u16::from_be(kread(th, get(&k.tcphdr_dest)));
+    e.remote_port = u16::from_be(kread(th, get(&k.tcphdr_source)));
+    // The IP version is the first nibble of either header (wire format).
+    if kread::<u8>(ip, 0) >> 4 == 6 {
+        e.family = AF_INET6;
+        e.local_addr = kread(ip, get(&k.ipv6hdr_daddr));
+        e.remote_addr = kread(ip, get(&k.ipv6hdr_saddr));
+    } else {
+        e.family = AF_INET;
+        e.local_addr = v4_mapped(kread(ip, get(&k.iphdr_daddr)));
+        e.remote_addr = v4_mapped(kread(ip, get(&k.iphdr_saddr)));
+    }
+}
+
+/// Byte 13 of a TCP header holds the flags; RST is bit 2 (wire format, RFC 9293).
+const TCPHDR_FLAGS: u32 = 13;
+const TCP_FLAG_RST: u8 = 0x04;
+
+#[kprobe]
+pub fn tcp_set_state(ctx: ProbeContext) -> u32 {
+    let sk = ptr_arg(&ctx, 0);
+    if sk == 0 || !observed_sock(sk) {
+        return 0;
+    }
+    // Called before the state is stored: the socket still holds the old one.
+    let old: u8 = kread(sk, get(&CONFIG.kernel.sock_state));
+    let new = ctx.arg::<i32>(1).unwrap_or(0) as u8;
+    let mut endpoints = Endpoints::default();
+    read_sock_endpoints(sk, &mut endpoints);
+    on_state_change(ProbeId::TcpSetState, sk, old, new, &endpoints);
+    0
+}
+
+#[kprobe]
+pub fn tcp_reset(ctx: ProbeContext) -> u32 {
+    let sk = ptr_arg(&ctx, 0);
+    if sk == 0 || !observed_sock(sk) {
+        return 0;
+    }
+    let mut endpoints = Endpoints::default();
+    read_sock_endpoints(sk, &mut endpoints);
+    on_reset_received(ProbeId::TcpReset, sk, &endpoints);
+    0
+}
+
+/// A reset this host initiates on a full socket (close with unread data, SO_LINGER 0, abort,
+/// keepalive timeout, ...).
+#[kprobe]
+pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
+    let sk = ptr_arg(&ctx, 0);
+    if sk == 0 || !observed_sock(sk) {
+        return 0;
+    }
+    let reason = reason_arg(&ctx, get(&CONFIG.kprobe.active_reset_reason));
+    let state: u8 = kread(sk, get(&CONFIG.kernel.sock_state));
+    on_reset_sent(ProbeId::TcpSendActiveReset, sk, reason, state, |e| read_sock_endpoints(sk, e));
+    0
+}
+
+/// A reset answering segment `skb`, for socket `sk`: a full socket, a TIME_WAIT or request
+/// minisock, a listener, or none (NULL: nothing matched the segment).
+#[inline(always)]
+fn passive_reset(ctx: &ProbeContext, probe: ProbeId, reason_index: u32) -> u32 {
+    let sk = ptr_arg(ctx, 0);
+    let skb = ptr_arg(ctx, 1);
+    if skb == 0 {
+        return 0;
+    }
+    // The kernel never answers an RST with an RST: it returns before sending (and before the
+    // tracepoint), so do the same.
+    let k = &CONFIG.kernel;
+    let head: u64 = kread(skb, get(&k.skb_head));
+    let th = head + kread::<u16>(skb, get(&k.skb_transport_header)) as u64;
+    if head != 0 && kread::<u8>(th, TCPHDR_FLAGS) & TCP_FLAG_RST != 0 {
+        return 0;
+    }
+    let observed = if sk != 0 { observed_sock(sk) } else { observed_skb(skb) };
+    if !observed {
+        return 0;
+    }
+    let reason = reason_arg(ctx, reason_index);
+    let state: u8 = if sk != 0 { kread(sk, get(&k.sock_state)) } else { 0 };
+    // A connection's own endpoints when it has them; a listener's or a minisock's are partial or
+    // the same as the segment's, so take the segment's.
+    let full = sk != 0
+        && state != tcp_state::LISTEN
+        && state != tcp_state::TIME_WAIT
+        && state != tcp_state::NEW_SYN_RECV;
+    on_reset_sent(probe, sk, reason, state, |e| if full { read_sock_endpoints(sk, e) } else { read_skb_endpoints(skb, e) });
+    0
+}
+
+#[kprobe]
+pub fn tcp_v4_send_reset(ctx: ProbeContext) -> u32 {
+    passive_reset(&ctx, ProbeId::TcpV4SendReset, get(&CONFIG.kprobe.v4_reset_reason))
+}
+
+#[kprobe]
+pub fn tcp_v6_send_reset(ctx: ProbeContext) -> u32 {
+    passive_reset(&ctx, ProbeId::TcpV6SendReset, get(&CONFIG.kprobe.v6_reset_reason))
+}
+
+/// IPv6 TCP sockets are destroyed through `tcp_v4_destroy_sock()` too (directly since 6.3,
+/// through `tcp_v6_destroy_sock()` before), the function that fires `tcp:tcp_destroy_sock`.
+#[kprobe]
+pub fn tcp_v4_destroy_sock(ctx: ProbeContext) -> u32 {
+    on_destroy(ProbeId::TcpV4DestroySock, ptr_arg(&ctx, 0));
+    0
+}
+
+/// `inet_csk_accept()` returns the accepted child in the accepting process's context (NULL on
+/// error). It can return before the child's SYN_RECV→ESTABLISHED has been seen on another CPU,
+/// so a child new to us is adopted here.
+#[kretprobe]
+pub fn inet_csk_accept(ctx: RetProbeContext) -> u32 {
+    let sk: u64 = ctx.ret();
+    if sk == 0 || !observed_sock(sk) {
+        return 0;
+    }
+    on_accept(sk, true);
+    0
 }
 
 #[cfg(not(test))]

@@ -9,7 +9,11 @@
 //!
 //! Every count that lands in an `other` series is added to [`Aggregator::folded`].
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+/// Maps on the event path: keys are attacker-chosen (peers, ports), so the hash must be seeded
+/// per process, but SipHash is more than these small keys need. foldhash is both.
+pub type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::attribution::{Peer, Port};
 

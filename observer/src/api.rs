@@ -31,7 +31,13 @@ pub struct StatusReport {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProbeReport {
     pub probe: String,
-    /// `tracepoint/<category>/<name>`.
+    /// The logical hook it serves: `set_state`, `receive_reset`, `send_reset`, `destroy`, `accept`.
+    #[serde(default)]
+    pub hook: String,
+    /// The back end chosen for that hook: `tracepoint` or `kprobe`.
+    #[serde(default)]
+    pub backend: String,
+    /// `tracepoint/<category>/<name>`, `kprobe/<function>` or `kretprobe/<function>`.
     pub attach: String,
     /// `attached`, `unavailable` or `failed`.
     pub state: String,

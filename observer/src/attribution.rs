@@ -1,7 +1,7 @@
 //! Who and with whom: an event's owner, role, peer and service port, as a series key (no strings
 //! on the event path) and, at scrape time, as label values.
 
-use std::{fs, net::IpAddr, ops::RangeInclusive};
+use std::{fs, ops::RangeInclusive};
 
 use observer_common::{Role, SocketEvent};
 
@@ -75,19 +75,47 @@ impl Attribution {
 
 /// Label values `[comm, role, peer, port, container]` of a series.
 pub fn label_values(key: &SeriesKey) -> [String; 5] {
-    let comm = if key.comm == COMM_OTHER { "other".to_string() } else { comm_text(&key.comm) };
-    let role = role_text(key.role);
-    let peer = match key.peer {
-        Peer::Addr(addr) => ip_text(&addr),
-        Peer::Other => "other".to_string(),
-    };
-    let port = match key.port {
-        Port::None => String::new(),
-        Port::Num(p) => p.to_string(),
-        Port::Other => "other".to_string(),
-    };
-    let container = if key.container == CONTAINER_OTHER { "other".to_string() } else { comm_text(&key.container) };
-    [comm, role.to_string(), peer, port, container]
+    [
+        Label::Comm(&key.comm).to_string(),
+        role_text(key.role).to_string(),
+        Label::Peer(&key.peer).to_string(),
+        Label::Port(&key.port).to_string(),
+        Label::Container(&key.container).to_string(),
+    ]
+}
+
+/// A label value of a series key, written without allocating (the exposition writes thousands
+/// per scrape). Not escaped: the writer escapes.
+pub enum Label<'a> {
+    Comm(&'a [u8; 16]),
+    Peer(&'a Peer),
+    Port(&'a Port),
+    Container(&'a ContainerKey),
+}
+
+impl std::fmt::Display for Label<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Label::Comm(comm) if **comm == COMM_OTHER => f.write_str("other"),
+            Label::Comm(comm) => f.write_str(&String::from_utf8_lossy(until_nul(&comm[..]))),
+            Label::Container(id) if **id == CONTAINER_OTHER => f.write_str("other"),
+            Label::Container(id) => f.write_str(&String::from_utf8_lossy(until_nul(&id[..]))),
+            Label::Peer(Peer::Addr(addr)) => {
+                let v6 = std::net::Ipv6Addr::from(*addr);
+                match v6.to_ipv4_mapped() {
+                    Some(v4) => v4.fmt(f),
+                    None => v6.fmt(f),
+                }
+            }
+            Label::Peer(Peer::Other) | Label::Port(Port::Other) => f.write_str("other"),
+            Label::Port(Port::None) => Ok(()),
+            Label::Port(Port::Num(p)) => p.fmt(f),
+        }
+    }
+}
+
+fn until_nul(bytes: &[u8]) -> &[u8] {
+    &bytes[..bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len())]
 }
 
 /// A short container id as a series key (12 bytes; longer ids are cut, as `docker ps` does).
@@ -110,17 +138,12 @@ pub fn role_text(role: u8) -> &'static str {
 
 /// NUL-padded kernel comm → text.
 pub fn comm_text(comm: &[u8]) -> String {
-    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
+    String::from_utf8_lossy(until_nul(comm)).into_owned()
 }
 
 /// 16-byte address (v4-mapped for IPv4) → text.
 pub fn ip_text(addr: &[u8; 16]) -> String {
-    let v6 = std::net::Ipv6Addr::from(*addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4).to_string(),
-        None => IpAddr::V6(v6).to_string(),
-    }
+    Label::Peer(&Peer::Addr(*addr)).to_string()
 }
 
 #[cfg(test)]

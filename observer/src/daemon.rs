@@ -64,6 +64,21 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         seeded.namespaces,
         seeded.owned
     );
+    let mut degraded = degraded;
+    if let Some(first) = seeded.failures.first() {
+        let why = format!(
+            "connections open before start-up could not be listed in {} network namespaces (sock_diag; is the tcp_diag module \
+             available?): they belong to no process (comm=\"\") and reach observer_tcp_connections only at their next state change. First: {first}",
+            seeded.failures.len()
+        );
+        log::warn!("{why}");
+        degraded.push(why);
+    }
+    // Parsing the kernel's BTF (megabytes of type information) and walking /proc left freed
+    // memory in the allocator's per-thread arenas; give it back to the system: an agent on every
+    // node should not keep tens of megabytes it used once.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
     // The first scan before going ready, so the first scrape already has the gauges.
     let table = tokio::task::spawn_blocking(move || {
         let mut table = SocketTable::new(sockets, seeds);

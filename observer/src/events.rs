@@ -14,7 +14,7 @@
 //! last [`LOG_CAPACITY`] records.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::Arc,
 };
 
@@ -22,6 +22,7 @@ use observer_common::{Endpoints, SocketEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    aggregate::HashMap,
     attribution::{comm_text, ip_text, role_text},
     classify::{Outcome, PrematureClose},
     container::Container,
@@ -118,15 +119,38 @@ fn mirrored(e: &Endpoints) -> Flow {
     (e.remote_addr, e.remote_port, e.local_addr, e.local_port)
 }
 
+/// Who sent a reset, as remembered for pairing; rendered into a [`Cause`] only when read.
+#[derive(Debug, Clone)]
+struct Sender {
+    comm: [u8; 16],
+    pid: u32,
+    /// The reset answered a segment that matched no socket.
+    no_socket: bool,
+    reason: u32,
+    container: Option<Arc<Container>>,
+}
+
+/// One logged event, kept raw: the event path only copies it; `/api/v1/events` renders it.
+#[derive(Debug, Clone)]
+struct Entry {
+    seq: u64,
+    raw: SocketEvent,
+    outcome: Outcome,
+    container: Option<Arc<Container>>,
+    cause: Option<Sender>,
+}
+
 #[derive(Debug, Default)]
 pub struct EventLog {
-    records: VecDeque<EventRecord>,
+    entries: VecDeque<Entry>,
     next_seq: u64,
+    /// The kernel's reset reason names, for rendering (set by the first record).
+    reasons: Option<ResetReasons>,
     /// Recent resets sent, by flow, with the time they were sent.
-    sends: HashMap<Flow, (u64, Cause)>,
+    sends: HashMap<Flow, (u64, Sender)>,
     sends_order: VecDeque<(u64, Flow)>,
     /// Causes found for a socket's received reset, kept for its close.
-    pending: HashMap<u64, Cause>,
+    pending: HashMap<u64, Sender>,
     pending_order: VecDeque<u64>,
     /// Records still without a cause, by the flow of the reset they received (as its sender
     /// saw it), with the time of the first.
@@ -137,68 +161,52 @@ pub struct EventLog {
 
 impl EventLog {
     /// Records one event (resets and premature closes; graceful closes are only counted).
+    /// Allocation-free but for the tables' growth: rendering happens when the log is read.
     pub fn record(&mut self, event: &Event, outcome: Outcome, reasons: &ResetReasons, container: Option<&Arc<Container>>) {
+        if self.reasons.is_none() {
+            self.reasons = Some(reasons.clone());
+        }
         let raw = &event.raw;
-        let (name, kind, reason, cause) = match outcome {
+        let cause = match outcome {
             Outcome::ResetSent { reason } => {
-                let reason = reasons.label(reason).to_string();
-                self.remember_send(raw, &reason, container);
+                self.remember_send(raw, reason, container);
                 self.complete_waiting(flow(&raw.endpoints));
-                ("reset_sent", None, Some(reason), None)
+                None
             }
             Outcome::ResetReceived => {
                 let cause = self.pair(raw);
                 if let Some(cause) = &cause {
                     self.remember_pending(raw.sk, cause.clone());
                 }
-                ("reset_received", None, None, cause)
+                cause
             }
             Outcome::Closed { premature: None } => {
                 self.pending.remove(&raw.sk);
                 return;
             }
-            Outcome::Closed { premature: Some(kind) } => {
-                let cause = match kind {
-                    PrematureClose::PeerReset | PrematureClose::Refused => self.pending.remove(&raw.sk).or_else(|| self.pair(raw)),
-                    _ => None,
-                };
-                ("closed", Some(kind.label().to_string()), None, cause)
+            Outcome::Closed { premature: Some(PrematureClose::PeerReset | PrematureClose::Refused) } => {
+                self.pending.remove(&raw.sk).or_else(|| self.pair(raw))
             }
+            Outcome::Closed { premature: Some(_) } => None,
         };
-        let e = &raw.endpoints;
-        let facts = (name == "closed").then(|| facts(raw, kind.as_deref()));
-        let awaits_cause = cause.is_none() && matches!(kind.as_deref(), None | Some("peer_reset" | "refused")) && name != "reset_sent";
-        let seq = self.push(EventRecord {
-            seq: 0,
-            timestamp_ns: raw.timestamp_ns,
-            event: name.to_string(),
-            kind,
-            reason,
-            comm: comm_text(&raw.owner.comm),
-            pid: raw.owner.tgid,
-            role: role_text(raw.role).to_string(),
-            container: container.map(|c| c.short_id().to_string()).unwrap_or_default(),
-            cgroup: container.map(|c| c.cgroup_path.clone()).unwrap_or_default(),
-            local: endpoint_text(&e.local_addr, e.local_port),
-            remote: endpoint_text(&e.remote_addr, e.remote_port),
-            facts,
-            cause,
-        });
+        let awaits_cause = cause.is_none()
+            && matches!(outcome, Outcome::ResetReceived | Outcome::Closed { premature: Some(PrematureClose::PeerReset | PrematureClose::Refused) });
+        let seq = self.push(Entry { seq: 0, raw: *raw, outcome, container: container.cloned(), cause });
         if awaits_cause {
-            self.wait_for_cause(mirrored(e), raw.timestamp_ns, seq, raw.sk);
+            self.wait_for_cause(mirrored(&raw.endpoints), raw.timestamp_ns, seq, raw.sk);
         }
     }
 
-    fn push(&mut self, mut record: EventRecord) -> u64 {
+    fn push(&mut self, mut entry: Entry) -> u64 {
         self.next_seq += 1;
-        record.seq = self.next_seq;
-        if record.cause.is_some() {
+        entry.seq = self.next_seq;
+        if entry.cause.is_some() {
             self.paired += 1;
         }
-        if self.records.len() == LOG_CAPACITY {
-            self.records.pop_front();
+        if self.entries.len() == LOG_CAPACITY {
+            self.entries.pop_front();
         }
-        self.records.push_back(record);
+        self.entries.push_back(entry);
         self.next_seq
     }
 
@@ -227,16 +235,16 @@ impl EventLog {
         let Some((_, seqs)) = self.waiting.remove(&f) else { return };
         let Some((_, cause)) = self.sends.get(&f) else { return };
         let cause = cause.clone();
-        let first = self.records.front().map_or(0, |r| r.seq);
+        let first = self.entries.front().map_or(0, |r| r.seq);
         let mut still_open = Vec::new();
         let mut closed = Vec::new();
         for (seq, sk) in seqs {
-            let Some(record) = seq.checked_sub(first).and_then(|i| self.records.get_mut(i as usize)) else { continue };
-            if record.cause.is_none() {
-                record.cause = Some(cause.clone());
+            let Some(entry) = seq.checked_sub(first).and_then(|i| self.entries.get_mut(i as usize)) else { continue };
+            if entry.cause.is_none() {
+                entry.cause = Some(cause.clone());
                 self.paired += 1;
             }
-            if record.event == "reset_received" { still_open.push(sk) } else { closed.push(sk) }
+            if entry.outcome == Outcome::ResetReceived { still_open.push(sk) } else { closed.push(sk) }
         }
         // A receiver whose close is not logged yet gets the cause when it comes.
         for sk in still_open.into_iter().filter(|sk| !closed.contains(sk)) {
@@ -244,7 +252,7 @@ impl EventLog {
         }
     }
 
-    fn remember_send(&mut self, raw: &SocketEvent, reason: &str, container: Option<&Arc<Container>>) {
+    fn remember_send(&mut self, raw: &SocketEvent, reason: u32, container: Option<&Arc<Container>>) {
         let now = raw.timestamp_ns;
         while let Some(&(at, f)) = self.sends_order.front() {
             if self.sends_order.len() < RECENT_SENDS && now.saturating_sub(at) < PAIRING_WINDOW_NS {
@@ -255,33 +263,19 @@ impl EventLog {
                 self.sends.remove(&f);
             }
         }
-        let comm = comm_text(&raw.owner.comm);
-        let summary = if raw.sk == 0 {
-            format!("reset by the kernel, nothing listening: {reason}")
-        } else if comm.is_empty() {
-            format!("reset by an unknown process: {reason}")
-        } else {
-            format!("reset by {comm}[{}]: {reason}", raw.owner.tgid)
-        };
-        let cause = Cause {
-            comm,
-            pid: raw.owner.tgid,
-            container: container.map(|c| c.short_id().to_string()).unwrap_or_default(),
-            reason: reason.to_string(),
-            summary,
-        };
+        let sender = Sender { comm: raw.owner.comm, pid: raw.owner.tgid, no_socket: raw.sk == 0, reason, container: container.cloned() };
         let f = flow(&raw.endpoints);
-        self.sends.insert(f, (now, cause));
+        self.sends.insert(f, (now, sender));
         self.sends_order.push_back((now, f));
     }
 
     /// The remembered send whose segment this socket received.
-    fn pair(&self, raw: &SocketEvent) -> Option<Cause> {
+    fn pair(&self, raw: &SocketEvent) -> Option<Sender> {
         let (at, cause) = self.sends.get(&mirrored(&raw.endpoints))?;
         (raw.timestamp_ns.saturating_sub(*at) < PAIRING_WINDOW_NS).then(|| cause.clone())
     }
 
-    fn remember_pending(&mut self, sk: u64, cause: Cause) {
+    fn remember_pending(&mut self, sk: u64, cause: Sender) {
         if self.pending.insert(sk, cause).is_none() {
             self.pending_order.push_back(sk);
         }
@@ -294,18 +288,25 @@ impl EventLog {
 
     /// Records after `since`, at most `limit`.
     pub fn page(&self, since: u64, limit: usize) -> EventsPage {
-        let events: Vec<EventRecord> = self.records.iter().filter(|r| r.seq > since).take(limit).cloned().collect();
+        let events: Vec<EventRecord> = self.entries.iter().filter(|e| e.seq > since).take(limit).map(|e| self.render(e)).collect();
         let next = events.last().map_or(since.min(self.next_seq).max(self.first_seq().saturating_sub(1)), |r| r.seq);
         EventsPage { next, latest: self.next_seq, events }
     }
 
     fn first_seq(&self) -> u64 {
-        self.records.front().map_or(self.next_seq + 1, |r| r.seq)
+        self.entries.front().map_or(self.next_seq + 1, |r| r.seq)
     }
 
     /// The last `n` premature closes, oldest first.
     pub fn recent_premature(&self, n: usize) -> Vec<EventRecord> {
-        let mut recent: Vec<EventRecord> = self.records.iter().rev().filter(|r| r.kind.is_some()).take(n).cloned().collect();
+        let mut recent: Vec<EventRecord> = self
+            .entries
+            .iter()
+            .rev()
+            .filter(|e| matches!(e.outcome, Outcome::Closed { premature: Some(_) }))
+            .take(n)
+            .map(|e| self.render(e))
+            .collect();
         recent.reverse();
         recent
     }
@@ -313,6 +314,50 @@ impl EventLog {
     /// Records that name their cause.
     pub fn paired(&self) -> u64 {
         self.paired
+    }
+
+    fn reason_label(&self, reason: u32) -> String {
+        self.reasons.as_ref().map_or("not_specified", |r| r.label(reason)).to_string()
+    }
+
+    fn render(&self, entry: &Entry) -> EventRecord {
+        let raw = &entry.raw;
+        let (event, kind, reason) = match entry.outcome {
+            Outcome::ResetSent { reason } => ("reset_sent", None, Some(self.reason_label(reason))),
+            Outcome::ResetReceived => ("reset_received", None, None),
+            Outcome::Closed { premature } => ("closed", premature.map(|k| k.label().to_string()), None),
+        };
+        let e = &raw.endpoints;
+        let facts = (event == "closed").then(|| facts(raw, kind.as_deref()));
+        EventRecord {
+            seq: entry.seq,
+            timestamp_ns: raw.timestamp_ns,
+            event: event.to_string(),
+            kind,
+            reason,
+            comm: comm_text(&raw.owner.comm),
+            pid: raw.owner.tgid,
+            role: role_text(raw.role).to_string(),
+            container: entry.container.as_ref().map(|c| c.short_id().to_string()).unwrap_or_default(),
+            cgroup: entry.container.as_ref().map(|c| c.cgroup_path.clone()).unwrap_or_default(),
+            local: endpoint_text(&e.local_addr, e.local_port),
+            remote: endpoint_text(&e.remote_addr, e.remote_port),
+            facts,
+            cause: entry.cause.as_ref().map(|c| self.render_cause(c)),
+        }
+    }
+
+    fn render_cause(&self, s: &Sender) -> Cause {
+        let comm = comm_text(&s.comm);
+        let reason = self.reason_label(s.reason);
+        let summary = if s.no_socket {
+            format!("reset by the kernel, nothing listening: {reason}")
+        } else if comm.is_empty() {
+            format!("reset by an unknown process: {reason}")
+        } else {
+            format!("reset by {comm}[{}]: {reason}", s.pid)
+        };
+        Cause { comm, pid: s.pid, container: s.container.as_ref().map(|c| c.short_id().to_string()).unwrap_or_default(), reason, summary }
     }
 }
 
@@ -471,7 +516,7 @@ mod tests {
             sent.raw.timestamp_ns = i;
             log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
         }
-        assert_eq!(log.records.len(), LOG_CAPACITY);
+        assert_eq!(log.entries.len(), LOG_CAPACITY);
         assert!(log.sends.len() <= RECENT_SENDS);
         assert!(log.sends_order.len() <= RECENT_SENDS);
         for i in 0..(RECENT_SENDS as u64 + 10) {

@@ -91,7 +91,14 @@ impl Shared {
             ready: self.probes.get().is_some(),
             probes: probes
                 .into_iter()
-                .map(|p| ProbeReport { probe: p.probe.into(), attach: p.attach, state: p.state.into(), error: p.error })
+                .map(|p| ProbeReport {
+                    probe: p.probe.into(),
+                    hook: p.hook.into(),
+                    backend: p.backend.into(),
+                    attach: p.attach,
+                    state: p.state.into(),
+                    error: p.error,
+                })
                 .collect(),
             degraded,
             series: series as u64,

@@ -14,6 +14,7 @@ pub mod container;
 pub mod daemon;
 pub mod decode;
 pub mod events;
+pub mod exposition;
 pub mod http;
 pub mod metrics;
 pub mod probes;
@@ -21,4 +22,4 @@ pub mod seed;
 
 pub use observer_common::ProbeId;
 
-pub(crate) const ALL_PROBES: [ProbeId; 6] = ProbeId::ALL;
+pub(crate) const ALL_PROBES: [ProbeId; ProbeId::ALL.len()] = ProbeId::ALL;

@@ -1,19 +1,18 @@
-//! Prometheus: the per-connection families (from [`Aggregator`]) and the daemon's own counters,
-//! rendered in the text exposition format.
+//! Prometheus: the per-connection families (from [`Aggregator`], written by
+//! [`crate::exposition`]) and the daemon's own counters, rendered in the text exposition format.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntGaugeVec, Opts, Registry, TextEncoder,
-    core::{Collector, Desc},
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    core::Collector,
 };
 
 use crate::{
     ALL_PROBES,
-    aggregate::{Aggregator, ContainerKey, Family, SeriesKey},
-    attribution::{Attribution, label_values},
-    classify::{Outcome, PrematureClose},
+    aggregate::{Aggregator, ContainerKey, Family},
+    attribution::Attribution,
+    classify::Outcome,
     decode::Event,
     probes::{ProbeStatus, btf::ResetReasons},
 };
@@ -39,8 +38,11 @@ pub struct Metrics {
     registry: Registry,
     connections: Arc<Mutex<Aggregator>>,
     reasons: Arc<OnceLock<ResetReasons>>,
+    /// `observer_events_total`, one series per probe, created when the probe is attached (or
+    /// first emits): probes of the back end not chosen do not show.
+    events_vec: prometheus::IntCounterVec,
     /// Indexed by `ProbeId as usize`.
-    events: Vec<IntCounter>,
+    events: Vec<OnceLock<IntCounter>>,
     events_lost: IntCounter,
     events_unattributed: IntCounter,
     events_malformed: IntCounter,
@@ -62,19 +64,19 @@ impl Metrics {
         let registry = Registry::new();
         let connections = Arc::new(Mutex::new(Aggregator::new(limits.max_peers, limits.max_series)));
         let reasons = Arc::new(OnceLock::new());
-        register(&registry, ConnectionCollector::new(connections.clone(), reasons.clone()));
         let events_vec = register(
             &registry,
             prometheus::IntCounterVec::new(Opts::new("observer_events_total", "Events received from the kernel, by the probe that emitted them."), &["probe"])
                 .expect("valid metric definition"),
         );
         let metrics = Self {
-            events: ALL_PROBES.iter().map(|p| events_vec.with_label_values(&[p.name()])).collect(),
+            events: ALL_PROBES.iter().map(|_| OnceLock::new()).collect(),
+            events_vec,
             events_lost: register(&registry, counter("observer_events_lost_total", "Events the kernel dropped because the ring buffer was full.")),
             events_unattributed: register(&registry, counter("observer_events_unattributed_total", "Events about a socket whose owning process is unknown.")),
             events_malformed: register(&registry, counter("observer_events_malformed_total", "Ring buffer records that could not be decoded.")),
             sockets_untracked: register(&registry, counter("observer_sockets_untracked_total", "Sockets the kernel side could not track because its socket map was full.")),
-            probe_info: register(&registry, gauge_vec("observer_probe_info", "Attached probes and their attach points (1 per attached probe).", &["probe", "attach"])),
+            probe_info: register(&registry, gauge_vec("observer_probe_info", "Attached probes, their attach points and back ends (1 per attached probe).", &["probe", "attach", "backend"])),
             duration: register(
                 &registry,
                 HistogramVec::new(
@@ -111,7 +113,10 @@ impl Metrics {
 
     pub fn set_probes(&self, statuses: &[ProbeStatus], reasons: ResetReasons) {
         for s in statuses.iter().filter(|s| s.state == "attached") {
-            self.probe_info.with_label_values(&[s.probe, s.attach.as_str()]).set(1);
+            self.probe_info.with_label_values(&[s.probe, s.attach.as_str(), s.backend]).set(1);
+            if let Some(probe) = ALL_PROBES.iter().find(|p| p.name() == s.probe) {
+                self.probe_events(*probe);
+            }
         }
         let _ = self.reasons.set(reasons);
     }
@@ -122,7 +127,7 @@ impl Metrics {
 
     /// Counts one event; `container` is its owner's short container id.
     pub fn record(&self, event: &Event, outcome: Outcome, attribution: &Attribution, container: ContainerKey, unattributed: bool) {
-        self.events[event.probe as usize].inc();
+        self.probe_events(event.probe).inc();
         if unattributed {
             self.events_unattributed.inc();
         }
@@ -178,8 +183,17 @@ impl Metrics {
         }
     }
 
+    /// `observer_events_total{probe}` for `probe`, created on first use.
+    fn probe_events(&self, probe: crate::ProbeId) -> &IntCounter {
+        self.events[probe as usize].get_or_init(|| self.events_vec.with_label_values(&[probe.name()]))
+    }
+
+    /// Events seen per attached (or emitting) probe.
     pub fn events_seen(&self) -> Vec<(String, u64)> {
-        ALL_PROBES.iter().map(|p| (p.name().to_string(), self.events[*p as usize].get())).collect()
+        ALL_PROBES
+            .iter()
+            .filter_map(|p| self.events[*p as usize].get().map(|c| (p.name().to_string(), c.get())))
+            .collect()
     }
 
     pub fn events_lost(&self) -> u64 {
@@ -196,9 +210,12 @@ impl Metrics {
         (agg.series(), agg.folded())
     }
 
-    /// Prometheus text exposition format.
+    /// Prometheus text exposition format: the per-connection families written straight from
+    /// the aggregator ([`crate::exposition`]), then the daemon's own metrics.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 * 1024);
+        let mut text = String::with_capacity(64 * 1024);
+        crate::exposition::write_connections(&mut text, &self.aggregator(), self.reasons.get());
+        let mut out = text.into_bytes();
         let families = {
             let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
             self.registry.gather()
@@ -208,125 +225,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// Renders the per-connection families from the aggregator at scrape time.
-struct ConnectionCollector {
-    connections: Arc<Mutex<Aggregator>>,
-    reasons: Arc<OnceLock<ResetReasons>>,
-    descs: Vec<Desc>,
-}
-
-/// (family, name, help, extra label).
-const FAMILIES: [(Family, &str, &str, Option<&str>); 5] = [
-    (Family::ResetsReceived, "observer_tcp_resets_received_total", "RST segments accepted on a socket, by the socket's owner.", None),
-    (
-        Family::ResetsSent,
-        "observer_tcp_resets_sent_total",
-        "RST segments this host sent, by the socket's owner (comm=\"\" for segments that matched no socket) and the kernel's reason.",
-        Some("reason"),
-    ),
-    (Family::Closes, "observer_tcp_closes_total", "Connections that reached CLOSE, each counted once.", None),
-    (
-        Family::PrematureCloses,
-        "observer_tcp_premature_closes_total",
-        "Connections that ended prematurely, each counted once, by how they ended.",
-        Some("kind"),
-    ),
-    (Family::Retransmits, "observer_tcp_retransmits_total", "Segments retransmitted, counted when the connection closes.", None),
-];
-
-const SERIES_FOLDED: (&str, &str) = (
-    "observer_series_folded_total",
-    "Counts put in a peer=\"other\" (or overflow) series instead of their own because of --max-peers / --max-series.",
-);
-const SERIES: (&str, &str) = ("observer_series", "Per-connection series currently exported.");
-
-impl ConnectionCollector {
-    fn new(connections: Arc<Mutex<Aggregator>>, reasons: Arc<OnceLock<ResetReasons>>) -> Self {
-        let mut descs: Vec<Desc> = FAMILIES
-            .iter()
-            .map(|(_, name, help, extra)| {
-                let mut labels: Vec<String> = ["comm", "role", "peer", "port", "container"].map(String::from).to_vec();
-                labels.extend(extra.map(String::from));
-                Desc::new(name.to_string(), help.to_string(), labels, Default::default()).expect("valid metric definition")
-            })
-            .collect();
-        for (name, help) in [SERIES_FOLDED, SERIES] {
-            descs.push(Desc::new(name.into(), help.into(), vec![], Default::default()).expect("valid metric definition"));
-        }
-        Self { connections, reasons, descs }
-    }
-
-    fn detail_label(&self, family: Family, key: &SeriesKey) -> Option<String> {
-        match family {
-            Family::ResetsSent => {
-                Some(self.reasons.get().map_or("not_specified", |r| r.label(key.detail)).to_string())
-            }
-            Family::PrematureCloses => Some(PrematureClose::from_index(key.detail).map_or("unknown", |k| k.label()).to_string()),
-            _ => None,
-        }
-    }
-}
-
-impl Collector for ConnectionCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let agg = self.connections.lock().unwrap_or_else(|e| e.into_inner());
-        let mut families = Vec::with_capacity(FAMILIES.len() + 2);
-        for (family, name, help, extra) in FAMILIES {
-            let metrics: Vec<Metric> = agg
-                .iter(family)
-                .map(|(key, value)| {
-                    let [comm, role, peer, port, container] = label_values(key);
-                    let mut labels = vec![pair("comm", comm), pair("container", container), pair("peer", peer), pair("port", port), pair("role", role)];
-                    if let (Some(extra), Some(v)) = (extra, self.detail_label(family, key)) {
-                        labels.push(pair(extra, v));
-                    }
-                    labels.sort_by(|a, b| a.name().cmp(b.name()));
-                    counter_metric(labels, value as f64)
-                })
-                .collect();
-            if !metrics.is_empty() {
-                families.push(family_of(name, help, MetricType::COUNTER, metrics));
-            }
-        }
-        families.push(family_of(SERIES_FOLDED.0, SERIES_FOLDED.1, MetricType::COUNTER, vec![counter_metric(vec![], agg.folded() as f64)]));
-        let mut gauge = Gauge::default();
-        gauge.set_value(agg.series() as f64);
-        let mut series = Metric::default();
-        series.set_gauge(gauge);
-        families.push(family_of(SERIES.0, SERIES.1, MetricType::GAUGE, vec![series]));
-        families
-    }
-}
-
-fn pair(name: &str, value: String) -> LabelPair {
-    let mut p = LabelPair::default();
-    p.set_name(name.to_string());
-    p.set_value(value);
-    p
-}
-
-fn counter_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
-    let mut c = Counter::default();
-    c.set_value(value);
-    let mut m = Metric::default();
-    m.set_label(labels);
-    m.set_counter(c);
-    m
-}
-
-fn family_of(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
-    let mut f = MetricFamily::default();
-    f.set_name(name.to_string());
-    f.set_help(help.to_string());
-    f.set_field_type(kind);
-    f.set_metric(metrics);
-    f
 }
 
 // Metric definitions are static: a failure here is a programming error caught by any test.
@@ -343,8 +241,3 @@ fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -
     collector
 }
 
-impl Clone for ConnectionCollector {
-    fn clone(&self) -> Self {
-        Self { connections: self.connections.clone(), reasons: self.reasons.clone(), descs: self.descs.clone() }
-    }
-}

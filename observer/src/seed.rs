@@ -28,13 +28,15 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 use observer_common::{AF_INET as AF_INET_U16, AF_INET6 as AF_INET6_U16, Endpoints, Owner, Role, SocketInfo, TASK_COMM_LEN, tcp_state};
 
 /// What start-up seeding found.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Seeded {
     pub namespaces: usize,
     /// Connections put into the map.
     pub connections: usize,
     /// Of those, with an owning process found in /proc.
     pub owned: usize,
+    /// The first error of each namespace whose sockets could not be listed.
+    pub failures: Vec<String>,
 }
 
 /// A process that holds a socket.
@@ -57,8 +59,10 @@ pub fn seed(map: &mut BpfHashMap<MapData, u64, SocketInfo>, netns_filter: Option
         }
         let sockets = match dump_in_namespace(pid) {
             Ok(sockets) => sockets,
+            // The process left, and perhaps its namespace with it: nothing to list.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                log::debug!("listing the sockets of network namespace {inode} (via pid {pid}): {e}");
+                seeded.failures.push(format!("network namespace {inode} (via pid {pid}): {e}"));
                 continue;
             }
         };

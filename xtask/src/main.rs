@@ -1,9 +1,11 @@
 //! `cargo xtask`: observer's set-up, build, run, test and bench tasks.
+mod bench;
 mod build;
 mod cmd;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -31,8 +33,9 @@ enum Task {
     Run(run::Args),
     /// Set up, then run the workspace's tests (as root: they load eBPF programs).
     Test(test::Args),
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Set up, build the daemon (release), then run the benchmarks (as root) and write
+    /// BENCHMARKS.md; `--quick` for a short trial run.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,12 +45,7 @@ fn main() -> ExitCode {
         Task::Build(args) => build::build(args).map(|()| ExitCode::SUCCESS),
         Task::Run(args) => run::run(args).map(|()| ExitCode::SUCCESS),
         Task::Test(args) => test::test(args),
-        Task::Bench => {
-            eprintln!(
-                "cargo xtask bench: not implemented yet (issue: Benchmarks, overload and fault tolerance)"
-            );
-            Ok(ExitCode::from(2))
-        }
+        Task::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(code) => code,

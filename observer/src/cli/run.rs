@@ -6,7 +6,7 @@ use clap::Args;
 use observer::{
     daemon::{self, DaemonOptions},
     metrics::Limits,
-    probes::ProbeOptions,
+    probes::{ProbeMode, ProbeOptions},
 };
 
 #[derive(Debug, Args)]
@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// one test). By default every namespace on the host is observed.
     #[arg(long, value_name = "PATH")]
     pub netns: Option<std::path::PathBuf>,
+    /// Kernel hooks to use: per hook the tracepoints if the kernel has them, else kprobes
+    /// (auto), or one back end for every hook.
+    #[arg(long, value_name = "BACKEND", value_enum, default_value_t = ProbeMode::Auto, env = "OBSERVER_PROBES")]
+    pub probes: ProbeMode,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -42,20 +46,37 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-/// Inode number of a network namespace file.
-fn netns_inode(path: &std::path::Path) -> anyhow::Result<u32> {
+/// Opens a network namespace file and returns it with its inode number. The caller keeps the
+/// file open while the daemon runs: an open namespace cannot die, so its inode number cannot be
+/// handed to a new namespace that the filter would then watch by mistake.
+fn open_netns(path: &std::path::Path) -> anyhow::Result<(std::fs::File, u32)> {
     use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).map_err(|e| {
-        anyhow::anyhow!("--netns {}: {e}; give a network namespace file such as /proc/PID/ns/net or /run/netns/NAME", path.display())
-    })?;
-    u32::try_from(meta.ino()).map_err(|_| anyhow::anyhow!("--netns {}: inode {} is not a namespace inode", path.display(), meta.ino()))
+    let hint = "give a network namespace file such as /proc/PID/ns/net or /run/netns/NAME";
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--netns {}: {e}; {hint}", path.display()))?;
+    let meta = file.metadata().map_err(|e| anyhow::anyhow!("--netns {}: {e}; {hint}", path.display()))?;
+    // SAFETY: fstatfs on an open fd into a zeroed statfs.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    let is_nsfs = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&file), &mut fs) } == 0 && fs.f_type == NSFS_MAGIC;
+    if !is_nsfs {
+        anyhow::bail!("--netns {}: not a namespace file; {hint}", path.display());
+    }
+    let inode = u32::try_from(meta.ino()).map_err(|_| anyhow::anyhow!("--netns {}: inode {} is not a namespace inode", path.display(), meta.ino()))?;
+    Ok((file, inode))
 }
 
+/// `NSFS_MAGIC` from linux/magic.h: the file system of /proc/PID/ns/*.
+const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let netns = args.netns.as_deref().map(netns_inode).transpose()?;
+    let netns = args.netns.as_deref().map(open_netns).transpose()?;
+    // Held open until the daemon exits (see open_netns).
+    let (_netns_file, netns) = match netns {
+        Some((file, inode)) => (Some(file), Some(inode)),
+        None => (None, None),
+    };
     daemon::run(DaemonOptions {
         listen: args.listen,
-        probes: ProbeOptions { ring_buffer_bytes: args.ring_buffer_size, max_sockets: args.max_sockets, netns },
+        probes: ProbeOptions { ring_buffer_bytes: args.ring_buffer_size, max_sockets: args.max_sockets, netns, mode: args.probes },
         limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },
     })
     .await

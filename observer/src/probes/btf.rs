@@ -7,9 +7,12 @@
 use std::{collections::BTreeMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{ABSENT, KernelOffsets};
+use observer_common::{ABSENT, KernelOffsets, KprobeArgs};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Modules whose BTF is searched for kprobed functions vmlinux lacks (IPv6 may be a module).
+const MODULES_WITH_PROBED_FUNCTIONS: [&str; 1] = ["ipv6"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -25,17 +28,88 @@ pub enum BtfError {
 /// The running kernel's type information.
 pub struct KernelBtf {
     btf: Btf,
+    /// Split BTF of the modules in [`MODULES_WITH_PROBED_FUNCTIONS`] that are loaded.
+    modules: Vec<Btf>,
 }
 
 impl KernelBtf {
     pub fn load() -> Result<Self, BtfError> {
-        Self::from_file(Path::new(VMLINUX_BTF))
+        let mut btf = Self::from_file(Path::new(VMLINUX_BTF))?;
+        for module in MODULES_WITH_PROBED_FUNCTIONS {
+            let path = Path::new(VMLINUX_BTF).with_file_name(module);
+            if let Ok(split) = Btf::from_split_file(&path, &btf.btf) {
+                btf.modules.push(split);
+            }
+        }
+        Ok(btf)
     }
 
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
         Btf::from_file(path)
-            .map(|btf| Self { btf })
+            .map(|btf| Self { btf, modules: Vec::new() })
             .map_err(|source| BtfError::Unavailable { path: path.display().to_string(), source })
+    }
+
+    /// The parameter names of kernel function `func`, in order, from its prototype in BTF
+    /// (vmlinux, then the modules searched).
+    pub fn function_params(&self, func: &str) -> Result<Vec<String>, BtfError> {
+        for btf in std::iter::once(&self.btf).chain(&self.modules) {
+            let Ok(types) = btf.resolve_types_by_name(func) else { continue };
+            for ty in types {
+                let Type::Func(f) = ty else { continue };
+                let Ok(Type::FuncProto(proto)) = btf.resolve_chained_type(&f) else { continue };
+                return Ok(proto.parameters.iter().map(|p| btf.resolve_name(p).unwrap_or_default()).collect());
+            }
+        }
+        Err(BtfError::Missing(format!("function {func}")))
+    }
+
+    /// Position of parameter `param` of `func`; `None` when the function has no such parameter
+    /// or is not in BTF.
+    pub fn param_index(&self, func: &str, param: &str) -> Option<u32> {
+        let params = self.function_params(func).ok()?;
+        params.iter().position(|p| p == param).and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// Where the kprobed functions keep their arguments: the `reason` of the reset senders
+    /// exists since 6.10, and its position differs (`tcp_send_active_reset(sk, reason)` on
+    /// Debian's 6.12, `(sk, priority, reason)` on 6.18).
+    pub fn kprobe_args(&self) -> KprobeArgs {
+        let reason = |func| self.param_index(func, "reason").unwrap_or(ABSENT);
+        KprobeArgs {
+            active_reset_reason: reason("tcp_send_active_reset"),
+            v4_reset_reason: reason("tcp_v4_send_reset"),
+            v6_reset_reason: reason("tcp_v6_send_reset"),
+        }
+    }
+
+    /// Fills in the struct offsets only the kprobe back end uses (a socket's endpoints from
+    /// `sock_common`, a segment's from its headers). Missing members stay [`ABSENT`] and are
+    /// reported in `missing`.
+    pub fn kprobe_offsets(&self, offsets: &mut KernelOffsets, missing: &mut Vec<String>) {
+        let mut get = |path: &str| match self.member_offset(path) {
+            Ok(off) => off,
+            Err(e) => {
+                missing.push(e.to_string());
+                ABSENT
+            }
+        };
+        offsets.sock_family = get("sock.__sk_common.skc_family");
+        offsets.sock_num = get("sock.__sk_common.skc_num");
+        offsets.sock_dport = get("sock.__sk_common.skc_dport");
+        offsets.sock_rcv_saddr = get("sock.__sk_common.skc_rcv_saddr");
+        offsets.sock_daddr = get("sock.__sk_common.skc_daddr");
+        offsets.sock_v6_rcv_saddr = get("sock.__sk_common.skc_v6_rcv_saddr");
+        offsets.sock_v6_daddr = get("sock.__sk_common.skc_v6_daddr");
+        offsets.skb_head = get("sk_buff.head");
+        offsets.skb_network_header = get("sk_buff.network_header");
+        offsets.skb_transport_header = get("sk_buff.transport_header");
+        offsets.iphdr_saddr = get("iphdr.saddr");
+        offsets.iphdr_daddr = get("iphdr.daddr");
+        offsets.ipv6hdr_saddr = get("ipv6hdr.saddr");
+        offsets.ipv6hdr_daddr = get("ipv6hdr.daddr");
+        offsets.tcphdr_source = get("tcphdr.source");
+        offsets.tcphdr_dest = get("tcphdr.dest");
     }
 
     /// Byte offset of `path` (`"sock.__sk_common.skc_state"`): a struct name followed by member
@@ -166,6 +240,8 @@ impl KernelBtf {
             tcp_data_segs_in: get("tcp_sock.data_segs_in"),
             tcp_data_segs_out: get("tcp_sock.data_segs_out"),
             sock_cookie: get("sock.__sk_common.skc_cookie"),
+            // Filled by `kprobe_offsets`.
+            ..KernelOffsets::ABSENT
         }
     }
 
@@ -278,5 +354,33 @@ mod tests {
         let reasons = ResetReasons::from_btf(&btf);
         assert_eq!(reasons.label(reasons.value_of("no_socket").unwrap()), "no_socket");
         assert!(reasons.value_of("tcp_abort_on_close").is_some());
+    }
+
+    /// The kprobe back end's offsets and argument positions, from this machine's BTF.
+    #[test]
+    fn running_kernel_btf_has_what_the_kprobes_need() {
+        let btf = KernelBtf::load().expect("observer's tests need a kernel with BTF");
+        let mut offsets = KernelOffsets::ABSENT;
+        let mut missing = Vec::new();
+        btf.kprobe_offsets(&mut offsets, &mut missing);
+        assert!(missing.is_empty(), "missing: {missing:?}");
+        // Wire formats: these never move.
+        assert_eq!((offsets.iphdr_saddr, offsets.iphdr_daddr), (12, 16));
+        assert_eq!((offsets.ipv6hdr_saddr, offsets.ipv6hdr_daddr), (8, 24));
+        assert_eq!((offsets.tcphdr_source, offsets.tcphdr_dest), (0, 2));
+        // struct sock_common starts with the address pair (daddr, rcv_saddr); the port pair
+        // (dport, num) follows the hash.
+        assert_eq!((offsets.sock_daddr, offsets.sock_rcv_saddr), (0, 4));
+        assert_eq!(offsets.sock_num, offsets.sock_dport + 2);
+        assert_eq!(btf.function_params("tcp_set_state").unwrap(), ["sk", "state"]);
+        assert_eq!(btf.function_params("tcp_reset").unwrap()[0], "sk");
+        assert_eq!(btf.function_params("tcp_v4_destroy_sock").unwrap(), ["sk"]);
+        // 6.10+ (this host is newer): every reset sender takes a reason.
+        let args = btf.kprobe_args();
+        for index in [args.active_reset_reason, args.v4_reset_reason, args.v6_reset_reason] {
+            assert!(observer_common::KPROBE_REASON_ARGS.contains(&index), "{args:?}");
+        }
+        assert_eq!(btf.param_index("tcp_set_state", "reason"), None);
+        assert_eq!(btf.param_index("no_such_function_in_any_kernel", "sk"), None);
     }
 }

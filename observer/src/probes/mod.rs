@@ -1,24 +1,34 @@
 //! Loading and attaching the kernel programs.
 //!
-//! Start-up reads the running kernel's record layouts (tracefs) and struct offsets (BTF), hands
-//! them to the programs as the `CONFIG` global, loads the object embedded in this binary, and
-//! attaches each program whose hook this kernel has. A missing hook is a warning and shows in
-//! the status; no hook at all is an error.
+//! Start-up reads the running kernel's record layouts (tracefs), struct offsets and function
+//! prototypes (BTF), hands them to the programs as the `CONFIG` global, loads the object
+//! embedded in this binary, picks a back end per hook (`select`: the tracepoints where the
+//! kernel has them, kprobes otherwise, or what `--probes` forces) and attaches that back end's
+//! programs. A program whose hook point is missing is a warning and shows in the status; nothing
+//! attached at all is an error.
 
 pub mod btf;
+pub mod select;
 pub mod tracefs;
 
-use std::{fs, io};
+use std::{
+    collections::HashSet,
+    fs,
+    io::{self, BufRead as _},
+    path::Path,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{KProbe, TracePoint},
 };
-use observer_common::{ProbeConfig, ProbeId, counter};
+use observer_common::{ABSENT, AttachPoint, Backend, KernelOffsets, ProbeConfig, ProbeId, counter};
 
+pub use self::select::ProbeMode;
 use self::{
     btf::{KernelBtf, ResetReasons},
+    select::Unavailable,
     tracefs::{EventFormat, TracefsError},
 };
 
@@ -47,7 +57,7 @@ pub enum LoadError {
     Map { name: &'static str, source: aya::maps::MapError },
 }
 
-/// Sizes of the kernel-side buffers.
+/// Sizes of the kernel-side buffers, and which back ends to use.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeOptions {
     /// Bytes in the event ring buffer (a power of two, multiple of the page size).
@@ -56,13 +66,20 @@ pub struct ProbeOptions {
     pub max_sockets: u32,
     /// Observe only the network namespace with this inode number.
     pub netns: Option<u32>,
+    /// `--probes`: the back end of every hook, or `auto` to pick per hook.
+    pub mode: ProbeMode,
 }
 
 /// What became of one probe.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeStatus {
     pub probe: &'static str,
-    /// `tracepoint/<category>/<name>`.
+    /// The logical hook it serves (`set_state`, `receive_reset`, `send_reset`, `destroy`,
+    /// `accept`).
+    pub hook: &'static str,
+    /// `tracepoint` or `kprobe`: the back end chosen for its hook.
+    pub backend: &'static str,
+    /// `tracepoint/<category>/<name>`, `kprobe/<function>` or `kretprobe/<function>`.
     pub attach: String,
     /// `attached`, `unavailable` (this kernel lacks the hook) or `failed`.
     pub state: &'static str,
@@ -114,86 +131,214 @@ pub fn check_permissions() -> Result<(), LoadError> {
     if has_bpf_capabilities() { Ok(()) } else { Err(LoadError::Permission) }
 }
 
-/// Loads and attaches every probe the running kernel offers.
-pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
-    check_permissions()?;
-    raise_memlock_limit();
+/// What the running kernel offers, read before anything is loaded.
+struct KernelSetup {
+    config: ProbeConfig,
+    /// Programs that cannot be attached here, and why.
+    unavailable: Unavailable,
+    reasons: ResetReasons,
+    degraded: Vec<String>,
+    /// BTF members only the kprobe back end uses that this kernel lacks.
+    kprobe_missing: Vec<String>,
+}
 
+/// Where the kernel lists its kprobe PMU (4.17+); older kernels create kprobes in tracefs.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
+const KALLSYMS: &str = "/proc/kallsyms";
+
+/// Reads record layouts, BTF and the kernel's kprobe support into a configuration and the list
+/// of programs that cannot be attached.
+fn kernel_setup() -> Result<KernelSetup, LoadError> {
     let root = tracefs::tracefs_root()?;
     let mut config = ProbeConfig::ABSENT;
-    let mut unavailable: Vec<(ProbeId, String)> = Vec::new();
+    let mut unavailable = Unavailable::new();
     for probe in ProbeId::ALL {
-        let (category, name) = probe.tracepoint();
+        let AttachPoint::Tracepoint(category, name) = probe.attach_point() else { continue };
         let format = match tracefs::read_format(&root, category, name)? {
             Some(format) => format,
             None => {
-                unavailable.push((probe, format!("this kernel has no tracepoint {category}:{name}")));
+                unavailable.insert(probe, format!("this kernel has no tracepoint {category}:{name}"));
                 continue;
             }
         };
         if let Err(e) = fill_config(&mut config, probe, &format) {
-            unavailable.push((probe, e.to_string()));
+            unavailable.insert(probe, e.to_string());
         }
     }
 
     let mut degraded = Vec::new();
-    let reasons = match KernelBtf::load() {
+    let mut kprobe_missing = Vec::new();
+    let (reasons, btf_error) = match KernelBtf::load() {
         Ok(btf) => {
             config.kernel = btf.kernel_offsets(&mut degraded);
+            btf.kprobe_offsets(&mut config.kernel, &mut kprobe_missing);
+            config.kprobe = btf.kprobe_args();
+            let args = &mut config.kprobe;
+            for (function, index) in [
+                ("tcp_send_active_reset", &mut args.active_reset_reason),
+                ("tcp_v4_send_reset", &mut args.v4_reset_reason),
+                ("tcp_v6_send_reset", &mut args.v6_reset_reason),
+            ] {
+                if *index != ABSENT && !observer_common::KPROBE_REASON_ARGS.contains(index) {
+                    kprobe_missing.push(format!("{function}() takes its reason as argument {index}, which the kprobe is not built to read: its resets are reported as not_specified"));
+                    *index = ABSENT;
+                }
+            }
             let reasons = ResetReasons::from_btf(&btf);
             if reasons.is_empty() {
                 degraded.push("kernel has no enum sk_rst_reason (before 6.10): reset reasons are reported as not_specified".into());
             }
-            reasons
+            (reasons, None)
         }
         Err(e) => {
             degraded.push(format!("{e}; process attribution at accept(), unread bytes and reset reasons are unavailable"));
-            ResetReasons::default()
+            (ResetReasons::default(), Some(e.to_string()))
         }
     };
 
+    let kprobes = kprobe_support(&root);
+    let functions = kernel_functions();
+    for probe in ProbeId::ALL {
+        let Some(function) = probe.attach_point().function() else { continue };
+        let why = if let Err(why) = &kprobes {
+            why.clone()
+        } else if let Some(e) = &btf_error {
+            format!("kprobes need the kernel's BTF for struct offsets: {e}")
+        } else if functions.as_ref().is_ok_and(|f| !f.contains(function)) {
+            format!("this kernel has no function {function} to probe (not in {KALLSYMS}: not built, inlined or renamed)")
+        } else if let missing = missing_kprobe_offsets(probe, &config.kernel)
+            && !missing.is_empty()
+        {
+            format!("kernel BTF lacks {}", missing.join(", "))
+        } else {
+            continue;
+        };
+        unavailable.insert(probe, why);
+    }
+    if let Err(e) = &functions {
+        log::debug!("{KALLSYMS}: {e}; assuming the kprobed functions exist");
+    }
+    Ok(KernelSetup { config, unavailable, reasons, degraded, kprobe_missing })
+}
+
+/// Whether kprobes can be created: a kprobe PMU, or tracefs's `kprobe_events` (before 4.17).
+fn kprobe_support(tracefs_root: &Path) -> Result<(), String> {
+    if Path::new(KPROBE_PMU).exists() || tracefs_root.join("kprobe_events").exists() {
+        Ok(())
+    } else {
+        Err(format!(
+            "this kernel has no kprobes (no {KPROBE_PMU}, no kprobe_events in tracefs: it was built without CONFIG_KPROBES)"
+        ))
+    }
+}
+
+/// The kprobed functions the kernel has (text symbols in /proc/kallsyms, modules included).
+fn kernel_functions() -> io::Result<HashSet<String>> {
+    let wanted: HashSet<&str> = ProbeId::ALL.iter().filter_map(|p| p.attach_point().function()).collect();
+    let mut found = HashSet::new();
+    for line in io::BufReader::new(fs::File::open(KALLSYMS)?).lines() {
+        let line = line?;
+        let mut parts = line.split_ascii_whitespace();
+        let (Some(_addr), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if matches!(kind, "t" | "T") && wanted.contains(name) {
+            found.insert(name.to_string());
+        }
+    }
+    Ok(found)
+}
+
+/// The BTF members a kprobe program cannot work without that this kernel lacks.
+fn missing_kprobe_offsets(probe: ProbeId, k: &KernelOffsets) -> Vec<&'static str> {
+    let mut needed = vec![
+        ("sock_common.skc_state", k.sock_state),
+        ("sock_common.skc_family", k.sock_family),
+        ("sock_common.skc_num", k.sock_num),
+        ("sock_common.skc_dport", k.sock_dport),
+        ("sock_common.skc_rcv_saddr", k.sock_rcv_saddr),
+        ("sock_common.skc_daddr", k.sock_daddr),
+    ];
+    if matches!(probe, ProbeId::TcpV4SendReset | ProbeId::TcpV6SendReset) {
+        needed.extend([
+            ("sk_buff.head", k.skb_head),
+            ("sk_buff.network_header", k.skb_network_header),
+            ("sk_buff.transport_header", k.skb_transport_header),
+            ("tcphdr.source", k.tcphdr_source),
+            ("tcphdr.dest", k.tcphdr_dest),
+            ("iphdr.saddr", k.iphdr_saddr),
+            ("iphdr.daddr", k.iphdr_daddr),
+        ]);
+    }
+    needed.into_iter().filter(|(_, offset)| *offset == ABSENT).map(|(name, _)| name).collect()
+}
+
+/// Loads the object with `config` as `CONFIG` (maps created, no program loaded yet).
+fn load_object(config: &ProbeConfig, ring_buffer_bytes: u32, max_sockets: u32) -> Result<Ebpf, LoadError> {
+    EbpfLoader::new()
+        .override_global("CONFIG", config, true)
+        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .map_max_entries("SOCKETS", max_sockets)
+        .load(EBPF_OBJECT)
+        .map_err(|e| if is_permission_error(&e) { LoadError::Permission } else { LoadError::Load(e) })
+}
+
+/// Loads and attaches, per hook, the back end the running kernel offers (or `--probes` forces).
+pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
+    check_permissions()?;
+    raise_memlock_limit();
+
+    let KernelSetup { mut config, unavailable, reasons, mut degraded, kprobe_missing } = kernel_setup()?;
+    let choices = select::choose(options.mode, &unavailable);
+    if choices.iter().any(|c| c.backend == Backend::Kprobe) {
+        degraded.extend(kprobe_missing.into_iter().map(|m| format!("{m} (used by the kprobe back end)")));
+    }
+
     if let Some(inum) = options.netns {
         let k = &config.kernel;
-        if [k.sock_net, k.net_inum, k.skb_dev, k.netdev_net].contains(&observer_common::ABSENT) {
+        if [k.sock_net, k.net_inum, k.skb_dev, k.netdev_net].contains(&ABSENT) {
             return Err(LoadError::NetnsFilter("one of sock.__sk_common.skc_net, net.ns.inum, sk_buff.dev, net_device.nd_net".into()));
         }
         config.netns_filter = inum;
     }
 
-    let mut ebpf = EbpfLoader::new()
-        .override_global("CONFIG", &config, true)
-        .map_max_entries("EVENTS", options.ring_buffer_bytes)
-        .map_max_entries("SOCKETS", options.max_sockets)
-        .load(EBPF_OBJECT)
-        .map_err(|e| if is_permission_error(&e) { LoadError::Permission } else { LoadError::Load(e) })?;
+    let mut ebpf = load_object(&config, options.ring_buffer_bytes, options.max_sockets)?;
     // Must be initialised before the programs load: it owns the log map they reference.
     let logger = aya_log::EbpfLogger::init(&mut ebpf)
         .inspect_err(|e| log::warn!("kernel-side log messages unavailable: {e}"))
         .ok();
 
     let mut statuses = Vec::new();
-    for probe in ProbeId::ALL {
-        let (category, name) = probe.tracepoint();
-        let attach = format!("tracepoint/{category}/{name}");
-        if let Some((_, why)) = unavailable.iter().find(|(p, _)| *p == probe) {
-            log::warn!("probe {} not attached: {why}", probe.name());
-            statuses.push(ProbeStatus { probe: probe.name(), attach, state: "unavailable", error: Some(why.clone()) });
-            continue;
-        }
-        match attach_tracepoint(&mut ebpf, probe, category, name) {
-            Ok(()) => {
-                log::info!("probe {} attached to {attach}", probe.name());
-                statuses.push(ProbeStatus { probe: probe.name(), attach, state: "attached", error: None });
+    for choice in &choices {
+        let labels: Vec<String> = choice.programs.iter().map(|p| select::attach_label(*p)).collect();
+        log::info!("hook {}: {} ({}; {})", choice.hook.name(), choice.backend.name(), labels.join(", "), choice.why);
+        for &probe in &choice.programs {
+            let attach = select::attach_label(probe);
+            let status = |state, error| ProbeStatus {
+                probe: probe.name(),
+                hook: choice.hook.name(),
+                backend: choice.backend.name(),
+                attach: attach.clone(),
+                state,
+                error,
+            };
+            if let Some(why) = unavailable.get(&probe) {
+                log::warn!("probe {} not attached: {why}", probe.name());
+                statuses.push(status("unavailable", Some(why.clone())));
+                continue;
             }
-            Err(e) => {
-                log::warn!("probe {} failed to attach to {attach}: {e}", probe.name());
-                statuses.push(ProbeStatus { probe: probe.name(), attach, state: "failed", error: Some(e) });
+            match attach_program(&mut ebpf, probe) {
+                Ok(()) => {
+                    log::info!("probe {} attached to {attach}", probe.name());
+                    statuses.push(status("attached", None));
+                }
+                Err(e) => {
+                    log::warn!("probe {} failed to attach to {attach}: {e}", probe.name());
+                    statuses.push(status("failed", Some(e)));
+                }
             }
         }
     }
     if statuses.iter().all(|s| s.state != "attached") {
-        let why: Vec<String> = statuses.iter().filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.probe))).collect();
-        return Err(LoadError::NothingAttached(why.join("; ")));
+        return Err(LoadError::NothingAttached(nothing_attached(&statuses)));
     }
     for d in &degraded {
         log::warn!("{d}");
@@ -210,6 +355,19 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     Ok(LoadedProbes { statuses, reasons, degraded, events, counters: KernelCounters { map: counters }, sockets, seeds, logger, ebpf })
 }
 
+/// Why nothing could be attached: each distinct error once, with the probes it stopped.
+fn nothing_attached(statuses: &[ProbeStatus]) -> String {
+    let mut errors: Vec<(&str, Vec<&str>)> = Vec::new();
+    for s in statuses {
+        let error = s.error.as_deref().unwrap_or("not attached");
+        match errors.iter_mut().find(|(e, _)| *e == error) {
+            Some((_, probes)) => probes.push(s.probe),
+            None => errors.push((error, vec![s.probe])),
+        }
+    }
+    errors.iter().map(|(error, probes)| format!("{}: {error}", probes.join(", "))).collect::<Vec<_>>().join("; ")
+}
+
 fn fill_config(config: &mut ProbeConfig, probe: ProbeId, format: &EventFormat) -> Result<(), TracefsError> {
     match probe {
         ProbeId::InetSockSetState => config.set_state = format.set_state_fields()?,
@@ -218,18 +376,49 @@ fn fill_config(config: &mut ProbeConfig, probe: ProbeId, format: &EventFormat) -
         ProbeId::TcpDestroySock => config.destroy_sock = format.sk_tuple_fields()?,
         ProbeId::SysExitAccept4 => config.accept4_ret = format.required("ret")?,
         ProbeId::SysExitAccept => config.accept_ret = format.required("ret")?,
+        // Kprobes read no tracepoint record.
+        ProbeId::TcpSetState
+        | ProbeId::TcpReset
+        | ProbeId::TcpSendActiveReset
+        | ProbeId::TcpV4SendReset
+        | ProbeId::TcpV6SendReset
+        | ProbeId::TcpV4DestroySock
+        | ProbeId::InetCskAccept => {}
     }
     Ok(())
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, probe: ProbeId, category: &str, name: &str) -> Result<(), String> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(probe.name())
-        .ok_or_else(|| "program missing from the eBPF object".to_string())?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| format!("verifier rejected it: {e}"))?;
-    program.attach(category, name).map_err(|e| format!("{e}"))?;
+/// Runs `probe`'s program through the verifier (loads it into the kernel) without attaching.
+fn load_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), String> {
+    let program = ebpf.program_mut(probe.name()).ok_or_else(|| "program missing from the eBPF object".to_string())?;
+    let loaded = match probe.attach_point() {
+        AttachPoint::Tracepoint(..) => <&mut TracePoint>::try_from(program).map_err(|e| e.to_string())?.load(),
+        AttachPoint::Kprobe(_) | AttachPoint::Kretprobe(_) => <&mut KProbe>::try_from(program).map_err(|e| e.to_string())?.load(),
+    };
+    loaded.map_err(|e| format!("verifier rejected it: {}", verifier_error(&e)))
+}
+
+/// The error with the verifier's log when there is one.
+fn verifier_error(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => format!("{io_error}\n{verifier_log}"),
+        other => other.to_string(),
+    }
+}
+
+fn attach_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), String> {
+    load_program(ebpf, probe)?;
+    let program = ebpf.program_mut(probe.name()).ok_or_else(|| "program missing from the eBPF object".to_string())?;
+    match probe.attach_point() {
+        AttachPoint::Tracepoint(category, name) => {
+            let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            program.attach(category, name).map_err(|e| format!("{e}"))?;
+        }
+        AttachPoint::Kprobe(function) | AttachPoint::Kretprobe(function) => {
+            let program: &mut KProbe = program.try_into().map_err(|e| format!("{e}"))?;
+            program.attach(function, 0).map_err(|e| format!("{e}"))?;
+        }
+    }
     Ok(())
 }
 
@@ -270,4 +459,78 @@ fn raise_memlock_limit() {
 /// `uname -r` of the running kernel.
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Older kernels' layouts on top of this machine's: the verifier prunes branches on the
+    /// (read-only, frozen) `CONFIG` values, so each variant checks other code paths.
+    fn older_layouts(mut config: ProbeConfig) -> ProbeConfig {
+        // < 5.6: u8 protocol; < 5.12: no family; < 6.10: split tcp_send_reset tuple, no reason.
+        config.set_state.protocol_size = 1;
+        config.set_state.tuple.family = ABSENT;
+        config.receive_reset.family = ABSENT;
+        config.send_reset.tuple = config.receive_reset;
+        config.send_reset.saddr_sockaddr = ABSENT;
+        config.send_reset.daddr_sockaddr = ABSENT;
+        config.send_reset.reason = ABSENT;
+        // < 6.10: the reset senders take no reason; no IPv6; a namespace filter.
+        config.kprobe = observer_common::KprobeArgs::ABSENT;
+        config.kernel.sock_v6_daddr = ABSENT;
+        config.kernel.sock_v6_rcv_saddr = ABSENT;
+        config.kernel.sock_done_bit = ABSENT;
+        config.netns_filter = 4026531840;
+        config
+    }
+
+    /// Every program of every back end, tracepoints and kprobes, through the kernel's verifier
+    /// (loaded, not attached: a kprobe program loads on a kernel without a kprobe PMU). Needs
+    /// root, like the end-to-end tests.
+    #[test]
+    fn every_program_of_every_back_end_passes_the_verifier() {
+        assert!(has_bpf_capabilities(), "loading programs through the verifier needs root (CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN)");
+        raise_memlock_limit();
+        let setup = kernel_setup().expect("reading tracefs and BTF");
+        // Debian's 6.12: tcp_send_active_reset(sk, reason).
+        let mut second_arg_reason = setup.config;
+        second_arg_reason.kprobe.active_reset_reason = 1;
+        let configs = [
+            ("this kernel", setup.config),
+            ("older layouts", older_layouts(setup.config)),
+            ("reason second", second_arg_reason),
+            ("nothing known", ProbeConfig::ABSENT),
+        ];
+        let mut failures = Vec::new();
+        for (what, config) in configs {
+            let mut ebpf = load_object(&config, 4096, 1024).expect("loading the object");
+            for probe in ProbeId::ALL {
+                match load_program(&mut ebpf, probe) {
+                    Ok(()) => println!("verifier: {what}: {} ({}) loaded", probe.name(), select::attach_label(probe)),
+                    Err(e) => failures.push(format!("{what}: {}: {e}", probe.name())),
+                }
+            }
+        }
+        assert!(failures.is_empty(), "rejected by the verifier:\n{}", failures.join("\n"));
+    }
+
+    /// On this machine (tracepoints, no kprobes) `auto` picks the tracepoints for every hook,
+    /// and the kprobe programs are reported unavailable with a reason.
+    #[test]
+    fn this_machine_offers_tracepoints() {
+        let setup = kernel_setup().expect("reading tracefs and BTF");
+        let choices = select::choose(ProbeMode::Auto, &setup.unavailable);
+        assert!(choices.iter().all(|c| c.backend == Backend::Tracepoint), "{choices:?}");
+        for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Tracepoint) {
+            assert!(!setup.unavailable.contains_key(&probe), "{}: {:?}", probe.name(), setup.unavailable.get(&probe));
+        }
+        if kprobe_support(&tracefs::tracefs_root().unwrap()).is_err() {
+            for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Kprobe) {
+                assert!(setup.unavailable[&probe].contains("no kprobes"), "{}", setup.unavailable[&probe]);
+            }
+        }
+        let functions = kernel_functions().unwrap();
+        assert!(functions.contains("tcp_set_state") && functions.contains("inet_csk_accept"), "{functions:?}");
+    }
 }

@@ -52,6 +52,7 @@ fn main() {
         Trial::test("connections_open_before_start_are_seeded_from_the_socket_table", intelligence::connections_open_before_start),
         Trial::test("status_api_healthz_and_info_metrics_list_every_probe", status_lists_every_probe),
         Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", status_command),
+        Trial::test("probes_flag_forces_a_back_end_for_every_hook", forced_back_end),
         Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", bad_listen_address),
         Trial::test("sigterm_detaches_every_program_and_exits_zero", sigterm_detaches),
         Trial::test("full_ring_buffer_is_counted_seen_plus_lost_is_exact_and_daemon_recovers", reliability::overflow_accounting),
@@ -173,7 +174,8 @@ fn refused_checks(s: &Scenario) -> Result<(), Failed> {
     let n = N as u64;
     check("client premature refused", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "refused"))), n)?;
     check("client premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]), n)?;
-    let expected_no_socket = if kernel_version() >= (6, 10) { n } else { 0 }; // traced since 6.10
+    // The tracepoint traces them since 6.10; the kprobe on tcp_v{4,6}_send_reset on every kernel.
+    let expected_no_socket = if kernel_version() >= (6, 10) || expected_probes().0 == "kprobe" { n } else { 0 };
     check("no-socket resets sent", m.sum("observer_tcp_resets_sent_total", &with(&no_socket, ("reason", active_reason("no_socket")))), expected_no_socket)?;
     check("resets sent attributed to the client", m.sum("observer_tcp_resets_sent_total", &[("comm", cli)]), 0)?;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
@@ -213,7 +215,7 @@ fn with<'a>(base: &[(&'a str, &'a str)], extra: (&'a str, &'a str)) -> Vec<(&'a 
     v
 }
 
-const PROBES: [(&str, &str); 6] = [
+const TRACEPOINT_PROBES: [(&str, &str); 6] = [
     ("inet_sock_set_state", "tracepoint/sock/inet_sock_set_state"),
     ("tcp_receive_reset", "tracepoint/tcp/tcp_receive_reset"),
     ("tcp_send_reset", "tracepoint/tcp/tcp_send_reset"),
@@ -221,6 +223,26 @@ const PROBES: [(&str, &str); 6] = [
     ("sys_exit_accept4", "tracepoint/syscalls/sys_exit_accept4"),
     ("sys_exit_accept", "tracepoint/syscalls/sys_exit_accept"),
 ];
+
+const KPROBE_PROBES: [(&str, &str); 7] = [
+    ("tcp_set_state", "kprobe/tcp_set_state"),
+    ("tcp_reset", "kprobe/tcp_reset"),
+    ("tcp_send_active_reset", "kprobe/tcp_send_active_reset"),
+    ("tcp_v4_send_reset", "kprobe/tcp_v4_send_reset"),
+    ("tcp_v6_send_reset", "kprobe/tcp_v6_send_reset"),
+    ("tcp_v4_destroy_sock", "kprobe/tcp_v4_destroy_sock"),
+    ("inet_csk_accept", "kretprobe/inet_csk_accept"),
+];
+
+/// The daemons this suite starts inherit `OBSERVER_PROBES` (`observer run --probes`): with
+/// `kprobe` (on a kernel that has kprobes) the whole suite runs on the kprobe back end.
+/// Otherwise `auto` picks the tracepoints, which every kernel this suite runs on has.
+fn expected_probes() -> (&'static str, &'static [(&'static str, &'static str)]) {
+    match std::env::var("OBSERVER_PROBES").as_deref() {
+        Ok("kprobe") => ("kprobe", &KPROBE_PROBES),
+        _ => ("tracepoint", &TRACEPOINT_PROBES),
+    }
+}
 
 fn status_lists_every_probe() -> Result<(), Failed> {
     let daemon = shared_daemon()?;
@@ -240,15 +262,19 @@ fn status_lists_every_probe() -> Result<(), Failed> {
         }
     }
     let probes = status["probes"].as_array().ok_or("probes is not a list")?;
-    for (name, attach) in PROBES {
+    let (backend, expected) = expected_probes();
+    for &(name, attach) in expected {
         let p = probes.iter().find(|p| p["probe"] == name).ok_or_else(|| format!("probe {name} missing from status: {body}"))?;
-        if p["attach"] != attach || p["state"] != "attached" {
+        if p["attach"] != attach || p["state"] != "attached" || p["backend"] != backend || !p["hook"].is_string() {
             return Err(format!("probe {name}: {p}").into());
         }
     }
+    if probes.len() != expected.len() {
+        return Err(format!("status lists probes of a back end not chosen: {body}").into());
+    }
     let m: Metrics = daemon.metrics()?;
-    for (name, attach) in PROBES {
-        check(&format!("observer_probe_info {name}"), m.sum("observer_probe_info", &[("probe", name), ("attach", attach)]), 1)?;
+    for &(name, attach) in expected {
+        check(&format!("observer_probe_info {name}"), m.sum("observer_probe_info", &[("probe", name), ("attach", attach), ("backend", backend)]), 1)?;
     }
     check("observer_build_info", m.sum("observer_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1)?;
     for name in ["observer_events_lost_total", "observer_events_unattributed_total"] {
@@ -266,7 +292,7 @@ fn status_command() -> Result<(), Failed> {
     if !out.status.success() {
         return Err(format!("observer status failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
-    for (name, attach) in PROBES {
+    for &(name, attach) in expected_probes().1 {
         if !text.lines().any(|l| l.starts_with(name) && l.contains("attached") && l.contains(attach)) {
             return Err(format!("observer status does not show {name} attached:\n{text}").into());
         }
@@ -282,6 +308,44 @@ fn status_command() -> Result<(), Failed> {
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || !err.contains("cannot reach an observer daemon at") || !err.contains("--endpoint") {
         return Err(format!("status against nothing: {} / {err}", out.status).into());
+    }
+    Ok(())
+}
+
+/// `--probes kprobe` on a kernel without kprobes (this project's machines) is a clear error
+/// naming what is missing; where the kernel has them, every hook runs on kprobes.
+/// `--probes tracepoint` runs every hook on tracepoints.
+fn forced_back_end() -> Result<(), Failed> {
+    if std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        let daemon = Daemon::start(&["--probes", "kprobe"])?;
+        let (_, body) = daemon.get("/api/v1/status")?;
+        let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+        let probes = status["probes"].as_array().ok_or("probes is not a list")?;
+        for &(name, attach) in &KPROBE_PROBES {
+            if !probes.iter().any(|p| p["probe"] == name && p["attach"] == attach && p["backend"] == "kprobe" && p["state"] == "attached") {
+                return Err(format!("--probes kprobe: {name} not attached to {attach}: {body}").into());
+            }
+        }
+    } else {
+        let out = Command::new(OBSERVER)
+            .args(["run", "--listen", "127.0.0.1:0", "--probes", "kprobe"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success()
+            || !err.contains("none of observer's probes could be attached")
+            || !err.contains("no kprobes")
+            || !err.contains("tcp_set_state")
+        {
+            return Err(format!("--probes kprobe without kprobes: {} / {err}", out.status).into());
+        }
+    }
+    let daemon = Daemon::start(&["--probes", "tracepoint"])?;
+    let (_, body) = daemon.get("/api/v1/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+    let probes = status["probes"].as_array().ok_or("probes is not a list")?;
+    if probes.len() != TRACEPOINT_PROBES.len() || probes.iter().any(|p| p["backend"] != "tracepoint" || p["state"] != "attached") {
+        return Err(format!("--probes tracepoint: {body}").into());
     }
     Ok(())
 }
@@ -332,16 +396,16 @@ fn sigterm_detaches() -> Result<(), Failed> {
     let mut daemon = Daemon::start(&[])?;
     let pid = daemon.child.id();
     let ours = programs_of(pid)?;
-    check("programs held by the daemon", ours.len() as u64, PROBES.len() as u64)?;
+    check("programs held by the daemon", ours.len() as u64, expected_probes().1.len() as u64)?;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + harness::PATIENCE;
     let status = loop {
         if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
             break status;
         }
         if Instant::now() > deadline {
-            return Err("daemon still running 10 s after SIGTERM".into());
+            return Err(format!("daemon still running {} s after SIGTERM", harness::PATIENCE.as_secs()).into());
         }
         std::thread::sleep(Duration::from_millis(20));
     };

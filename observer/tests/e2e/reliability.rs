@@ -13,7 +13,7 @@ use libtest_mimic::Failed;
 
 use crate::{
     N, check,
-    harness::{Daemon, Metrics, kernel_version},
+    harness::{Daemon, Metrics, PATIENCE, kernel_version},
     programs_of, all_program_ids,
     traffic::{Mode, Scenario},
     with,
@@ -89,7 +89,6 @@ pub fn cardinality_attack() -> Result<(), Failed> {
     let daemon = Daemon::start(&["--netns", &ns.path, "--max-peers", "50", "--max-series", &max_series.to_string()])?;
     ns.round()?; // 10,000 distinct peers
     ns.round_of(Mode::PortScan, 1000)?; // 1,000 closed ports
-    ns.release()?;
     let (srv, cli) = (s.server_comm, s.client_comm);
     let n = s.connections as u64;
     // The daemon sees only this namespace: every series must settle.
@@ -101,23 +100,41 @@ pub fn cardinality_attack() -> Result<(), Failed> {
     check("client closes", m.sum("observer_tcp_closes_total", &[("comm", cli), ("port", &s.port.to_string())]), n)?;
     check("client refused", m.sum("observer_tcp_premature_closes_total", &[("kind", "refused")]), 1000)?;
     // Folded series keep their reason but not their comm ("other").
-    let (no_socket, reason) = if kernel_version() >= (6, 10) { (1000, "no_socket") } else { (0, "not_specified") };
-    check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", reason)]), no_socket)?;
+    // Traced by the tracepoint since 6.10, by the kprobe back end on every kernel.
+    match (kernel_version() >= (6, 10), crate::expected_probes().0 == "kprobe") {
+        (true, _) => check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "no_socket")]), 1000)?,
+        (false, false) => check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "not_specified")]), 0)?,
+        (false, true) => {
+            // Without reasons (before 6.10) the kprobes' other passive resets (segments that hit
+            // a TIME_WAIT socket, ...) cannot be told apart from the scan's: at least 1000.
+            let sent = m.sum("observer_tcp_resets_sent_total", &[("reason", "not_specified")]);
+            if sent < 1000 {
+                return Err(format!("no-socket resets: got {sent}, want at least 1000").into());
+            }
+        }
+    }
     // Within the caps: at most 50 peers of their own per (metric, comm, port), plus "other".
     let server_peers = m.matching("observer_tcp_closes_total", &[("comm", srv)]).count() as u64;
     check("server close series (50 peers + other)", server_peers, 51)?;
-    let exported: u64 = ["observer_tcp_resets_received_total", "observer_tcp_resets_sent_total", "observer_tcp_closes_total", "observer_tcp_premature_closes_total"]
+    let exported: u64 = [
+        "observer_tcp_resets_received_total",
+        "observer_tcp_resets_sent_total",
+        "observer_tcp_closes_total",
+        "observer_tcp_premature_closes_total",
+        "observer_tcp_retransmits_total",
+    ]
         .iter()
         .map(|name| m.matching(name, &[]).count() as u64)
         .sum();
     // Beyond --max-series, one overflow series per metric and reason/kind.
-    if exported > max_series + 8 {
+    if exported > max_series + 10 {
         return Err(format!("{exported} per-connection series exported, cap is {max_series} (+ overflow series)").into());
     }
     check("observer_series gauge", m.sum("observer_series", &[]), exported)?;
     if m.sum("observer_series_folded_total", &[]) == 0 {
         return Err("nothing was folded under a cardinality attack".into());
     }
+    ns.release()?;
     Ok(())
 }
 
@@ -147,13 +164,13 @@ pub fn sigterm_during_storm() -> Result<(), Failed> {
 }
 
 fn wait_exit(daemon: &mut Daemon) -> Result<std::process::ExitStatus, Failed> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
             return Ok(status);
         }
         if Instant::now() > deadline {
-            return Err("daemon still running 10 s after the signal".into());
+            return Err(format!("daemon still running {} s after the signal", PATIENCE.as_secs()).into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

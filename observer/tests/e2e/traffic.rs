@@ -358,9 +358,6 @@ fn netns_round(s: &Scenario) -> io::Result<()> {
     // The server may wait for the round's end (CLOSE_WAIT leaks, a link that went down).
     drop(server_in);
     let server_status = server.wait()?;
-    if let Some(id) = s.client_container {
-        let _ = std::fs::remove_dir(container_cgroup_dir(id)?);
-    }
     let client = client?;
     if !client.success() || !server_status.success() {
         return Err(io::Error::other(format!("client {client}, server {server_status}")));
@@ -417,6 +414,12 @@ fn container_cgroup_dir(id: &str) -> io::Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let root = observer::container::cgroup2_mount(&mountinfo).ok_or_else(|| io::Error::other("no cgroup2 mount on this machine"))?;
     Ok(root.join("observer-e2e.slice").join(format!("docker-{id}.scope")))
+}
+
+/// Removes a scenario's container cgroup (once its processes have exited).
+pub fn remove_container_cgroup(id: &str) -> Result<(), String> {
+    let dir = container_cgroup_dir(id).map_err(|e| e.to_string())?;
+    std::fs::remove_dir(&dir).map_err(|e| format!("removing cgroup {}: {e}", dir.display()))
 }
 
 /// Moves the client into its container's cgroup, as a container runtime would.

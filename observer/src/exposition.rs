@@ -1,0 +1,176 @@
+//! The per-connection families in the Prometheus text format, written straight from the
+//! [`Aggregator`].
+//!
+//! Why not the `prometheus` crate's collector: at 10,000 series it builds a protobuf message per
+//! sample (a `String` per label, a `Vec` per series) and then encodes them, all while holding the
+//! aggregator's lock, which the event loop needs. Writing the text directly is one pass with no
+//! allocation per series. The daemon's own few counters still go through the crate.
+
+use std::fmt::Write as _;
+
+use crate::{
+    aggregate::{Aggregator, Family, SeriesKey},
+    attribution::{Label, role_text},
+    classify::PrematureClose,
+    probes::btf::ResetReasons,
+};
+
+/// A per-connection family: (family, name, help, extra label).
+pub type FamilySpec = (Family, &'static str, &'static str, Option<&'static str>);
+
+/// Every per-connection family, in exposition order. Names and labels are a contract (README).
+pub const FAMILIES: [FamilySpec; 5] = [
+    (Family::ResetsReceived, "observer_tcp_resets_received_total", "RST segments accepted on a socket, by the socket's owner.", None),
+    (
+        Family::ResetsSent,
+        "observer_tcp_resets_sent_total",
+        "RST segments this host sent, by the socket's owner (comm=\"\" for segments that matched no socket) and the kernel's reason.",
+        Some("reason"),
+    ),
+    (Family::Closes, "observer_tcp_closes_total", "Connections that reached CLOSE, each counted once.", None),
+    (
+        Family::PrematureCloses,
+        "observer_tcp_premature_closes_total",
+        "Connections that ended prematurely, each counted once, by how they ended.",
+        Some("kind"),
+    ),
+    (Family::Retransmits, "observer_tcp_retransmits_total", "Segments retransmitted, counted when the connection closes.", None),
+];
+
+const SERIES_FOLDED: (&str, &str) = (
+    "observer_series_folded_total",
+    "Counts put in a peer=\"other\" (or overflow) series instead of their own because of --max-peers / --max-series.",
+);
+const SERIES: (&str, &str) = ("observer_series", "Per-connection series currently exported.");
+
+/// Appends every per-connection family, `observer_series_folded_total` and `observer_series`.
+pub fn write_connections(out: &mut String, agg: &Aggregator, reasons: Option<&ResetReasons>) {
+    for (family, name, help, extra) in FAMILIES {
+        let mut series = agg.iter(family).peekable();
+        if series.peek().is_none() {
+            continue;
+        }
+        header(out, name, help, "counter");
+        for (key, value) in series {
+            out.push_str(name);
+            labels(out, key);
+            if let Some(extra) = extra {
+                out.push(',');
+                out.push_str(extra);
+                out.push_str("=\"");
+                match family {
+                    Family::ResetsSent => escaped(out, reasons.map_or("not_specified", |r| r.label(key.detail))),
+                    _ => out.push_str(PrematureClose::from_index(key.detail).map_or("unknown", |k| k.label())),
+                }
+                out.push('"');
+            }
+            let _ = writeln!(out, "}} {value}");
+        }
+    }
+    header(out, SERIES_FOLDED.0, SERIES_FOLDED.1, "counter");
+    let _ = writeln!(out, "{} {}", SERIES_FOLDED.0, agg.folded());
+    header(out, SERIES.0, SERIES.1, "gauge");
+    let _ = writeln!(out, "{} {}", SERIES.0, agg.series());
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = write!(out, "# HELP {name} ");
+    for c in help.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    let _ = writeln!(out, "\n# TYPE {name} {kind}");
+}
+
+/// `{comm="..",container="..",peer="..",port="..",role=".."` (no closing brace: an extra label
+/// may follow).
+fn labels(out: &mut String, key: &SeriesKey) {
+    out.push_str("{comm=\"");
+    escaped(out, Label::Comm(&key.comm));
+    out.push_str("\",container=\"");
+    escaped(out, Label::Container(&key.container));
+    // Addresses and ports need no escaping.
+    let _ = write!(out, "\",peer=\"{}\",port=\"{}\",role=\"{}\"", Label::Peer(&key.peer), Label::Port(&key.port), role_text(key.role));
+}
+
+/// A label value as the text format wants it: backslash, double quote and newline escaped.
+fn escaped(out: &mut String, value: impl std::fmt::Display) {
+    let start = out.len();
+    let _ = write!(out, "{value}");
+    if !out[start..].contains(['\\', '"', '\n']) {
+        return;
+    }
+    let raw = out.split_off(start);
+    for c in raw.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+    use crate::{
+        aggregate::NO_CONTAINER,
+        attribution::{Peer, Port},
+    };
+
+    fn key(comm: &[u8], peer: [u8; 16], port: Port, detail: u32) -> SeriesKey {
+        let mut c = [0u8; 16];
+        c[..comm.len()].copy_from_slice(comm);
+        SeriesKey { comm: c, role: 1, peer: Peer::Addr(peer), port, container: NO_CONTAINER, detail }
+    }
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets()
+    }
+
+    #[test]
+    fn writes_the_text_format_with_escaped_values() {
+        let mut agg = Aggregator::new(50, 1000);
+        agg.add(Family::Closes, key(b"nginx", v4([10, 0, 0, 1]), Port::Num(443), 0), 3);
+        agg.add(Family::PrematureCloses, key(b"a\"b\\c\nd", Ipv6Addr::LOCALHOST.octets(), Port::None, PrematureClose::EofBeforeResponse as u32), 1);
+        agg.add(Family::ResetsSent, key(b"", v4([10, 0, 0, 2]), Port::Num(80), 7), 2);
+        let reasons = ResetReasons::from_pairs([(7, "SK_RST_REASON_NO_SOCKET")]);
+        let mut out = String::new();
+        write_connections(&mut out, &agg, Some(&reasons));
+        let expected = [
+            "# HELP observer_tcp_resets_sent_total RST segments this host sent, by the socket's owner (comm=\"\" for segments that matched no socket) and the kernel's reason.",
+            "# TYPE observer_tcp_resets_sent_total counter",
+            "observer_tcp_resets_sent_total{comm=\"\",container=\"\",peer=\"10.0.0.2\",port=\"80\",role=\"client\",reason=\"no_socket\"} 2",
+            "# HELP observer_tcp_closes_total Connections that reached CLOSE, each counted once.",
+            "# TYPE observer_tcp_closes_total counter",
+            "observer_tcp_closes_total{comm=\"nginx\",container=\"\",peer=\"10.0.0.1\",port=\"443\",role=\"client\"} 3",
+            "# HELP observer_tcp_premature_closes_total Connections that ended prematurely, each counted once, by how they ended.",
+            "# TYPE observer_tcp_premature_closes_total counter",
+            "observer_tcp_premature_closes_total{comm=\"a\\\"b\\\\c\\nd\",container=\"\",peer=\"::1\",port=\"\",role=\"client\",kind=\"eof_before_response\"} 1",
+            "# HELP observer_series_folded_total Counts put in a peer=\"other\" (or overflow) series instead of their own because of --max-peers / --max-series.",
+            "# TYPE observer_series_folded_total counter",
+            "observer_series_folded_total 0",
+            "# HELP observer_series Per-connection series currently exported.",
+            "# TYPE observer_series gauge",
+            "observer_series 3",
+        ];
+        assert_eq!(out.lines().collect::<Vec<_>>(), expected);
+    }
+
+    #[test]
+    fn folded_series_render_as_other() {
+        let mut agg = Aggregator::new(1, 1000);
+        agg.add(Family::Closes, key(b"srv", v4([1, 1, 1, 1]), Port::Num(80), 0), 1);
+        agg.add(Family::Closes, key(b"srv", v4([1, 1, 1, 2]), Port::Num(80), 0), 1);
+        let mut out = String::new();
+        write_connections(&mut out, &agg, None);
+        assert!(out.contains("observer_tcp_closes_total{comm=\"srv\",container=\"\",peer=\"other\",port=\"80\",role=\"client\"} 1\n"), "{out}");
+        assert!(out.contains("observer_series_folded_total 1\n"));
+    }
+}

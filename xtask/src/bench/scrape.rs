@@ -1,0 +1,177 @@
+//! Scrape latency: /metrics timed end to end (connect to last byte) at 1,000 and 10,000 series,
+//! while connections keep flowing and being counted.
+//!
+//! The series are made exactly: one graceful connection from each of C client addresses
+//! (127.1.x.y) to each of P server ports gives P × C server-side `observer_tcp_closes_total`
+//! series (peer = client address) and P client-side ones (peer = 127.0.0.1). The background
+//! traffic cycles over the same pairs, so it adds events but no series.
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Plan, Setup,
+    daemon::{Daemon, http_get},
+    worker::{Command, Mark, Worker},
+};
+
+/// Client addresses per port: with one client-side series per port, P × 99 + P = 100 P.
+const CLIENTS: u16 = 99;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Level {
+    pub series: u64,
+    pub ports: u16,
+    pub clients: u16,
+    pub scrapes: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+    pub body_bytes: usize,
+    /// Background traffic while scraping: connections per second made, events per second.
+    pub connections_per_second: f64,
+    pub events_per_second: f64,
+    pub events_lost: u64,
+    pub latencies_ms: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scrape {
+    pub daemon_command: String,
+    pub interval_ms: u64,
+    pub background_rate: u64,
+    pub levels: Vec<Level>,
+}
+
+pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
+    let mut worker = Worker::spawn("bench-scrape")?;
+    let args = ["--max-peers", "1000", "--max-series", "50000", "--netns"]
+        .map(String::from)
+        .into_iter()
+        .chain([worker.netns.display().to_string()])
+        .collect::<Vec<_>>();
+    let daemon = Daemon::start(&setup.observer, &args)?;
+    let mut levels = Vec::new();
+    for ports in [10u16, 100] {
+        let series = u64::from(ports) * (u64::from(CLIENTS) + 1);
+        worker.run(
+            &Command::Series {
+                ports,
+                clients: CLIENTS,
+            },
+            |_| Ok(()),
+        )?;
+        let settled = daemon.settled()?;
+        let gauge = settled.sum("observer_series", &[]);
+        if gauge != series {
+            bail!(
+                "after {ports} ports × {CLIENTS} clients the daemon exports {gauge} series, not {series}"
+            );
+        }
+        let level = measure(plan, &daemon, &mut worker, ports, series)
+            .with_context(|| format!("scraping at {series} series"))?;
+        println!(
+            "observer bench: scrape at {series} series ({} bytes): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, with {:.0} events/s flowing",
+            level.body_bytes, level.p50_ms, level.p99_ms, level.max_ms, level.events_per_second
+        );
+        levels.push(level);
+    }
+    let daemon_command = daemon.command.clone();
+    daemon.stop()?;
+    Ok(Scrape {
+        daemon_command,
+        interval_ms: plan.scrape_interval_ms,
+        background_rate: plan.scrape_background_rate,
+        levels,
+    })
+}
+
+fn measure(
+    plan: &Plan,
+    daemon: &Daemon,
+    worker: &mut Worker,
+    ports: u16,
+    series: u64,
+) -> Result<Level> {
+    let before = daemon.metrics()?;
+    let interval = Duration::from_millis(plan.scrape_interval_ms);
+    // Long enough for every scrape, with room for slow ones; the worker ends it.
+    let duration_ms = plan.scrapes as u64 * plan.scrape_interval_ms + 2_000;
+    let command = Command::Cycle {
+        ports,
+        clients: CLIENTS,
+        rate: plan.scrape_background_rate,
+        duration_ms,
+    };
+    let mut latencies = Vec::with_capacity(plan.scrapes);
+    let mut body_bytes = 0;
+    let outcome = worker.run(&command, |mark| {
+        if mark == Mark::Start {
+            // Let the paced traffic get going first.
+            thread::sleep(Duration::from_millis(500));
+            for _ in 0..plan.scrapes {
+                let started = Instant::now();
+                let (status, body, elapsed) = http_get(daemon.addr, "/metrics")?;
+                if status != 200 {
+                    bail!("/metrics answered {status}");
+                }
+                body_bytes = body.len();
+                latencies.push(elapsed.as_secs_f64() * 1000.0);
+                thread::sleep(interval.saturating_sub(started.elapsed()));
+            }
+        }
+        Ok(())
+    })?;
+    let after = daemon.settled()?;
+    if after.sum("observer_series", &[]) != series {
+        bail!(
+            "the background traffic changed the number of series ({} instead of {series})",
+            after.sum("observer_series", &[])
+        );
+    }
+    let mut sorted = latencies.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Level {
+        series,
+        ports,
+        clients: CLIENTS,
+        scrapes: sorted.len(),
+        p50_ms: percentile(&sorted, 50.0),
+        p99_ms: percentile(&sorted, 99.0),
+        max_ms: sorted.last().copied().unwrap_or(0.0),
+        mean_ms: sorted.iter().sum::<f64>() / sorted.len().max(1) as f64,
+        body_bytes,
+        connections_per_second: outcome.window.connections() as f64 / outcome.seconds,
+        events_per_second: outcome.window.events() as f64 / outcome.seconds,
+        events_lost: after.events_lost() - before.events_lost(),
+        latencies_ms: latencies,
+    })
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}
