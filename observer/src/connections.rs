@@ -45,7 +45,7 @@ impl SocketTable {
         let tracked: Vec<SocketInfo> = values(&self.sockets);
         // A connection opened while the daemon was starting can be both tracked and seeded (its
         // seed is then never adopted): count it once, by its endpoints.
-        let known: std::collections::HashSet<_> = tracked.iter().map(|i| endpoints_key(i)).collect();
+        let known: std::collections::HashSet<_> = tracked.iter().map(endpoints_key).collect();
         let mut infos = tracked;
         infos.extend(values(&self.seeds).into_iter().filter(|i| !known.contains(&endpoints_key(i))));
         summarize(&infos, now, |cgroup_id| self.containers.resolve(cgroup_id).map(|c| c.short_id().to_string()).unwrap_or_default())

@@ -26,6 +26,9 @@ use crate::{
 /// Records handled per turn of the event loop during a storm before others get a turn.
 const DRAIN_BATCH: usize = 4096;
 
+/// How long the event loop lets events gather after draining the ring.
+const COALESCE: Duration = Duration::from_millis(5);
+
 pub struct DaemonOptions {
     pub listen: SocketAddr,
     pub probes: ProbeOptions,
@@ -124,6 +127,11 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
                 }
                 if handled < DRAIN_BATCH {
                     guard.clear_ready();
+                    drop(guard);
+                    // Coalesce wake-ups: the kernel wakes us for nearly every event when we keep
+                    // up, and a wake-up costs more than handling an event. Waiting a moment lets a
+                    // batch gather (at 200,000 events/s, 1,000 events: 4 % of the default ring).
+                    tokio::time::sleep(COALESCE).await;
                 } else {
                     // More may be waiting: let the HTTP server and the signals have a turn
                     // first; the fd stays ready, so the loop comes straight back.

@@ -48,8 +48,9 @@ pub struct Metrics {
     events_malformed: IntCounter,
     sockets_untracked: IntCounter,
     probe_info: IntGaugeVec,
-    /// By `role` and `premature` ("yes" / "no"): few series, whatever the traffic.
-    duration: HistogramVec,
+    /// By `role` and `premature` ("yes" / "no"): few series, whatever the traffic. Resolved
+    /// once, indexed by `Role as usize` and premature (0: no, 1: yes): no label lookup per event.
+    durations: [[prometheus::Histogram; 2]; 3],
     connections_by_state: IntGaugeVec,
     close_wait_oldest: prometheus::GaugeVec,
     /// Held while the gauges are replaced, so a scrape never sees half a snapshot.
@@ -77,18 +78,7 @@ impl Metrics {
             events_malformed: register(&registry, counter("observer_events_malformed_total", "Ring buffer records that could not be decoded.")),
             sockets_untracked: register(&registry, counter("observer_sockets_untracked_total", "Sockets the kernel side could not track because its socket map was full.")),
             probe_info: register(&registry, gauge_vec("observer_probe_info", "Attached probes, their attach points and back ends (1 per attached probe).", &["probe", "attach", "backend"])),
-            duration: register(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "observer_tcp_connection_duration_seconds",
-                        "Connection lifetimes from connect() or the SYN to CLOSE, by role and whether the connection ended prematurely.",
-                    )
-                    .buckets(DURATION_BUCKETS.to_vec()),
-                    &["role", "premature"],
-                )
-                .expect("valid metric definition"),
-            ),
+            durations: durations(&registry),
             connections_by_state: register(
                 &registry,
                 gauge_vec("observer_tcp_connections", "Open TCP connections by owning process, role and state (as ss names states).", &["comm", "role", "state", "container"]),
@@ -148,9 +138,8 @@ impl Metrics {
                 }
                 drop(agg);
                 if facts.duration_ns > 0 {
-                    let role = crate::attribution::role_text(raw.role);
-                    let premature = if premature.is_some() { "yes" } else { "no" };
-                    self.duration.with_label_values(&[role, premature]).observe(facts.duration_ns as f64 / 1e9);
+                    let role = observer_common::Role::from_u8(raw.role) as usize;
+                    self.durations[role][usize::from(premature.is_some())].observe(facts.duration_ns as f64 / 1e9);
                 }
             }
         }
@@ -225,6 +214,28 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `observer_tcp_connection_duration_seconds`, registered, with its six series resolved.
+fn durations(registry: &Registry) -> [[prometheus::Histogram; 2]; 3] {
+    let vec = register(
+        registry,
+        HistogramVec::new(
+            HistogramOpts::new(
+                "observer_tcp_connection_duration_seconds",
+                "Connection lifetimes from connect() or the SYN to CLOSE, by role and whether the connection ended prematurely.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["role", "premature"],
+        )
+        .expect("valid metric definition"),
+    );
+    let by_role = |role: observer_common::Role| {
+        let role = crate::attribution::role_text(role as u8);
+        [vec.with_label_values(&[role, "no"]), vec.with_label_values(&[role, "yes"])]
+    };
+    // Indexed by `Role as usize`: Unknown, Client, Server.
+    [by_role(observer_common::Role::Unknown), by_role(observer_common::Role::Client), by_role(observer_common::Role::Server)]
 }
 
 // Metric definitions are static: a failure here is a programming error caught by any test.

@@ -192,6 +192,36 @@ pub fn setup() -> Result<Ready> {
 }
 
 /// Which of `packages` dpkg reports as "install ok installed" (one dpkg-query for all).
+/// Installs those of `packages` that are missing with apt-get, first printing one line that
+/// says who installs what and `why`; checks afterwards that they are installed.
+pub fn install_missing(packages: &[&str], who: &str, why: &str) -> Result<()> {
+    let installed = installed_packages(packages)?;
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed.contains(*p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !cmd::is_root() {
+        bail!(
+            "{who} needs the Debian packages {0}; install them as root: apt-get install -y {0}",
+            missing.join(" ")
+        );
+    }
+    println!("{who}: installing Debian packages {} ({why})", missing.join(" "));
+    cmd::run(Command::new("apt-get").arg("update"))?;
+    cmd::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    let installed = installed_packages(&missing)?;
+    let still: Vec<&str> = missing.iter().copied().filter(|p| !installed.contains(*p)).collect();
+    if !still.is_empty() {
+        bail!("apt-get install finished but {} still not installed", still.join(" "));
+    }
+    Ok(())
+}
+
 fn installed_packages(packages: &[&str]) -> Result<HashSet<String>> {
     // dpkg-query exits 1 when some package is unknown but still reports the others.
     let out = cmd::output(

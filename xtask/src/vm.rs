@@ -26,7 +26,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::{cmd, setup::Ready};
+use crate::{
+    cmd,
+    setup::{self, Ready},
+};
 
 /// Host packages the VM run needs (besides what `setup` installs).
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static"];
@@ -121,36 +124,7 @@ fn target_dir(root: &Path) -> PathBuf {
 // Host packages and the kernel package.
 
 fn install_host_packages() -> Result<()> {
-    let out = cmd::output(
-        Command::new("dpkg-query")
-            .args(["-W", "-f=${Package}\t${Status}\n"])
-            .args(VM_PACKAGES),
-    )?;
-    let installed: HashSet<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('\t'))
-        .filter(|(_, s)| s.trim() == "install ok installed")
-        .map(|(p, _)| p.to_string())
-        .collect();
-    let missing: Vec<&str> = VM_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(*p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!(
-        "{LOG_PREFIX} installing Debian packages {} (QEMU and the initramfs' shell, to boot other kernels)",
-        missing.join(" ")
-    );
-    cmd::run(Command::new("apt-get").arg("update"))?;
-    cmd::run(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )
+    setup::install_missing(VM_PACKAGES, LOG_PREFIX.trim_end_matches(':'), "QEMU and the initramfs' shell, to boot other kernels")
 }
 
 /// The package `spec` names: itself if it is a package name, else the newest cloud kernel of that

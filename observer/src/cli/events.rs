@@ -23,20 +23,10 @@ pub struct EventsArgs {
 }
 
 pub fn run(args: EventsArgs) -> anyhow::Result<()> {
-    let base = args.endpoint.trim_end_matches('/').to_string();
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
     let fetch = |since: u64, limit: usize| -> anyhow::Result<EventsPage> {
-        let url = format!("{base}{EVENTS_PATH}?since={since}&limit={limit}");
-        let body = agent
-            .get(&url)
-            .call()
-            .and_then(|mut response| response.body_mut().read_to_string())
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach an observer daemon at {base}: {e}; is it running (`observer run`)? Point at it with --endpoint URL"
-                )
-            })?;
-        serde_json::from_str(&body).with_context(|| format!("{url} did not answer with observer's events JSON"))
+        let path = format!("{EVENTS_PATH}?since={since}&limit={limit}");
+        let body = super::get(&args.endpoint, &path)?;
+        serde_json::from_str(&body).with_context(|| format!("{}{path} did not answer with observer's events JSON", args.endpoint))
     };
     // Start `last` records before the newest.
     let mut since = fetch(0, 0)?.latest.saturating_sub(args.last as u64);

@@ -25,3 +25,13 @@ pub enum Command {
     /// Print a running daemon's recent resets and premature closes (with --follow, as they happen).
     Events(events::EventsArgs),
 }
+
+/// GETs `path` from the daemon at `endpoint`; a daemon that cannot be reached is one clear error
+/// saying what to do.
+pub fn get(endpoint: &str, path: &str) -> anyhow::Result<String> {
+    let base = endpoint.trim_end_matches('/');
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).build().into();
+    agent.get(&format!("{base}{path}")).call().and_then(|mut response| response.body_mut().read_to_string()).map_err(|e| {
+        anyhow::anyhow!("cannot reach an observer daemon at {base}: {e}; is it running (`observer run`)? Point at it with --endpoint URL")
+    })
+}

@@ -1,7 +1,5 @@
 //! `observer status`.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use clap::Args;
 use observer::api::{STATUS_PATH, StatusReport};
@@ -17,25 +15,13 @@ pub struct StatusArgs {
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let url = format!("{}{STATUS_PATH}", args.endpoint.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).build().into();
-    let body = agent
-        .get(&url)
-        .call()
-        .and_then(|mut response| response.body_mut().read_to_string())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach an observer daemon at {}: {e}; is it running (`observer run`)? \
-                 Point at it with --endpoint URL",
-                args.endpoint
-            )
-        })?;
+    let body = super::get(&args.endpoint, STATUS_PATH)?;
     if args.json {
         println!("{body}");
         return Ok(());
     }
     let status: StatusReport =
-        serde_json::from_str(&body).with_context(|| format!("{url} did not answer with observer's status JSON"))?;
+        serde_json::from_str(&body).with_context(|| format!("{}{STATUS_PATH} did not answer with observer's status JSON", args.endpoint))?;
     print!("{}", render(&status));
     Ok(())
 }

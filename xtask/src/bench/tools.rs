@@ -33,36 +33,10 @@ BEGIN { printf(\"ready\\n\"); }";
 
 /// Installs bpftrace and libbpf-tools if missing (saying so first, like `cargo xtask setup`).
 pub fn ensure_installed() -> Result<()> {
-    let out = cmd::output(
-        Command::new("dpkg-query")
-            .args(["-W", "-f=${Package}\t${Status}\n"])
-            .args(PACKAGES),
-    )
-    .context("the benchmark installs its comparison tools with apt-get (Debian)")?;
-    let listing = String::from_utf8_lossy(&out.stdout);
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !listing.lines().any(|l| {
-                l.split_once('\t')
-                    .is_some_and(|(pkg, st)| pkg == *p && st.trim() == "install ok installed")
-            })
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!(
-        "observer bench: installing Debian packages {} (the tools the churn benchmark compares with)",
-        missing.join(" ")
-    );
-    cmd::run(Command::new("apt-get").arg("update"))?;
-    cmd::run(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
+    crate::setup::install_missing(
+        PACKAGES,
+        "observer bench",
+        "the tools the churn benchmark compares with",
     )
 }
 
