@@ -11,6 +11,7 @@
 //! `target/bench/BENCHMARKS-quick.md`, leaving the published `BENCHMARKS.md` alone.
 mod churn;
 mod daemon;
+mod diagnose;
 mod footprint;
 mod net;
 mod procfs;
@@ -75,6 +76,9 @@ pub struct Plan {
     pub soak_seconds: f64,
     pub soak_rate_per_kind: u64,
     pub soak_sample_seconds: f64,
+    /// Churn run per tool with the kernel's BPF statistics on, after everything else.
+    #[serde(default)]
+    pub diagnose_seconds: f64,
 }
 
 impl Plan {
@@ -97,6 +101,7 @@ impl Plan {
             soak_seconds: 600.0,
             soak_rate_per_kind: 1_000,
             soak_sample_seconds: 10.0,
+            diagnose_seconds: 10.0,
         };
         if !quick {
             return full;
@@ -111,6 +116,7 @@ impl Plan {
             scrapes: 40,
             soak_seconds: 30.0,
             soak_sample_seconds: 5.0,
+            diagnose_seconds: 4.0,
             ..full
         }
     }
@@ -163,6 +169,9 @@ pub struct Results {
     pub storm: storm::Storm,
     pub soak: soak::Soak,
     pub footprint: footprint::Footprint,
+    /// Where the cost goes (measured after everything else, not part of any number above).
+    #[serde(default)]
+    pub diagnostics: diagnose::Diagnostics,
     /// Log lines the storm/soak daemon wrote (warnings would show here).
     pub daemon_log: Vec<String>,
     /// Other processes holding BPF programs before the run, at the storm's start and at the
@@ -221,8 +230,12 @@ pub fn bench(args: Args) -> Result<ExitCode> {
     // even if something rebuilds target/release meanwhile.
     let dir = target.join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Copied beside, then renamed over: `--observer target/bench/observer` must not truncate
+    // its own source.
     let observer = dir.join("observer");
-    fs::copy(&built, &observer)
+    let staging = dir.join("observer.new");
+    fs::copy(&built, &staging)
+        .and_then(|_| fs::rename(&staging, &observer))
         .with_context(|| format!("copying {} to {}", built.display(), observer.display()))?;
     let setup = Setup {
         observer,
@@ -334,6 +347,14 @@ fn run(setup: &Setup, plan: &Plan, root: &Path, quick: bool) -> Result<Results> 
     daemon.stop()?;
     drop(worker);
 
+    let diagnostics = diagnose::run(setup, plan).context("diagnostics")?;
+    for t in &diagnostics.churn_programs {
+        println!(
+            "observer bench: diagnostics: {}'s kernel programs take {:.0} ns per churn connection",
+            t.tool, t.ns_per_connection
+        );
+    }
+
     Ok(Results {
         quick,
         command: std::iter::once("cargo xtask bench".to_string()).chain(std::env::args().skip(2)).collect::<Vec<_>>().join(" "),
@@ -349,6 +370,7 @@ fn run(setup: &Setup, plan: &Plan, root: &Path, quick: bool) -> Result<Results> 
         storm,
         soak,
         footprint,
+        diagnostics,
         daemon_log,
         other_bpf,
     })

@@ -72,6 +72,52 @@ pub fn memory_breakdown(pid: u32) -> Result<MemoryBreakdown> {
     })
 }
 
+/// Context switches (voluntary and not) of all of `pid`'s threads so far: how often it went to
+/// sleep and was woken, or was preempted.
+pub fn context_switches(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in fs::read_dir(&dir)
+        .with_context(|| format!("reading {dir}"))?
+        .filter_map(std::result::Result::ok)
+    {
+        // A thread may exit between listing and reading: skip it.
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches:")
+                    || l.starts_with("nonvoluntary_ctxt_switches:")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
+/// CPU time of `pid`'s current threads in nanoseconds (`/proc/PID/task/*/schedstat`): finer
+/// than the clock ticks of /proc/PID/stat, for short measurements.
+pub fn thread_cpu_ns(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in fs::read_dir(&dir)
+        .with_context(|| format!("reading {dir}"))?
+        .filter_map(std::result::Result::ok)
+    {
+        let Ok(stat) = fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// User + system CPU time `pid` has used (all its threads), in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
@@ -130,27 +176,27 @@ pub fn other_bpf_holders(ours: &[u32]) -> Vec<String> {
     found
 }
 
-/// CPU seconds of every user-space process except `ours` (kernel threads, children of
-/// kthreadd, are left out: ksoftirqd and kworkers also carry our own traffic's work).
-fn other_processes(ours: &[u32]) -> HashMap<u32, f64> {
+/// CPU seconds of every task except `ours`, and whether each is another user-space process
+/// (kernel threads, children of kthreadd, are not: ksoftirqd and kworkers also carry our own
+/// traffic's work; nor is this xtask, which only measures).
+fn other_tasks(ours: &[u32]) -> HashMap<u32, (f64, bool)> {
     let Ok(procs) = fs::read_dir("/proc") else {
         return HashMap::new();
     };
+    let me = std::process::id();
     procs
         .filter_map(std::result::Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != 2 && !ours.contains(pid))
+        .filter(|pid| !ours.contains(pid))
         .filter_map(|pid| {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
             // Field 4 is the parent pid; utime and stime are fields 14 and 15.
             let ppid: u32 = fields.get(1)?.parse().ok()?;
-            if ppid == 2 {
-                return None;
-            }
             let ticks: u64 =
                 fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-            Some((pid, ticks as f64 / clock_ticks()))
+            let user_space = pid != 2 && ppid != 2 && pid != me;
+            Some((pid, (ticks as f64 / clock_ticks(), user_space)))
         })
         .collect()
 }
@@ -162,11 +208,10 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// The whole machine's CPU time so far (the `cpu` line of /proc/stat), in seconds.
+/// What only /proc/stat knows (its `cpu` line), in seconds so far.
 #[derive(Debug, Clone, Copy)]
 pub struct MachineCpu {
     pub at: Instant,
-    pub busy: f64,
     pub softirq: f64,
     /// Time the hypervisor ran something else on our virtual CPUs.
     pub steal: f64,
@@ -189,24 +234,22 @@ impl MachineCpu {
             anyhow::bail!("/proc/stat cpu line too short: {line}");
         }
         let hz = clock_ticks();
-        let idle = v[3] + v[4];
-        let steal = v[7];
-        let total: f64 = v.iter().take(8).sum();
         Ok(Self {
             at: Instant::now(),
-            busy: (total - idle - steal) / hz,
             softirq: v[6] / hz,
-            steal: steal / hz,
+            steal: v[7] / hz,
         })
     }
 }
 
-/// CPU use over one measured window, in cores (1.0 = one core fully busy).
+/// CPU use over one measured window, in cores (1.0 = one core fully busy), from each task's
+/// own CPU account.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CpuUse {
-    /// The whole machine, every process and interrupt.
+    /// The whole machine: every task, kernel threads included.
     pub machine: f64,
-    /// Softirq time (loopback packet processing, accounted to no process here).
+    /// Softirq time from /proc/stat (loopback packet processing), tick-sampled and so only
+    /// indicative; it is also in the account of the task it interrupted, mostly the generator.
     pub softirq: f64,
     /// The load generator.
     pub load: f64,
@@ -225,8 +268,9 @@ pub struct CpuSample {
     machine: MachineCpu,
     load: f64,
     tool: f64,
-    /// CPU seconds so far of every other user-space process, by pid.
-    others: HashMap<u32, f64>,
+    /// CPU seconds so far of every other task on the machine, by pid, and whether it is a
+    /// user-space process (not a kernel thread, not this xtask).
+    others: HashMap<u32, (f64, bool)>,
 }
 
 impl CpuSample {
@@ -235,7 +279,7 @@ impl CpuSample {
             machine: MachineCpu::now()?,
             load: cpu_seconds(load_pid)?,
             tool: tool_pid.map(cpu_seconds).transpose()?.unwrap_or(0.0),
-            others: other_processes(&[load_pid, tool_pid.unwrap_or(0), std::process::id()]),
+            others: other_tasks(&[load_pid, tool_pid.unwrap_or(0)]),
         })
     }
 
@@ -246,26 +290,30 @@ impl CpuSample {
             .duration_since(self.machine.at)
             .as_secs_f64()
             .max(1e-9);
-        let machine = (later.machine.busy - self.machine.busy) / secs;
         let softirq = (later.machine.softirq - self.machine.softirq) / secs;
         let load = (later.load - self.load) / secs;
         let tool = (later.tool - self.tool) / secs;
         let steal = (later.machine.steal - self.machine.steal) / secs;
         // Processes that started during the window count from zero; those that ended during
         // it are missed (their CPU time is gone with them).
-        let other: f64 = later
-            .others
-            .iter()
-            .map(|(pid, t)| t - self.others.get(pid).copied().unwrap_or(0.0))
-            .filter(|d| *d > 0.0)
-            .sum::<f64>()
-            / secs;
+        let (mut all, mut user) = (0.0, 0.0);
+        for (pid, (t, user_space)) in &later.others {
+            let d = t - self.others.get(pid).map_or(0.0, |o| o.0);
+            if d > 0.0 {
+                all += d;
+                if *user_space {
+                    user += d;
+                }
+            }
+        }
         CpuUse {
-            machine,
+            // Summed over tasks, not taken from /proc/stat: with a tickless kernel that misses
+            // most of a bursty (paced) load's time, while each task's own account does not.
+            machine: load + tool + all / secs,
             softirq,
             load,
             tool,
-            other,
+            other: user / secs,
             steal,
         }
     }

@@ -1,7 +1,7 @@
 //! Scrape latency: /metrics timed end to end (connect to last byte) at 1,000 and 10,000 series,
 //! while connections keep flowing and being counted.
 //!
-//! The series are made exactly: one graceful connection from each of C client addresses
+//! The series are made on purpose: one graceful connection from each of C client addresses
 //! (127.1.x.y) to each of P server ports gives P × C server-side `observer_tcp_closes_total`
 //! series (peer = client address) and P client-side ones (peer = 127.0.0.1). The background
 //! traffic cycles over the same pairs, so it adds events but no series.
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Plan, Setup,
     daemon::{Daemon, http_get},
+    procfs,
     worker::{Command, Mark, Worker},
 };
 
@@ -24,7 +25,11 @@ const CLIENTS: u16 = 99;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Level {
+    /// The level: series made on purpose.
     pub series: u64,
+    /// What the daemon's `observer_series` gauge said after the scrapes.
+    #[serde(default)]
+    pub series_exported: u64,
     pub ports: u16,
     pub clients: u16,
     pub scrapes: usize,
@@ -37,6 +42,9 @@ pub struct Level {
     pub connections_per_second: f64,
     pub events_per_second: f64,
     pub events_lost: u64,
+    /// The daemon's CPU time per scrape with no traffic flowing (all its threads).
+    #[serde(default)]
+    pub cpu_ms_per_scrape: f64,
     pub latencies_ms: Vec<f64>,
 }
 
@@ -68,13 +76,17 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
         )?;
         let settled = daemon.settled()?;
         let gauge = settled.sum("observer_series", &[]);
-        if gauge != series {
+        // A few more are tolerated (and reported): the odd connection can end otherwise than
+        // gracefully on a busy loopback (a SYN meeting a TIME_WAIT socket of the same four
+        // addresses), which adds a series of another family.
+        if gauge < series || gauge > series + series / 100 {
             bail!(
                 "after {ports} ports × {CLIENTS} clients the daemon exports {gauge} series, not {series}"
             );
         }
-        let level = measure(plan, &daemon, &mut worker, ports, series)
+        let mut level = measure(plan, &daemon, &mut worker, ports, series)
             .with_context(|| format!("scraping at {series} series"))?;
+        level.cpu_ms_per_scrape = cpu_per_scrape(&daemon)?;
         println!(
             "observer bench: scrape at {series} series ({} bytes): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, with {:.0} events/s flowing",
             level.body_bytes, level.p50_ms, level.p99_ms, level.max_ms, level.events_per_second
@@ -128,16 +140,15 @@ fn measure(
         Ok(())
     })?;
     let after = daemon.settled()?;
-    if after.sum("observer_series", &[]) != series {
-        bail!(
-            "the background traffic changed the number of series ({} instead of {series})",
-            after.sum("observer_series", &[])
-        );
+    let series_after = after.sum("observer_series", &[]);
+    if series_after > series + series / 100 {
+        bail!("the background traffic added series ({series_after} instead of {series})");
     }
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(Level {
         series,
+        series_exported: series_after,
         ports,
         clients: CLIENTS,
         scrapes: sorted.len(),
@@ -149,8 +160,20 @@ fn measure(
         connections_per_second: outcome.window.connections() as f64 / outcome.seconds,
         events_per_second: outcome.window.events() as f64 / outcome.seconds,
         events_lost: after.events_lost() - before.events_lost(),
+        cpu_ms_per_scrape: 0.0,
         latencies_ms: latencies,
     })
+}
+
+/// The daemon's CPU time for one scrape: 50 scrapes back to back, nothing else happening.
+fn cpu_per_scrape(daemon: &Daemon) -> Result<f64> {
+    const SCRAPES: u32 = 50;
+    let before = procfs::thread_cpu_ns(daemon.pid)?;
+    for _ in 0..SCRAPES {
+        http_get(daemon.addr, "/metrics")?;
+    }
+    let after = procfs::thread_cpu_ns(daemon.pid)?;
+    Ok(after.saturating_sub(before) as f64 / f64::from(SCRAPES) / 1e6)
 }
 
 /// Nearest-rank percentile of sorted samples.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     Check, Plan, count_checks,
     daemon::Daemon,
-    procfs::{CpuSample, CpuUse},
+    procfs::{self, CpuSample, CpuUse},
     worker::{Command, Mark, Tally, Worker},
 };
 
@@ -53,6 +53,10 @@ pub struct Run {
     pub drain_seconds: f64,
     /// Percent of one core the daemon needs per 10,000 events/s (its CPU time per event).
     pub core_percent_per_10k: f64,
+    /// The daemon's context switches per event in the window: how often it was woken (or
+    /// preempted) for each event it handled; near 1 means nearly a wake-up per event.
+    #[serde(default)]
+    pub daemon_switches_per_event: f64,
     pub checks: Vec<Check>,
     pub generator_errors: u64,
     pub first_generator_error: Option<String>,
@@ -101,10 +105,15 @@ fn run_once(
     let (load_pid, daemon_pid) = (worker.pid, daemon.pid);
     let mut start = None;
     let mut cpu = CpuUse::default();
+    let mut switches = 0;
     let outcome = worker.run(&command, |mark| {
         match mark {
-            Mark::Start => start = Some(CpuSample::now(load_pid, Some(daemon_pid))?),
+            Mark::Start => {
+                start = Some(CpuSample::now(load_pid, Some(daemon_pid))?);
+                switches = procfs::context_switches(daemon_pid)?;
+            }
             Mark::End => {
+                switches = procfs::context_switches(daemon_pid)? - switches;
                 if let Some(start) = &start {
                     cpu = start.until(&CpuSample::now(load_pid, Some(daemon_pid))?);
                 }
@@ -151,6 +160,7 @@ fn run_once(
         daemon_cpu_seconds,
         drain_seconds,
         core_percent_per_10k,
+        daemon_switches_per_event: switches as f64 / outcome.window.events().max(1) as f64,
         checks,
         generator_errors: outcome.errors,
         first_generator_error: outcome.first_error,

@@ -13,6 +13,7 @@ use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
     os::fd::AsRawFd as _,
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command as Process, Stdio},
     sync::{
@@ -176,18 +177,18 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker named `name` (its `comm`, at most 15 bytes) in a new network namespace.
     pub fn spawn(name: &str) -> Result<Self> {
-        let exe = std::env::current_exe()
-            .context("locating the xtask binary to start a load generator")?;
-        let mut cmd = Process::new(&exe);
+        // This very binary, even if cargo has rebuilt xtask since it started (other work in the
+        // workspace does): /proc/self/exe still names the running file.
+        let exe = "/proc/self/exe";
+        let mut cmd = Process::new(exe);
+        // Shown by ps instead of /proc/self/exe.
+        cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "xtask".into()));
         cmd.args(["bench", "--worker", name])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().with_context(|| {
-            format!(
-                "starting the load generator `{} bench --worker {name}`",
-                exe.display()
-            )
+            format!("starting the load generator `{exe} bench --worker {name}`")
         })?;
         let pid = child.id();
         let stdin = child.stdin.take().context("load generator without stdin")?;
