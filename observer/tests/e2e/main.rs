@@ -54,11 +54,11 @@ fn main() {
         Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", status_command),
         Trial::test("probes_flag_forces_a_back_end_for_every_hook", forced_back_end),
         Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", bad_listen_address),
-        Trial::test("sigterm_detaches_every_program_and_exits_zero", sigterm_detaches),
+        Trial::test("sigterm_detaches_every_program_and_link_and_exits_zero", sigterm_detaches),
         Trial::test("full_ring_buffer_is_counted_seen_plus_lost_is_exact_and_daemon_recovers", reliability::overflow_accounting),
         Trial::test("cardinality_attack_10000_peers_and_port_scan_stays_within_caps_with_exact_totals", reliability::cardinality_attack),
-        Trial::test("sigterm_during_a_reset_storm_exits_zero_and_leaves_no_program", reliability::sigterm_during_storm),
-        Trial::test("sigkill_leaves_no_program_and_the_next_start_counts_exactly", reliability::sigkill_then_restart),
+        Trial::test("sigterm_during_a_reset_storm_exits_zero_and_leaves_no_program_or_link", reliability::sigterm_during_storm),
+        Trial::test("sigkill_leaves_no_program_or_link_and_the_next_start_counts_exactly", reliability::sigkill_then_restart),
         Trial::test("two_daemons_at_once_both_count_exactly", reliability::two_daemons_count_independently),
         Trial::test("slow_oversized_concurrent_and_malformed_http_requests_do_not_stop_serving_or_counting", reliability::hostile_http_peers),
     ];
@@ -382,21 +382,63 @@ fn programs_of(pid: u32) -> Result<Vec<u64>, Failed> {
     Ok(ids)
 }
 
-/// Every loaded program's ID, from `bpftool prog show`.
-fn all_program_ids() -> Result<Vec<u64>, Failed> {
-    let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().map_err(|e| format!("running bpftool (installed by `cargo xtask setup`): {e}"))?;
+/// `bpftool OBJECT show --json`, as a list.
+fn bpftool_list(object: &str) -> Result<Vec<serde_json::Value>, Failed> {
+    let out = Command::new("bpftool")
+        .args([object, "show", "--json"])
+        .output()
+        .map_err(|e| format!("running bpftool (installed by `cargo xtask setup`): {e}"))?;
     if !out.status.success() {
-        return Err(format!("bpftool prog show: {}", String::from_utf8_lossy(&out.stderr)).into());
+        return Err(format!("bpftool {object} show: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bpftool JSON: {e}"))?;
-    Ok(progs.as_array().into_iter().flatten().filter_map(|p| p["id"].as_u64()).collect())
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bpftool JSON: {e}"))?;
+    Ok(list.as_array().cloned().unwrap_or_default())
+}
+
+/// IDs of the BPF links attached to any of `programs` (`bpftool link show`).
+fn links_to(programs: &[u64]) -> Result<Vec<u64>, Failed> {
+    Ok(bpftool_list("link")?
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| programs.contains(&p)))
+        .filter_map(|l| l["id"].as_u64())
+        .collect())
+}
+
+/// What a daemon holds before it is stopped: its programs, and the links attaching them.
+struct Held {
+    programs: Vec<u64>,
+    links: Vec<u64>,
+}
+
+fn held_by(pid: u32) -> Result<Held, Failed> {
+    let programs = programs_of(pid)?;
+    let links = links_to(&programs)?;
+    if programs.is_empty() {
+        return Err(format!("daemon {pid} holds no BPF program").into());
+    }
+    // Since 5.15 tracepoints and kprobes are attached through BPF links, which bpftool lists.
+    if kernel_version() >= (5, 15) && links.is_empty() {
+        return Err(format!("daemon {pid} holds programs {programs:?} but bpftool shows no link to them").into());
+    }
+    Ok(Held { programs, links })
+}
+
+/// After the daemon is gone, none of its programs is loaded and none of its links exists.
+fn nothing_left(held: &Held) -> Result<(), Failed> {
+    let loaded: Vec<u64> = bpftool_list("prog")?.iter().filter_map(|p| p["id"].as_u64()).collect();
+    let programs: Vec<u64> = held.programs.iter().copied().filter(|id| loaded.contains(id)).collect();
+    let links: Vec<u64> = bpftool_list("link")?.iter().filter_map(|l| l["id"].as_u64()).filter(|id| held.links.contains(id)).collect();
+    if !programs.is_empty() || !links.is_empty() {
+        return Err(format!("left after exit: programs {programs:?}, links {links:?}").into());
+    }
+    Ok(())
 }
 
 fn sigterm_detaches() -> Result<(), Failed> {
     let mut daemon = Daemon::start(&[])?;
     let pid = daemon.child.id();
-    let ours = programs_of(pid)?;
-    check("programs held by the daemon", ours.len() as u64, expected_probes().1.len() as u64)?;
+    let held = held_by(pid)?;
+    check("programs held by the daemon", held.programs.len() as u64, expected_probes().1.len() as u64)?;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let deadline = Instant::now() + harness::PATIENCE;
@@ -413,10 +455,5 @@ fn sigterm_detaches() -> Result<(), Failed> {
         let log: Vec<String> = daemon.log.lock().map(|l| l.try_iter().collect()).unwrap_or_default();
         return Err(format!("exit status after SIGTERM: {status}\n{}", log.join("\n")).into());
     }
-    let left = all_program_ids()?;
-    let leaked: Vec<u64> = ours.into_iter().filter(|id| left.contains(id)).collect();
-    if !leaked.is_empty() {
-        return Err(format!("programs left loaded after exit: {leaked:?}").into());
-    }
-    Ok(())
+    nothing_left(&held)
 }

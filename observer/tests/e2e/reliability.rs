@@ -14,7 +14,7 @@ use libtest_mimic::Failed;
 use crate::{
     N, check,
     harness::{Daemon, Metrics, PATIENCE, kernel_version},
-    programs_of, all_program_ids,
+    held_by, nothing_left,
     traffic::{Mode, Scenario},
     with,
 };
@@ -142,7 +142,7 @@ pub fn sigterm_during_storm() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 3, 3000, "r3-term-srv", "r3-term-cli");
     let ns = s.prepare()?;
     let mut daemon = Daemon::start(&["--netns", &ns.path])?;
-    let ours = programs_of(daemon.child.id())?;
+    let held = held_by(daemon.child.id())?;
     let storm = std::thread::spawn(move || ns.run());
     // Wait until the storm is under way, then SIGTERM.
     let started = Instant::now();
@@ -155,12 +155,7 @@ pub fn sigterm_during_storm() -> Result<(), Failed> {
     if !status.success() {
         return Err(format!("exit status after SIGTERM during a storm: {status}").into());
     }
-    let left = all_program_ids()?;
-    let leaked: Vec<u64> = ours.iter().copied().filter(|id| left.contains(id)).collect();
-    if ours.is_empty() || !leaked.is_empty() {
-        return Err(format!("programs held {ours:?}, left after exit {leaked:?}").into());
-    }
-    Ok(())
+    nothing_left(&held)
 }
 
 fn wait_exit(daemon: &mut Daemon) -> Result<std::process::ExitStatus, Failed> {
@@ -194,15 +189,11 @@ pub fn sigkill_then_restart() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 4, N, "r4-kill-srv", "r4-kill-cli");
     let mut ns = s.prepare()?;
     let mut first = Daemon::start(&["--netns", &ns.path])?;
-    let ours = programs_of(first.child.id())?;
+    let held = held_by(first.child.id())?;
     signal(&first, libc::SIGKILL);
     wait_exit(&mut first)?;
     // The kernel releases programs and links with the last fd: nothing is left behind.
-    let left = all_program_ids()?;
-    let leaked: Vec<u64> = ours.iter().copied().filter(|id| left.contains(id)).collect();
-    if ours.is_empty() || !leaked.is_empty() {
-        return Err(format!("programs held {ours:?}, left after SIGKILL {leaked:?}").into());
-    }
+    nothing_left(&held)?;
     let second = Daemon::start(&["--netns", &ns.path])?;
     ns.round()?;
     ns.release()?;
