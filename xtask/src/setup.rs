@@ -96,34 +96,12 @@ pub fn setup() -> Result<Ready> {
     }
 
     if !missing.is_empty() {
-        println!(
-            "observer setup: installing Debian packages {} (needed to build the eBPF programs{})",
-            missing.join(" "),
-            if missing.iter().any(|p| TEST_PACKAGES.contains(p)) {
-                " and by the tests"
-            } else {
-                ""
-            }
-        );
-        cmd::run(Command::new("apt-get").arg("update"))?;
-        cmd::run(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "--no-install-recommends"])
-                .args(&missing),
-        )?;
-        let installed = installed_packages(&missing)?;
-        let still: Vec<&str> = missing
-            .iter()
-            .copied()
-            .filter(|p| !installed.contains(*p))
-            .collect();
-        if !still.is_empty() {
-            bail!(
-                "apt-get install finished but {} still not installed",
-                still.join(" ")
-            );
-        }
+        let why = if missing.iter().any(|p| TEST_PACKAGES.contains(p)) {
+            "needed to build the eBPF programs and by the tests"
+        } else {
+            "needed to build the eBPF programs"
+        };
+        install_missing(&missing, "observer setup", why)?;
     }
 
     let linker = match linker {
