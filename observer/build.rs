@@ -61,5 +61,12 @@ fn emit_git_revision() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".to_string());
     println!("cargo:rustc-env=OBSERVER_GIT_REVISION={revision}");
+    // HEAD names the branch; a commit moves the branch's ref, not HEAD: watch both.
     println!("cargo:rerun-if-changed=../.git/HEAD");
+    if let Ok(head) = std::fs::read_to_string("../.git/HEAD")
+        && let Some(reference) = head.trim().strip_prefix("ref: ")
+    {
+        println!("cargo:rerun-if-changed=../.git/{reference}");
+        println!("cargo:rerun-if-changed=../.git/packed-refs");
+    }
 }

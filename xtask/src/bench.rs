@@ -1,11 +1,12 @@
 //! `cargo xtask bench [--quick]`: observer's benchmarks, run side by side on this machine, with
 //! raw results in `target/bench/results.json` and the report in `BENCHMARKS.md`.
 //!
-//! One run, in this order: start-up (several starts), connection churn (four arms, interleaved),
-//! scrape latency (1,000 and 10,000 series), then one daemon for the reset storm followed by the
-//! soak, with its memory read after start, after the storm and after the soak. All traffic is
-//! made by load generator processes (`worker`) in private network namespaces that the daemon is
-//! told to watch (`--netns`), so the counts can be checked exactly against what was made.
+//! One run, in this order: start-up (several starts), connection churn (three tools, each run
+//! bracketed by runs with nothing attached), scrape latency (1,000 and 10,000 series), then one
+//! daemon for the reset storm followed by the soak, with its memory read after start, after the
+//! storm and after the soak; last, diagnostics (BPF program costs) that feed no target. All
+//! traffic is made by load generator processes (`worker`) in private network namespaces that the
+//! daemon is told to watch (`--netns`), so the counts can be checked exactly against what was made.
 //!
 //! `--quick` shortens everything to try it out and writes `target/bench/results-quick.json` and
 //! `target/bench/BENCHMARKS-quick.md`, leaving the published `BENCHMARKS.md` alone.
@@ -86,7 +87,7 @@ impl Plan {
         let full = Self {
             warmup_seconds: 2.0,
             startups: 10,
-            churn_seconds: 12.0,
+            churn_seconds: 10.0,
             churn_rounds: 5,
             churn_clients: 4,
             churn_servers: 4,
@@ -274,7 +275,7 @@ fn run(setup: &Setup, plan: &Plan, root: &Path, quick: bool) -> Result<Results> 
         if quick {
             "quick run"
         } else {
-            "full run (about 20 minutes)"
+            "full run (about 25 minutes)"
         },
         machine.cpu_model,
         machine.cores,

@@ -1,10 +1,11 @@
 //! Connection churn: how many loopback connections per second the machine makes with nothing
 //! watching, with observer, with a counting bpftrace script and with tcplife.
 //!
-//! The arms run one after another, round after round, each round in a different order
-//! (ABCD, BCDA, ...), so slow drifts in the machine's other load fall on every arm alike. Each
-//! arm run gets a fresh load generator in a fresh network namespace, so no run inherits the
-//! previous one's TIME_WAIT sockets.
+//! Every run of a tool is bracketed by runs with nothing attached (none, observer, none, bpftrace,
+//! none, tcplife, none, ...; the tools' order rotates each round), and compared with the mean of
+//! the two baselines around it: on a shared machine other load comes and goes, and a baseline
+//! measured minutes apart would compare unlike conditions. Each run gets a fresh load generator
+//! in a fresh network namespace, so no run inherits the previous one's TIME_WAIT sockets.
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,8 @@ use super::{
 };
 
 pub const ARMS: [&str; 4] = ["none", "observer", "bpftrace", "tcplife"];
+/// The arms compared with the baseline.
+const TOOLS: [&str; 3] = ["observer", "bpftrace", "tcplife"];
 
 /// The load generator's name in this benchmark (its `comm`).
 const LOAD: &str = "bench-churn";
@@ -39,6 +42,16 @@ pub struct ArmRun {
     pub events_lost: Option<u64>,
     /// bpftrace / tcplife arms: what the tool printed.
     pub tool_output: Option<ToolReport>,
+    /// Tool runs: the mean rate of the baseline runs just before and just after.
+    #[serde(default)]
+    pub baseline: Option<f64>,
+    /// Tool runs: `per_second` over `baseline`.
+    #[serde(default)]
+    pub ratio: Option<f64>,
+    /// Tool runs: how far apart the two baselines were (|before − after| / mean); large when
+    /// other load changed during the bracket.
+    #[serde(default)]
+    pub baseline_spread: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,12 +62,13 @@ pub struct ArmSummary {
     pub per_second: f64,
     pub min: f64,
     pub max: f64,
-    /// `per_second` over the no-observer arm's.
+    /// `per_second` over the no-observer arm's (all runs pooled; sensitive to other load that
+    /// came and went, see `median_ratio`).
     pub ratio: f64,
-    /// Per round: this arm's rate over the no-observer arm's rate in the same round.
-    pub round_ratios: Vec<f64>,
-    /// The median of `round_ratios` (less sensitive to a burst of other load in one run).
-    pub median_round_ratio: f64,
+    /// Each run's rate over its bracketing baselines' mean, in run order.
+    pub run_ratios: Vec<f64>,
+    /// The median of `run_ratios`: the comparison the targets are judged on.
+    pub median_ratio: f64,
     /// Mean CPU of the tool's own process, in cores.
     pub tool_cores: f64,
 }
@@ -71,32 +85,39 @@ pub struct Churn {
 }
 
 pub fn run(setup: &Setup, plan: &Plan) -> Result<Churn> {
-    let mut runs = Vec::new();
+    // none, tool, none, tool, ..., none: every tool run sits between two baselines.
+    let mut order = Vec::new();
     for round in 0..plan.churn_rounds {
-        for i in 0..ARMS.len() {
-            let arm = ARMS[(round + i) % ARMS.len()];
-            let run = run_arm(setup, plan, arm, round)
-                .with_context(|| format!("churn, arm {arm}, round {}", round + 1))?;
-            if !run.other_bpf.is_empty() {
-                println!(
-                    "observer bench: warning: other processes hold BPF programs during this run: {}",
-                    run.other_bpf.join(", ")
-                );
-            }
-            println!(
-                "observer bench: churn round {} {arm:>8}: {:>8.0} connections/s (load average before: {}; CPU in cores: machine {:.2}, generator {:.2}, tool {:.2}, other {:.2})",
-                round + 1,
-                run.per_second,
-                run.loadavg_before,
-                run.cpu.machine,
-                run.cpu.load,
-                run.cpu.tool,
-                run.cpu.other
-            );
-            runs.push(run);
+        for i in 0..TOOLS.len() {
+            order.push(("none", round));
+            order.push((TOOLS[(round + i) % TOOLS.len()], round));
         }
     }
-    let summary = summarize(&runs, plan.churn_rounds);
+    order.push(("none", plan.churn_rounds.saturating_sub(1)));
+    let mut runs = Vec::new();
+    for (arm, round) in order {
+        let run = run_arm(setup, plan, arm, round)
+            .with_context(|| format!("churn, arm {arm}, round {}", round + 1))?;
+        if !run.other_bpf.is_empty() {
+            println!(
+                "observer bench: warning: other processes hold BPF programs during this run: {}",
+                run.other_bpf.join(", ")
+            );
+        }
+        println!(
+            "observer bench: churn round {} {arm:>8}: {:>8.0} connections/s (load average before: {}; CPU in cores: machine {:.2}, generator {:.2}, tool {:.2}, other {:.2})",
+            round + 1,
+            run.per_second,
+            run.loadavg_before,
+            run.cpu.machine,
+            run.cpu.load,
+            run.cpu.tool,
+            run.cpu.other
+        );
+        runs.push(run);
+    }
+    bracket(&mut runs);
+    let summary = summarize(&runs);
     Ok(Churn {
         seconds_per_run: plan.churn_seconds,
         warmup_seconds: plan.warmup_seconds,
@@ -198,15 +219,39 @@ fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun
         checks,
         events_lost,
         tool_output,
+        baseline: None,
+        ratio: None,
+        baseline_spread: None,
     })
 }
 
-fn summarize(runs: &[ArmRun], rounds: usize) -> Vec<ArmSummary> {
-    let rate_of = |arm: &str, round: usize| {
-        runs.iter()
-            .find(|r| r.arm == arm && r.round == round)
-            .map(|r| r.per_second)
-    };
+/// Sets each tool run's baseline: the mean of the baseline runs next to it.
+fn bracket(runs: &mut [ArmRun]) {
+    for i in 0..runs.len() {
+        if runs[i].arm == "none" {
+            continue;
+        }
+        let before = runs[..i]
+            .iter()
+            .rev()
+            .find(|r| r.arm == "none")
+            .map(|r| r.per_second);
+        let after = runs[i + 1..]
+            .iter()
+            .find(|r| r.arm == "none")
+            .map(|r| r.per_second);
+        let (baseline, spread) = match (before, after) {
+            (Some(b), Some(a)) => ((a + b) / 2.0, Some((a - b).abs() / ((a + b) / 2.0))),
+            (Some(x), None) | (None, Some(x)) => (x, None),
+            (None, None) => continue,
+        };
+        runs[i].baseline = Some(baseline);
+        runs[i].baseline_spread = spread;
+        runs[i].ratio = (baseline > 0.0).then(|| runs[i].per_second / baseline);
+    }
+}
+
+fn summarize(runs: &[ArmRun]) -> Vec<ArmSummary> {
     let pooled = |arm: &str| {
         let of: Vec<&ArmRun> = runs.iter().filter(|r| r.arm == arm).collect();
         let connections: u64 = of.iter().map(|r| r.connections).sum();
@@ -225,15 +270,10 @@ fn summarize(runs: &[ArmRun], rounds: usize) -> Vec<ArmSummary> {
         .map(|&arm| {
             let (of, per_second) = pooled(arm);
             let rates: Vec<f64> = of.iter().map(|r| r.per_second).collect();
-            let round_ratios: Vec<f64> = (0..rounds)
-                .filter_map(|r| Some(rate_of(arm, r)? / rate_of("none", r)?))
-                .collect();
-            let mut sorted = round_ratios.clone();
-            sorted.sort_by(f64::total_cmp);
-            let median_round_ratio = match sorted.len() {
-                0 => 0.0,
-                n if n % 2 == 1 => sorted[n / 2],
-                n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+            let run_ratios: Vec<f64> = if arm == "none" {
+                vec![1.0; of.len()]
+            } else {
+                of.iter().filter_map(|r| r.ratio).collect()
             };
             ArmSummary {
                 arm: arm.to_string(),
@@ -246,8 +286,8 @@ fn summarize(runs: &[ArmRun], rounds: usize) -> Vec<ArmSummary> {
                 } else {
                     0.0
                 },
-                round_ratios,
-                median_round_ratio,
+                median_ratio: median(&run_ratios),
+                run_ratios,
                 tool_cores: if of.is_empty() {
                     0.0
                 } else {
@@ -256,4 +296,57 @@ fn summarize(runs: &[ArmRun], rounds: usize) -> Vec<ArmSummary> {
             }
         })
         .collect()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(arm: &str, per_second: f64) -> ArmRun {
+        ArmRun {
+            arm: arm.into(),
+            round: 0,
+            loadavg_before: String::new(),
+            other_bpf: Vec::new(),
+            seconds: 1.0,
+            connections: per_second as u64,
+            per_second,
+            cpu: CpuUse::default(),
+            generator_errors: 0,
+            checks: Vec::new(),
+            events_lost: None,
+            tool_output: None,
+            baseline: None,
+            ratio: None,
+            baseline_spread: None,
+        }
+    }
+
+    #[test]
+    fn tool_runs_are_compared_with_the_baselines_around_them() {
+        let mut runs = vec![
+            run("none", 100.0),
+            run("observer", 90.0),
+            run("none", 80.0),
+            run("bpftrace", 40.0),
+            run("none", 40.0),
+        ];
+        bracket(&mut runs);
+        assert_eq!(runs[1].ratio, Some(1.0));
+        assert_eq!(runs[3].ratio, Some(2.0 / 3.0));
+        assert_eq!(runs[3].baseline_spread, Some(40.0 / 60.0));
+        let summary = summarize(&runs);
+        assert_eq!(summary[1].median_ratio, 1.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
+    }
 }

@@ -22,8 +22,7 @@ struct Verdict {
 
 fn targets(r: &Results) -> Vec<Verdict> {
     let arm = |name: &str| r.churn.summary.iter().find(|s| s.arm == name);
-    let rate = |name: &str| arm(name).map_or(0.0, |s| s.per_second);
-    let ratio = |name: &str| arm(name).map_or(0.0, |s| s.ratio);
+    let ratio = |name: &str| arm(name).map_or(0.0, |s| s.median_ratio);
     let ten_k = r.scrape.levels.iter().find(|l| l.series == 10_000);
     let storm_runs: Vec<&Run> = r.storm.sweep.iter().chain([&r.storm.max]).collect();
     let best_lossless = storm_runs
@@ -50,7 +49,7 @@ fn targets(r: &Results) -> Vec<Verdict> {
     vec![
         Verdict {
             name: "Churn",
-            target: "observer ≥ 0.98 × no observer",
+            target: "observer ≥ 0.98 × no observer (median bracketed ratio)",
             measured: format!("{:.3} ×", ratio("observer")),
             met: ratio("observer") >= 0.98,
         },
@@ -63,7 +62,7 @@ fn targets(r: &Results) -> Vec<Verdict> {
                 ratio("bpftrace"),
                 ratio("tcplife")
             ),
-            met: rate("observer") > rate("bpftrace") && rate("observer") > rate("tcplife"),
+            met: ratio("observer") > ratio("bpftrace") && ratio("observer") > ratio("tcplife"),
         },
         Verdict {
             name: "Reset storm",
@@ -215,31 +214,29 @@ pub fn markdown(r: &Results) -> String {
 fn other_load(o: &mut String, r: &Results) {
     let others: Vec<f64> = r.churn.runs.iter().map(|run| run.cpu.other).collect();
     let max_other = others.iter().copied().fold(0.0, f64::max);
-    let loads: Vec<&str> = r
-        .churn
-        .runs
-        .iter()
-        .map(|run| run.loadavg_before.as_str())
-        .collect();
     let mean_other = if others.is_empty() {
         0.0
     } else {
         others.iter().sum::<f64>() / others.len() as f64
     };
+    let one_minute: Vec<f64> = r
+        .churn
+        .runs
+        .iter()
+        .filter_map(|run| run.loadavg_before.split_whitespace().next()?.parse().ok())
+        .collect();
     let _ = writeln!(
         o,
         "Other load: this machine is shared. During the churn runs, other user-space processes (sampled from /proc \
-         at both ends of each run) used {mean_other:.2} cores on average and {max_other:.2} at most, of {} (see the \
-         `other` column below). Load averages before each run (they include the benchmark's own threads): {}. {}\n",
+         at both ends of each run) used {mean_other:.2} cores on average and {max_other:.2} at most, of {} (the \
+         `other` column below). The 1-minute load average before the runs went from {:.2} to {:.2}; it counts the \
+         benchmark's own threads. {}\n",
         r.machine.cores,
-        loads
-            .iter()
-            .map(|l| format!("`{l}`"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        one_minute.iter().copied().fold(f64::INFINITY, f64::min),
+        one_minute.iter().copied().fold(0.0, f64::max),
         if max_other > 0.1 {
-            "Other load was present; the interleaved order spreads it over all arms, and the per-round ratios show \
-             how much it moved the results."
+            "Other load was present; every tool run is compared with the baselines run just before and after it, \
+             and the spread of those two shows how much it moved."
         } else {
             "No significant other load was seen."
         }
@@ -291,28 +288,36 @@ fn churn(o: &mut String, r: &Results) {
          SO_REUSEPORT listeners, server closes first); {:.0} s measured after {:.0} s of warm-up, in a fresh network \
          namespace per run. Arms: **none**; **observer** (`observer run --netns` on that namespace); **bpftrace** \
          counting on the same six tracepoints; **tcplife** from libbpf-tools (one line per connection, read through \
-         a pipe). {} rounds, the arm order rotated each round.\n",
+         a pipe). Every tool run is bracketed by two runs with nothing attached (none, tool, none, tool, ..., \
+         none; the tools' order rotates over {} rounds) and compared with the mean of those two, so other load \
+         that comes and goes on this shared machine falls on both sides of each comparison. The targets are \
+         judged on the median of these bracketed ratios.\n",
         c.clients, c.servers, c.seconds_per_run, c.warmup_seconds, c.rounds
     );
     let _ = writeln!(
         o,
-        "| arm | connections/s | min | max | ratio to none | median of per-round ratios | per-round ratios | tool's own CPU (cores) |\n|---|---:|---:|---:|---:|---:|---|---:|"
+        "| arm | runs | connections/s (pooled) | min | max | pooled ratio to none | **median bracketed ratio** | bracketed ratios, in run order | tool's own CPU (cores) |\n|---|---:|---:|---:|---:|---:|---:|---|---:|"
     );
     for s in &c.summary {
         let _ = writeln!(
             o,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {} | {:.3} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | **{:.3}** | {} | {:.3} |",
             s.arm,
+            s.runs,
             s.per_second,
             s.min,
             s.max,
             s.ratio,
-            s.median_round_ratio,
-            s.round_ratios
-                .iter()
-                .map(|x| format!("{x:.3}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            s.median_ratio,
+            if s.arm == "none" {
+                "—".to_string()
+            } else {
+                s.run_ratios
+                    .iter()
+                    .map(|x| format!("{x:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
             s.tool_cores
         );
     }
@@ -324,18 +329,24 @@ fn churn(o: &mut String, r: &Results) {
     );
     let _ = writeln!(
         o,
-        "| round | arm | load avg before | seconds | connections | connections/s | machine CPU | softirq | generator | tool | other |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| # | round | arm | load avg before | seconds | connections | connections/s | bracketing baselines' mean (spread) | ratio | machine CPU | softirq | generator | tool | other |\n|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    for run in &c.runs {
+    for (i, run) in c.runs.iter().enumerate() {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {:.2} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            i + 1,
             run.round + 1,
             run.arm,
             run.loadavg_before,
             run.seconds,
             run.connections,
             run.per_second,
+            run.baseline.map_or_else(String::new, |b| format!(
+                "{b:.0} ({:.0} %)",
+                run.baseline_spread.unwrap_or(0.0) * 100.0
+            )),
+            run.ratio.map_or_else(String::new, |x| format!("{x:.3}")),
             run.cpu.machine,
             run.cpu.softirq,
             run.cpu.load,
@@ -430,7 +441,7 @@ fn storm(o: &mut String, r: &Results) {
     for run in r.storm.sweep.iter().chain([s]) {
         let _ = writeln!(
             o,
-            "| {} | {:.0} | {:.0} | {} | {} | {} | {:.0} % | {:.2} | {:.2} | {:.2} ({:.2}, {:.2}, {:.2}) |",
+            "| {} | {:.0} | {:.0} | {} | {} | {} | {:.0} % | {:.2} | {:.3} | {:.2} ({:.2}, {:.2}, {:.2}) |",
             run.target_events_per_second
                 .map_or_else(|| "all-out".into(), |t| format!("paced at {t:.0}/s")),
             run.events_per_second,
@@ -518,7 +529,7 @@ fn scrape(o: &mut String, r: &Results) {
         o,
         "`GET /metrics` on a new connection, timed from connect to the last byte, every {} ms while `bench-scrape` \
          keeps making graceful connections at {} per second over the same (port, client address) pairs, so events \
-         flow but no series are added. The series are made exactly: one connection from each of 99 client \
+         flow but no series are added. The series are made on purpose: one connection from each of 99 client \
          addresses to each of P server ports gives 99 P server-side and P client-side series (the daemon's \
          `observer_series` gauge is checked, and shown). Daemon: `{}`.\n",
         s.interval_ms, s.background_rate, s.daemon_command
