@@ -45,19 +45,19 @@ pub fn listen(addr: SocketAddrV4, reuseport: bool) -> io::Result<TcpListener> {
     if reuseport {
         set_int(fd.0, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
     }
-    let sa = sockaddr(addr);
-    // SAFETY: bind and listen with a valid sockaddr_in on our socket.
-    check(unsafe {
-        libc::bind(
-            fd.0,
-            (&raw const sa).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    })?;
-    // SAFETY: as above.
+    bind(fd.0, addr)?;
+    // SAFETY: listen on our bound socket.
     check(unsafe { libc::listen(fd.0, 4096) })?;
     // SAFETY: the fd is an open listening socket whose ownership moves to the TcpListener.
     Ok(unsafe { TcpListener::from_raw_fd(fd.into_raw()) })
+}
+
+/// bind(2) of socket `fd` to `addr`.
+fn bind(fd: i32, addr: SocketAddrV4) -> io::Result<()> {
+    let sa = sockaddr(addr);
+    // SAFETY: bind with a valid sockaddr_in of the right length on an open socket.
+    check(unsafe { libc::bind(fd, (&raw const sa).cast(), size_of::<libc::sockaddr_in>() as u32) })?;
+    Ok(())
 }
 
 /// Connects to `to`, from `from` when given (its address only: the port is chosen at connect
@@ -69,15 +69,7 @@ pub fn connect(from: Option<Ipv4Addr>, to: SocketAddrV4) -> io::Result<TcpStream
     })?);
     if let Some(ip) = from {
         set_int(fd.0, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
-        let sa = sockaddr(SocketAddrV4::new(ip, 0));
-        // SAFETY: bind with a valid sockaddr_in.
-        check(unsafe {
-            libc::bind(
-                fd.0,
-                (&raw const sa).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            )
-        })?;
+        bind(fd.0, SocketAddrV4::new(ip, 0))?;
     }
     let sa = sockaddr(to);
     // SAFETY: connect with a valid sockaddr_in on a blocking socket.
