@@ -1,4 +1,8 @@
-//! Aggregation with bounded cardinality: per-connection counters keyed without strings, with the
+//! Aggregation with bounded cardinality, the fourth step of an event's path (after
+//! [`crate::attribution`]): each classified, attributed event adds to the per-connection
+//! families ([`Aggregator::count`]), and [`crate::exposition`] writes them out at scrape time.
+//!
+//! Per-connection counters are per-connection counters keyed without strings, with the
 //! number of series capped because peers are attacker-controlled.
 //!
 //! Two caps, and nothing is ever dropped, only folded, so sums stay exact:
@@ -9,13 +13,26 @@
 //!
 //! Every count that lands in an `other` series is added to [`Aggregator::folded`].
 
-use std::collections::HashMap as StdHashMap;
+use observer_common::ConnectionFacts;
 
-/// Maps on the event path: keys are attacker-chosen (peers, ports), so the hash must be seeded
-/// per process, but SipHash is more than these small keys need. foldhash is both.
-pub type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
+use crate::{
+    HashMap,
+    classify::Outcome,
+    series::{COMM_OTHER, Peer, Port, SeriesKey},
+};
 
-use crate::attribution::{Peer, Port};
+/// Cardinality caps (README "Bounded cardinality"): `--max-peers`, `--max-series`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_peers: usize,
+    pub max_series: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_peers: 50, max_series: 20_000 }
+    }
+}
 
 /// A family of per-connection counters (one Prometheus metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,42 +47,6 @@ pub enum Family {
 
 impl Family {
     pub const ALL: [Family; 5] = [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses, Self::Retransmits];
-}
-
-/// Command name bytes that render as `other` (no real comm is all 0xff).
-pub const COMM_OTHER: [u8; 16] = [0xff; 16];
-
-/// A short container id (12 hex characters) as bytes; all zero on the host.
-pub type ContainerKey = [u8; 12];
-
-/// The host: no container.
-pub const NO_CONTAINER: ContainerKey = [0; 12];
-
-/// Container bytes that render as `other` (overflow series).
-pub const CONTAINER_OTHER: ContainerKey = [0xff; 12];
-
-/// One series' labels, without strings: rendered only at scrape time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SeriesKey {
-    pub comm: [u8; 16],
-    /// `observer_common::Role` as u8.
-    pub role: u8,
-    pub peer: Peer,
-    pub port: Port,
-    /// The owner's short container id.
-    pub container: ContainerKey,
-    /// The family's extra label: reset reason value, or premature kind index; 0 otherwise.
-    pub detail: u32,
-}
-
-impl SeriesKey {
-    fn with_peer(self, peer: Peer) -> Self {
-        Self { peer, ..self }
-    }
-
-    fn overflow(self) -> Self {
-        Self { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, container: CONTAINER_OTHER, detail: self.detail }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +76,30 @@ pub struct Aggregator {
 impl Aggregator {
     pub fn new(max_peers: usize, max_series: usize) -> Self {
         Self { families: Default::default(), max_peers: max_peers.max(1), max_series, series: 0, tick: 0, folded: 0 }
+    }
+
+    pub fn with_limits(limits: Limits) -> Self {
+        Self::new(limits.max_peers, limits.max_series)
+    }
+
+    /// Counts one event under `key` (its attributed series, detail 0): a reset in its family, a
+    /// close in `closes` and, when premature, in `premature_closes` by kind, with the
+    /// connection's retransmissions.
+    pub fn count(&mut self, outcome: Outcome, key: SeriesKey, facts: &ConnectionFacts) {
+        let detail = |detail| SeriesKey { detail, ..key };
+        match outcome {
+            Outcome::ResetReceived => self.add(Family::ResetsReceived, key, 1),
+            Outcome::ResetSent { reason } => self.add(Family::ResetsSent, detail(reason), 1),
+            Outcome::Closed { premature } => {
+                self.add(Family::Closes, key, 1);
+                if let Some(kind) = premature {
+                    self.add(Family::PrematureCloses, detail(kind as u32), 1);
+                }
+                if facts.retransmits > 0 {
+                    self.add(Family::Retransmits, key, u64::from(facts.retransmits));
+                }
+            }
+        }
     }
 
     /// Adds `n` to the series `key` of `family`, folding as the caps require.
@@ -178,6 +183,7 @@ fn add_value(f: &mut FamilySeries, series: &mut usize, max_series: usize, folded
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::series::NO_CONTAINER;
 
     fn key(peer: u8, port: u16) -> SeriesKey {
         let mut comm = [0u8; 16];

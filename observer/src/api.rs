@@ -1,10 +1,12 @@
-//! The JSON the daemon serves at `/api/v1/status` and `observer status` reads.
+//! The JSON the daemon serves under `/api/v1/` and the CLI reads: the status and the event log's
+//! records. One definition for both ends.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 pub const STATUS_PATH: &str = "/api/v1/status";
+pub const EVENTS_PATH: &str = "/api/v1/events";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
@@ -25,7 +27,7 @@ pub struct StatusReport {
     pub events: EventsReport,
     /// The latest premature closes, newest last, with their cause where it was found.
     #[serde(default)]
-    pub recent_premature: Vec<crate::events::EventRecord>,
+    pub recent_premature: Vec<EventRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -57,4 +59,72 @@ pub struct EventsReport {
     /// Event-log records that name their cause (the other end's process and reason).
     #[serde(default)]
     pub paired: u64,
+}
+
+/// Who caused a reset or premature close: the other end of the connection, on this node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Cause {
+    /// The process that sent the RST; empty for a reset answering a segment that matched no
+    /// socket (nothing listens: `reason` `no_socket`).
+    pub comm: String,
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    /// The kernel's reason on the sending side.
+    pub reason: String,
+    /// "reset by backend[4711]: tcp_abort_on_close".
+    pub summary: String,
+}
+
+/// One record of the event log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventRecord {
+    /// Increases by one per record; `/api/v1/events?since=SEQ` returns the later ones.
+    pub seq: u64,
+    /// Kernel monotonic clock (ns) at the event.
+    pub timestamp_ns: u64,
+    /// `reset_received`, `reset_sent` or `closed`.
+    pub event: String,
+    /// For `closed`: the premature kind (`peer_reset`, `eof_before_response`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// For `reset_sent`: the kernel's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub comm: String,
+    pub pid: u32,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cgroup: String,
+    pub local: String,
+    pub remote: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<Facts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+}
+
+/// Per-connection facts of a `closed` record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Facts {
+    pub duration_seconds: f64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub srtt_us: u32,
+    pub retransmits: u32,
+    /// The state the connection left for CLOSE.
+    pub final_state: String,
+    /// `local` (this side sent the first FIN), `peer`, `reset`, `timeout` or `unknown`.
+    pub close_initiator: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventsPage {
+    /// Pass as `since` to get what comes after this page.
+    pub next: u64,
+    /// Sequence number of the newest record in the log (0: none yet).
+    pub latest: u64,
+    pub events: Vec<EventRecord>,
 }

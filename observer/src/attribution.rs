@@ -1,45 +1,48 @@
-//! Who and with whom: an event's owner, role, peer and service port, as a series key (no strings
-//! on the event path) and, at scrape time, as label values.
+//! Who and with whom: the third step of an event's path (after [`crate::decode`] and
+//! [`crate::classify`]). It turns an event's owner, role, endpoints and cgroup into one value,
+//! [`Attributed`]: the series key the event counts under (no strings on the event path), the
+//! owner's container identity, and whether the owner is unknown.
 
-use std::{fs, ops::RangeInclusive};
+use std::{fs, ops::RangeInclusive, sync::Arc};
 
 use observer_common::{Role, SocketEvent};
 
-use crate::aggregate::{COMM_OTHER, CONTAINER_OTHER, ContainerKey, SeriesKey};
+use crate::{
+    container::{Container, SharedResolver},
+    decode::Event,
+    series::{ContainerKey, NO_CONTAINER, Peer, Port, SeriesKey, container_key},
+};
 
-/// The `peer` label: a remote address, or `other` for peers folded by the cardinality cap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Peer {
-    /// 16 bytes, IPv4 v4-mapped.
-    Addr([u8; 16]),
-    Other,
+/// What attribution found out about one event.
+#[derive(Debug, Clone)]
+pub struct Attributed {
+    /// The series the event counts under; `detail` is 0 (each family sets its extra label).
+    pub key: SeriesKey,
+    /// The owner's cgroup and container id; `None` when the cgroup is unknown.
+    pub container: Option<Arc<Container>>,
+    /// The event is about a socket whose owner is unknown (the socket predates the daemon, or
+    /// was accepted by a path the programs do not see). Resets answering a segment that matched
+    /// no socket belong to no process by nature and are not unattributed.
+    pub unattributed: bool,
 }
 
-/// The `port` label: the service port, none (`""`) when only ephemeral ports are known, or
-/// `other` for the overflow series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Port {
-    None,
-    Num(u16),
-    Other,
-}
-
-/// Turns events into series keys. Knows the local ephemeral port range, so that ephemeral ports
-/// never become label values.
+/// Turns events into [`Attributed`] values. Knows the local ephemeral port range, so that
+/// ephemeral ports never become label values, and resolves owners' cgroups through the
+/// daemon's one [`SharedResolver`].
 #[derive(Debug, Clone)]
 pub struct Attribution {
     ephemeral: RangeInclusive<u16>,
-}
-
-impl Default for Attribution {
-    fn default() -> Self {
-        Self::new(Self::read_ephemeral_range().unwrap_or(32768..=60999))
-    }
+    resolver: SharedResolver,
 }
 
 impl Attribution {
-    pub fn new(ephemeral: RangeInclusive<u16>) -> Self {
-        Self { ephemeral }
+    pub fn new(ephemeral: RangeInclusive<u16>, resolver: SharedResolver) -> Self {
+        Self { ephemeral, resolver }
+    }
+
+    /// With this host's ephemeral port range (`net.ipv4.ip_local_port_range`).
+    pub fn for_host(resolver: SharedResolver) -> Self {
+        Self::new(Self::read_ephemeral_range().unwrap_or(32768..=60999), resolver)
     }
 
     /// `net.ipv4.ip_local_port_range` of this host.
@@ -50,9 +53,24 @@ impl Attribution {
         Some(lo..=hi)
     }
 
-    /// The series an event counts in; `detail` is the family's extra label (reason, kind),
-    /// `container` the owner's short container id.
-    pub fn key(&self, ev: &SocketEvent, detail: u32, container: ContainerKey) -> SeriesKey {
+    /// Who owns the event's socket, in which container, and the series it counts under.
+    pub fn attribute(&self, event: &Event) -> Attributed {
+        let raw = &event.raw;
+        let container = match raw.owner.cgroup_id {
+            // No cgroup to resolve: the lock is not worth taking.
+            0 => None,
+            id => self.resolver.lock().unwrap_or_else(|e| e.into_inner()).resolve(id),
+        };
+        let container_key = container.as_ref().map_or(NO_CONTAINER, |c| container_key(c.short_id()));
+        Attributed {
+            key: self.key(raw, container_key),
+            container,
+            unattributed: raw.owner.tgid == 0 && raw.sk != 0,
+        }
+    }
+
+    /// The series an event counts under; `container` is the owner's short container id.
+    fn key(&self, ev: &SocketEvent, container: ContainerKey) -> SeriesKey {
         let e = &ev.endpoints;
         let port = match Role::from_u8(ev.role) {
             Role::Client => Some(e.remote_port),
@@ -68,107 +86,42 @@ impl Attribution {
             peer: Peer::Addr(e.remote_addr),
             port: port.filter(|p| *p != 0).map_or(Port::None, Port::Num),
             container,
-            detail,
+            detail: 0,
         }
     }
-}
-
-/// Label values `[comm, role, peer, port, container]` of a series.
-pub fn label_values(key: &SeriesKey) -> [String; 5] {
-    [
-        Label::Comm(&key.comm).to_string(),
-        role_text(key.role).to_string(),
-        Label::Peer(&key.peer).to_string(),
-        Label::Port(&key.port).to_string(),
-        Label::Container(&key.container).to_string(),
-    ]
-}
-
-/// A label value of a series key, written without allocating (the exposition writes thousands
-/// per scrape). Not escaped: the writer escapes.
-pub enum Label<'a> {
-    Comm(&'a [u8; 16]),
-    Peer(&'a Peer),
-    Port(&'a Port),
-    Container(&'a ContainerKey),
-}
-
-impl std::fmt::Display for Label<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Label::Comm(comm) if **comm == COMM_OTHER => f.write_str("other"),
-            Label::Comm(comm) => f.write_str(&String::from_utf8_lossy(until_nul(&comm[..]))),
-            Label::Container(id) if **id == CONTAINER_OTHER => f.write_str("other"),
-            Label::Container(id) => f.write_str(&String::from_utf8_lossy(until_nul(&id[..]))),
-            Label::Peer(Peer::Addr(addr)) => {
-                let v6 = std::net::Ipv6Addr::from(*addr);
-                match v6.to_ipv4_mapped() {
-                    Some(v4) => v4.fmt(f),
-                    None => v6.fmt(f),
-                }
-            }
-            Label::Peer(Peer::Other) | Label::Port(Port::Other) => f.write_str("other"),
-            Label::Port(Port::None) => Ok(()),
-            Label::Port(Port::Num(p)) => p.fmt(f),
-        }
-    }
-}
-
-fn until_nul(bytes: &[u8]) -> &[u8] {
-    &bytes[..bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len())]
-}
-
-/// A short container id as a series key (12 bytes; longer ids are cut, as `docker ps` does).
-pub fn container_key(short_id: &str) -> ContainerKey {
-    let mut key = ContainerKey::default();
-    for (dst, src) in key.iter_mut().zip(short_id.bytes()) {
-        *dst = src;
-    }
-    key
-}
-
-/// The `role` label value.
-pub fn role_text(role: u8) -> &'static str {
-    match Role::from_u8(role) {
-        Role::Client => "client",
-        Role::Server => "server",
-        Role::Unknown => "",
-    }
-}
-
-/// NUL-padded kernel comm → text.
-pub fn comm_text(comm: &[u8]) -> String {
-    String::from_utf8_lossy(until_nul(comm)).into_owned()
-}
-
-/// 16-byte address (v4-mapped for IPv4) → text.
-pub fn ip_text(addr: &[u8; 16]) -> String {
-    Label::Peer(&Peer::Addr(*addr)).to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use observer_common::{EventKind, Endpoints, Owner, ProbeId};
+
     use super::*;
-    use observer_common::{Endpoints, Owner};
+    use crate::{container::CgroupResolver, series::label_values};
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut m = [0u8; 16];
-        m[10] = 0xff;
-        m[11] = 0xff;
-        m[12..].copy_from_slice(&a);
-        m
+        std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets()
     }
 
-    fn labels(role: Role, local_port: u16, remote_port: u16) -> [String; 5] {
+    fn attribution() -> Attribution {
+        Attribution::new(32768..=60999, Arc::new(Mutex::new(CgroupResolver::without_mount())))
+    }
+
+    fn event(role: Role, local_port: u16, remote_port: u16) -> SocketEvent {
         let mut comm = [0u8; 16];
         comm[..7].copy_from_slice(b"backend");
-        let ev = SocketEvent {
+        SocketEvent {
             role: role as u8,
+            sk: 0xffff_8881_0000_0000,
             endpoints: Endpoints { local_addr: v4([127, 0, 0, 1]), remote_addr: v4([10, 1, 2, 3]), local_port, remote_port, family: 2, _pad: 0 },
             owner: Owner { tgid: 42, comm, ..Owner::default() },
             ..Default::default()
-        };
-        label_values(&Attribution::new(32768..=60999).key(&ev, 0, container_key("3f2a9c1b7d4e")))
+        }
+    }
+
+    fn labels(role: Role, local_port: u16, remote_port: u16) -> [String; 5] {
+        label_values(&attribution().key(&event(role, local_port, remote_port), container_key("3f2a9c1b7d4e")))
     }
 
     #[test]
@@ -186,15 +139,16 @@ mod tests {
     }
 
     #[test]
-    fn addresses_render_as_ipv4_or_ipv6_and_folded_values_as_other() {
-        assert_eq!(ip_text(&v4([192, 168, 1, 9])), "192.168.1.9");
-        let mut v6 = [0u8; 16];
-        v6[15] = 1;
-        assert_eq!(ip_text(&v6), "::1");
-        assert_eq!(comm_text(b"nginx\0\0\0garbage"), "nginx");
-        let folded = SeriesKey { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, container: CONTAINER_OTHER, detail: 0 };
-        assert_eq!(label_values(&folded), ["other", "", "other", "other", "other"]);
-        let host = SeriesKey { container: crate::aggregate::NO_CONTAINER, ..folded };
-        assert_eq!(label_values(&host)[4], "");
+    fn only_sockets_without_a_known_owner_are_unattributed() {
+        let a = attribution();
+        let attributed = |raw| a.attribute(&Event { kind: EventKind::ResetReceived, probe: ProbeId::TcpReceiveReset, raw });
+        let owned = attributed(event(Role::Client, 45000, 8080));
+        assert!(!owned.unattributed);
+        assert_eq!(owned.container, None, "no cgroup id, no container");
+        assert_eq!(owned.key.container, NO_CONTAINER);
+        let orphan = SocketEvent { owner: Owner::default(), ..event(Role::Unknown, 8080, 45000) };
+        assert!(attributed(orphan).unattributed, "a socket nobody was seen to own");
+        let no_socket = SocketEvent { sk: 0, ..orphan };
+        assert!(!attributed(no_socket).unattributed, "a no-socket reset belongs to no process");
     }
 }

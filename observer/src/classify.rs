@@ -2,7 +2,7 @@
 
 use observer_common::{EventKind, Role, SocketEvent, flags, tcp_state};
 
-use crate::{decode::Event, probes::btf::ResetReasons};
+use crate::{decode::Event, reasons::ResetReasons};
 
 /// Ways a connection ends prematurely, mutually exclusive. When several facts hold, the first
 /// listed wins: `Refused` > `ConnectTimeout` > `PeerReset` > `Timeout` > `UnreadData` >

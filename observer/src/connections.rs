@@ -15,9 +15,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use observer_common::{SocketInfo, tcp_state};
 
 use crate::{
-    attribution::{comm_text, role_text},
-    container::Containers,
-    events::state_name,
+    container::SharedResolver,
+    series::{comm_text, role_text, tcp_state_label},
 };
 
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -31,12 +30,13 @@ pub type OldestCloseWait = BTreeMap<(String, String), f64>;
 pub struct SocketTable {
     sockets: BpfHashMap<MapData, u64, SocketInfo>,
     seeds: BpfHashMap<MapData, u64, SocketInfo>,
-    containers: Containers,
+    /// The daemon's one cgroup resolver, shared with the event path.
+    resolver: SharedResolver,
 }
 
 impl SocketTable {
-    pub fn new(sockets: BpfHashMap<MapData, u64, SocketInfo>, seeds: BpfHashMap<MapData, u64, SocketInfo>) -> Self {
-        Self { sockets, seeds, containers: Containers::new() }
+    pub fn new(sockets: BpfHashMap<MapData, u64, SocketInfo>, seeds: BpfHashMap<MapData, u64, SocketInfo>, resolver: SharedResolver) -> Self {
+        Self { sockets, seeds, resolver }
     }
 
     /// One pass over both maps. Entries that vanish while we iterate are skipped.
@@ -48,7 +48,9 @@ impl SocketTable {
         let known: std::collections::HashSet<_> = tracked.iter().map(endpoints_key).collect();
         let mut infos = tracked;
         infos.extend(values(&self.seeds).into_iter().filter(|i| !known.contains(&endpoints_key(i))));
-        summarize(&infos, now, |cgroup_id| self.containers.resolve(cgroup_id).map(|c| c.short_id().to_string()).unwrap_or_default())
+        // Locked per lookup, not for the whole scan: the event path resolves through it too.
+        let resolve = |cgroup_id| self.resolver.lock().unwrap_or_else(|e| e.into_inner()).resolve(cgroup_id);
+        summarize(&infos, now, |cgroup_id| resolve(cgroup_id).map(|c| c.short_id().to_string()).unwrap_or_default())
     }
 }
 
@@ -84,7 +86,7 @@ pub fn summarize(infos: &[SocketInfo], now_ns: u64, mut container: impl FnMut(u6
             let slot = oldest.entry((comm.clone(), container.clone())).or_insert(0.0);
             *slot = slot.max(age);
         }
-        *by_state.entry((comm, role_text(info.role), state_name(info.state), container)).or_insert(0) += 1;
+        *by_state.entry((comm, role_text(info.role), tcp_state_label(info.state), container)).or_insert(0) += 1;
     }
     (by_state, oldest)
 }

@@ -1,4 +1,5 @@
-//! `observer run`: the event loop from ring buffer to metrics, and the HTTP endpoint.
+//! `observer run`: loads the probes, serves the HTTP endpoint, and drains the ring buffer into
+//! the [`Pipeline`] until SIGINT or SIGTERM.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,16 +12,15 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::NO_CONTAINER,
-    attribution::{Attribution, container_key},
-    classify::classify,
+    aggregate::Limits,
+    attribution::Attribution,
     connections::{self, SocketTable},
-    container::Containers,
-    decode::decode,
+    container::{self, SharedResolver},
+    http,
+    pipeline::Pipeline,
+    probes::{self, ProbeOptions, ProbeState},
     seed,
-    http::{self, Shared},
-    metrics::Limits,
-    probes::{self, ProbeOptions, btf::ResetReasons},
+    state::DaemonState,
 };
 
 /// Records handled per turn of the event loop during a storm before others get a turn.
@@ -44,9 +44,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let shared = Arc::new(Shared::new(probes::kernel_release(), options.limits));
+    let state = Arc::new(DaemonState::new(probes::kernel_release(), options.limits));
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = tokio::spawn(http::serve(listener, shared.clone(), async move {
+    let server = tokio::spawn(http::serve(listener, state.clone(), async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     }));
     log::info!("serving /metrics, /healthz and /api/v1/status on http://{local}");
@@ -82,27 +82,28 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     // node should not keep tens of megabytes it used once.
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
+    // One cgroup resolver (and cache) for the event path and the connection-state scans.
+    let resolver: SharedResolver = container::shared_resolver();
     // The first scan before going ready, so the first scrape already has the gauges.
+    let scan_resolver = resolver.clone();
     let table = tokio::task::spawn_blocking(move || {
-        let mut table = SocketTable::new(sockets, seeds);
+        let mut table = SocketTable::new(sockets, seeds, scan_resolver);
         let (by_state, oldest) = table.scan();
         (table, by_state, oldest)
     })
     .await
     .context("scanning the socket map panicked")
     .map(|(table, by_state, oldest)| {
-        shared.metrics.set_connections(&by_state, &oldest);
+        state.metrics.set_connections(&by_state, &oldest);
         table
     })?;
-    let attached = statuses.iter().filter(|s| s.state == "attached").count();
-    shared.set_probes(statuses, degraded, counters, reasons.clone());
-    log::info!("observer {} ready: {attached} probes attached", crate::metrics::VERSION);
+    let attached = statuses.iter().filter(|s| s.state == ProbeState::Attached).count();
+    state.set_probes(statuses, degraded, counters, reasons.clone());
+    log::info!("observer {} ready: {attached} probes attached", crate::VERSION);
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;
-    let scanner = spawn_socket_scanner(table, shared.clone());
-    let attribution = Attribution::default();
-    // Resolving a new cgroup walks the cgroup tree (at most once a second): rare and short.
-    let mut containers = Containers::new();
+    let scanner = spawn_socket_scanner(table, state.clone());
+    let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver), state.clone());
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which only happens through this AsyncFd.
     let mut ring = unsafe { AsyncFd::register(events) }
@@ -119,7 +120,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
                 let ring = guard.get_inner_mut();
                 let mut handled = 0;
                 while let Some(record) = ring.next() {
-                    handle_record(&shared, &attribution, &mut containers, &reasons, &record);
+                    pipeline.handle(&record);
                     handled += 1;
                     if handled == DRAIN_BATCH {
                         break;
@@ -143,7 +144,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     };
 
     // Detach everything before saying goodbye: maps and programs go with their fds.
-    shared.clear_kernel_counters();
+    state.clear_kernel_counters();
     scanner.abort();
     let _ = scanner.await;
     drop(ring);
@@ -164,18 +165,18 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
 }
 
 /// Refreshes the connection-state gauges from the kernel's socket map until aborted.
-fn spawn_socket_scanner(table: SocketTable, shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
+fn spawn_socket_scanner(table: SocketTable, state: Arc<DaemonState>) -> tokio::task::JoinHandle<()> {
     let table = Arc::new(std::sync::Mutex::new(table));
     tokio::spawn(async move {
         let mut every = tokio::time::interval_at(tokio::time::Instant::now() + connections::SCAN_INTERVAL, connections::SCAN_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let (table, shared) = (table.clone(), shared.clone());
+            let (table, state) = (table.clone(), state.clone());
             // A map of tens of thousands of sockets takes a syscall per entry: off the runtime.
             let scanned = tokio::task::spawn_blocking(move || {
                 let (by_state, oldest) = table.lock().unwrap_or_else(|e| e.into_inner()).scan();
-                shared.metrics.set_connections(&by_state, &oldest);
+                state.metrics.set_connections(&by_state, &oldest);
             })
             .await;
             if let Err(e) = scanned {
@@ -198,25 +199,6 @@ fn forward_kernel_log(
             guard.clear_ready();
         }
     }))
-}
-
-fn handle_record(shared: &Shared, attribution: &Attribution, containers: &mut Containers, reasons: &ResetReasons, record: &[u8]) {
-    let event = match decode(record) {
-        Ok(event) => event,
-        Err(e) => {
-            log::debug!("dropping malformed record: {e}");
-            shared.metrics.record_malformed();
-            return;
-        }
-    };
-    let outcome = classify(&event, reasons);
-    // Resets for segments that matched no socket belong to no process by nature; only sockets
-    // whose owner we failed to learn count as unattributed.
-    let unattributed = event.raw.owner.tgid == 0 && event.raw.sk != 0;
-    let container = containers.resolve(event.raw.owner.cgroup_id);
-    let key = container.as_ref().map_or(NO_CONTAINER, |c| container_key(c.short_id()));
-    shared.metrics.record(&event, outcome, attribution, key, unattributed);
-    shared.record_event(&event, outcome, reasons, container.as_ref());
 }
 
 /// Listens with a deep accept queue: a burst of scrapes (hundreds of Prometheus replicas, a

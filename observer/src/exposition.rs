@@ -1,5 +1,6 @@
-//! The per-connection families in the Prometheus text format, written straight from the
-//! [`Aggregator`].
+//! The last step of an event's path: `/metrics` in the Prometheus text format. The
+//! per-connection families are written straight from the [`Aggregator`], then the daemon's own
+//! metrics ([`Metrics::gather`]) through the `prometheus` crate.
 //!
 //! Why not the `prometheus` crate's collector: at 10,000 series it builds a protobuf message per
 //! sample (a `String` per label, a `Vec` per series) and then encodes them, all while holding the
@@ -8,12 +9,29 @@
 
 use std::fmt::Write as _;
 
+use prometheus::{Encoder as _, TextEncoder};
+
 use crate::{
-    aggregate::{Aggregator, Family, SeriesKey},
-    attribution::{Label, role_text},
+    aggregate::{Aggregator, Family},
     classify::PrematureClose,
-    probes::btf::ResetReasons,
+    metrics::Metrics,
+    reasons::ResetReasons,
+    series::{Label, SeriesKey, role_text},
 };
+
+/// `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Everything `/metrics` serves: the per-connection families, then the daemon's own metrics.
+pub fn render(metrics: &Metrics) -> Vec<u8> {
+    let mut text = String::with_capacity(64 * 1024);
+    write_connections(&mut text, &metrics.aggregator(), metrics.reasons());
+    let mut out = text.into_bytes();
+    if let Err(e) = TextEncoder::new().encode(&metrics.gather(), &mut out) {
+        log::error!("encoding metrics: {e}");
+    }
+    out
+}
 
 /// A per-connection family: (family, name, help, extra label).
 pub type FamilySpec = (Family, &'static str, &'static str, Option<&'static str>);
@@ -119,10 +137,7 @@ mod tests {
     use std::net::Ipv6Addr;
 
     use super::*;
-    use crate::{
-        aggregate::NO_CONTAINER,
-        attribution::{Peer, Port},
-    };
+    use crate::series::{NO_CONTAINER, Peer, Port};
 
     fn key(comm: &[u8], peer: [u8; 16], port: Port, detail: u32) -> SeriesKey {
         let mut c = [0u8; 16];

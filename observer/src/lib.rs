@@ -1,9 +1,22 @@
 //! observer: an eBPF TCP connection observer.
 //!
-//! One event, followed from probe to metric: the kernel programs (`observer-ebpf`) write a
-//! `SocketEvent` into the ring buffer → [`daemon`] drains it → [`decode`] checks it →
-//! [`classify`] decides how the connection ended → [`attribution`] names owner, role, peer and
-//! port → [`aggregate`] counts it under bounded cardinality → [`metrics`] renders it and [`events`] logs it, paired with its cause → [`http`] serves both; [`container`] names the owner's container. [`probes`] loads and attaches the programs.
+//! One event, followed from probe to metric, one module per step (each step only uses the ones
+//! before it and the shared vocabulary below):
+//!
+//! 1. [`probes`] loads and attaches the kernel programs (`observer-ebpf`), which write
+//!    `SocketEvent`s into a ring buffer; [`daemon`] drains it into the [`pipeline`];
+//! 2. [`decode`] checks a record's bytes;
+//! 3. [`classify`] decides how the connection ended;
+//! 4. [`attribution`] names owner, role, peer, port and container: the series key;
+//! 5. [`aggregate`] counts it under bounded cardinality (inside [`metrics`], which also holds
+//!    the daemon's own counters), and [`event_log`] logs it, paired with its cause;
+//! 6. [`exposition`] renders `/metrics`; [`http`] serves it and the JSON of [`api`] from the
+//!    [`state`] the pipeline writes.
+//!
+//! Beside the event path: [`connections`] reads the kernel's socket map for the state gauges,
+//! [`seed`] takes the connections open at start-up from the socket table. Shared vocabulary:
+//! [`series`] (series keys and label values), [`reasons`] (reset reason names), [`container`]
+//! (cgroup id → cgroup path → container id).
 
 pub mod aggregate;
 pub mod api;
@@ -13,13 +26,26 @@ pub mod connections;
 pub mod container;
 pub mod daemon;
 pub mod decode;
-pub mod events;
+pub mod event_log;
 pub mod exposition;
 pub mod http;
 pub mod metrics;
+pub mod pipeline;
 pub mod probes;
+pub mod reasons;
 pub mod seed;
+pub mod series;
+pub mod state;
 
 pub use observer_common::ProbeId;
 
 pub(crate) const ALL_PROBES: [ProbeId; ProbeId::ALL.len()] = ProbeId::ALL;
+
+/// The version `observer_build_info` and the status report.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git revision this binary was built from (`unknown` outside a checkout).
+pub const REVISION: &str = env!("OBSERVER_GIT_REVISION");
+
+/// Maps on the event path: keys are attacker-chosen (peers, ports), so the hash must be seeded
+/// per process, but SipHash is more than these small keys need. foldhash is both.
+pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

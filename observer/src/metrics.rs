@@ -1,37 +1,24 @@
-//! Prometheus: the per-connection families (from [`Aggregator`], written by
-//! [`crate::exposition`]) and the daemon's own counters, rendered in the text exposition format.
+//! Everything the daemon counts: the per-connection families (an [`Aggregator`]), the connection
+//! durations, the connection-state gauges and the daemon's own counters (events per probe,
+//! lost, unattributed, malformed). [`crate::exposition`] writes them out.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntGaugeVec, Opts, Registry, TextEncoder,
-    core::Collector,
-};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntGaugeVec, Opts, Registry, core::Collector};
+
+use observer_common::Role;
 
 use crate::{
-    ALL_PROBES,
-    aggregate::{Aggregator, ContainerKey, Family},
-    attribution::Attribution,
+    ALL_PROBES, REVISION, VERSION,
+    aggregate::{Aggregator, Limits},
+    attribution::Attributed,
     classify::Outcome,
+    connections::{ByState, OldestCloseWait},
     decode::Event,
-    probes::{ProbeStatus, btf::ResetReasons},
+    probes::{ProbeState, ProbeStatus},
+    reasons::ResetReasons,
+    series::role_text,
 };
-
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-pub const REVISION: &str = env!("OBSERVER_GIT_REVISION");
-
-/// Cardinality caps (README "Bounded cardinality").
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_peers: usize,
-    pub max_series: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self { max_peers: 50, max_series: 20_000 }
-    }
-}
 
 /// Every metric observer exports. Names and labels are a contract (README "Metrics").
 pub struct Metrics {
@@ -63,7 +50,7 @@ const DURATION_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 impl Metrics {
     pub fn new(limits: Limits) -> Self {
         let registry = Registry::new();
-        let connections = Arc::new(Mutex::new(Aggregator::new(limits.max_peers, limits.max_series)));
+        let connections = Arc::new(Mutex::new(Aggregator::with_limits(limits)));
         let reasons = Arc::new(OnceLock::new());
         let events_vec = register(
             &registry,
@@ -102,7 +89,7 @@ impl Metrics {
     }
 
     pub fn set_probes(&self, statuses: &[ProbeStatus], reasons: ResetReasons) {
-        for s in statuses.iter().filter(|s| s.state == "attached") {
+        for s in statuses.iter().filter(|s| s.state == ProbeState::Attached) {
             self.probe_info.with_label_values(&[s.probe, s.attach.as_str(), s.backend]).set(1);
             if let Some(probe) = ALL_PROBES.iter().find(|p| p.name() == s.probe) {
                 self.probe_events(*probe);
@@ -111,42 +98,34 @@ impl Metrics {
         let _ = self.reasons.set(reasons);
     }
 
-    fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
+    /// The per-connection series; held briefly: the event path waits for it.
+    pub fn aggregator(&self) -> MutexGuard<'_, Aggregator> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one event; `container` is its owner's short container id.
-    pub fn record(&self, event: &Event, outcome: Outcome, attribution: &Attribution, container: ContainerKey, unattributed: bool) {
+    /// The kernel's reset reason names, once the probes are loaded.
+    pub fn reasons(&self) -> Option<&ResetReasons> {
+        self.reasons.get()
+    }
+
+    /// Counts one classified, attributed event.
+    pub fn record(&self, event: &Event, outcome: Outcome, attributed: &Attributed) {
         self.probe_events(event.probe).inc();
-        if unattributed {
+        if attributed.unattributed {
             self.events_unattributed.inc();
         }
-        let raw = &event.raw;
-        let key = |detail| attribution.key(raw, detail, container);
-        let mut agg = self.aggregator();
-        match outcome {
-            Outcome::ResetReceived => agg.add(Family::ResetsReceived, key(0), 1),
-            Outcome::ResetSent { reason } => agg.add(Family::ResetsSent, key(reason), 1),
-            Outcome::Closed { premature } => {
-                agg.add(Family::Closes, key(0), 1);
-                if let Some(kind) = premature {
-                    agg.add(Family::PrematureCloses, key(kind as u32), 1);
-                }
-                let facts = &raw.facts;
-                if facts.retransmits > 0 {
-                    agg.add(Family::Retransmits, key(0), u64::from(facts.retransmits));
-                }
-                drop(agg);
-                if facts.duration_ns > 0 {
-                    let role = observer_common::Role::from_u8(raw.role) as usize;
-                    self.durations[role][usize::from(premature.is_some())].observe(facts.duration_ns as f64 / 1e9);
-                }
-            }
+        let facts = &event.raw.facts;
+        self.aggregator().count(outcome, attributed.key, facts);
+        if let Outcome::Closed { premature } = outcome
+            && facts.duration_ns > 0
+        {
+            let role = Role::from_u8(event.raw.role) as usize;
+            self.durations[role][usize::from(premature.is_some())].observe(facts.duration_ns as f64 / 1e9);
         }
     }
 
     /// Replaces the connection-state gauges with a new scan of the socket map.
-    pub fn set_connections(&self, by_state: &crate::connections::ByState, oldest: &crate::connections::OldestCloseWait) {
+    pub fn set_connections(&self, by_state: &ByState, oldest: &OldestCloseWait) {
         let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.connections_by_state.reset();
         for ((comm, role, state, container), n) in by_state {
@@ -199,20 +178,11 @@ impl Metrics {
         (agg.series(), agg.folded())
     }
 
-    /// Prometheus text exposition format: the per-connection families written straight from
-    /// the aggregator ([`crate::exposition`]), then the daemon's own metrics.
-    pub fn render(&self) -> Vec<u8> {
-        let mut text = String::with_capacity(64 * 1024);
-        crate::exposition::write_connections(&mut text, &self.aggregator(), self.reasons.get());
-        let mut out = text.into_bytes();
-        let families = {
-            let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.registry.gather()
-        };
-        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
-            log::error!("encoding metrics: {e}");
-        }
-        out
+    /// The daemon's own metric families (everything but the per-connection ones), as one
+    /// consistent snapshot of the gauges.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.registry.gather()
     }
 }
 
@@ -230,12 +200,12 @@ fn durations(registry: &Registry) -> [[prometheus::Histogram; 2]; 3] {
         )
         .expect("valid metric definition"),
     );
-    let by_role = |role: observer_common::Role| {
-        let role = crate::attribution::role_text(role as u8);
+    let by_role = |role: Role| {
+        let role = role_text(role as u8);
         [vec.with_label_values(&[role, "no"]), vec.with_label_values(&[role, "yes"])]
     };
     // Indexed by `Role as usize`: Unknown, Client, Server.
-    [by_role(observer_common::Role::Unknown), by_role(observer_common::Role::Client), by_role(observer_common::Role::Server)]
+    [by_role(Role::Unknown), by_role(Role::Client), by_role(Role::Server)]
 }
 
 // Metric definitions are static: a failure here is a programming error caught by any test.

@@ -2,6 +2,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod lint;
 mod run;
 mod setup;
 mod test;
@@ -31,8 +32,11 @@ enum Task {
     Build(build::Args),
     /// Set up, build, then run `observer run ARGS...` in the foreground.
     Run(run::Args),
-    /// Set up, then run the workspace's tests (as root: they load eBPF programs).
+    /// Set up, then run the workspace's tests (as root: they load eBPF programs), then the
+    /// unit tests again as an unprivileged user.
     Test(test::Args),
+    /// Set up, then check formatting (`cargo fmt --check`) and lints (`cargo clippy -D warnings`).
+    Lint,
     /// Set up, build the daemon (release), then run the benchmarks (as root) and write
     /// BENCHMARKS.md; `--quick` for a short trial run.
     Bench(bench::Args),
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Task::Build(args) => build::build(args).map(|()| ExitCode::SUCCESS),
         Task::Run(args) => run::run(args).map(|()| ExitCode::SUCCESS),
         Task::Test(args) => test::test(args),
+        Task::Lint => lint::lint().map(|()| ExitCode::SUCCESS),
         Task::Bench(args) => bench::bench(args),
     };
     match result {

@@ -58,8 +58,62 @@ pub fn test(args: Args) -> Result<ExitCode> {
             cmd::display(&cargo),
             cmd::describe(status)
         );
+        return Ok(ExitCode::from(
+            u8::try_from(cmd::exit_code(status)).unwrap_or(1),
+        ));
     }
-    Ok(ExitCode::from(
-        u8::try_from(cmd::exit_code(status)).unwrap_or(1),
-    ))
+    // Unit tests must not need privileges (the root-only ones live in the e2e suite): run them
+    // again as an unprivileged user. A filter in ARGS applies to the suite above only.
+    if args.args.is_empty() {
+        unit_tests_unprivileged(&ready)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The user the unit tests run as the second time: `nobody`, with no groups and no capabilities.
+const UNPRIVILEGED: &str = "65534";
+
+/// Runs every crate's unit-test binary (`cargo test --lib`) as an unprivileged user.
+fn unit_tests_unprivileged(ready: &setup::Ready) -> Result<()> {
+    let mut build = cmd::cargo_command(&ready.root, &ready.path);
+    build.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "observer-ebpf",
+        "--lib",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    let out = cmd::stdout(&mut build)?;
+    let executables: Vec<String> = out
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .filter_map(|m| m["executable"].as_str().map(str::to_owned))
+        .collect();
+    if executables.is_empty() {
+        anyhow::bail!("`{}` built no unit-test binary", cmd::display(&build));
+    }
+    for exe in executables {
+        let mut unit = std::process::Command::new("setpriv");
+        unit.args([
+            "--reuid",
+            UNPRIVILEGED,
+            "--regid",
+            UNPRIVILEGED,
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            &exe,
+        ]);
+        // Somewhere nobody may write (the tests' temporary trees go to the temp dir).
+        unit.current_dir(std::env::temp_dir());
+        println!("observer: unit tests unprivileged: {}", cmd::display(&unit));
+        cmd::run(&mut unit).map_err(|e| {
+            e.context("a unit test needs privileges: root-only tests belong in the e2e suite")
+        })?;
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use observer::events::{EVENTS_PATH, EventRecord, EventsPage};
+use observer::api::{EVENTS_PATH, EventRecord, EventsPage};
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {

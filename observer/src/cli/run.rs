@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 
 use clap::Args;
 use observer::{
+    aggregate::Limits,
     daemon::{self, DaemonOptions},
-    metrics::Limits,
     probes::{ProbeMode, ProbeOptions},
 };
 

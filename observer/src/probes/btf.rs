@@ -9,6 +9,8 @@ use std::{collections::BTreeMap, path::Path};
 use btf_rs::{Btf, Type};
 use observer_common::{ABSENT, KernelOffsets, KprobeArgs};
 
+use crate::reasons::ResetReasons;
+
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Modules whose BTF is searched for kprobed functions vmlinux lacks (IPv6 may be a module).
@@ -160,7 +162,10 @@ impl KernelBtf {
         for _ in 0..16 {
             match &ty {
                 Type::Typedef(_) | Type::Volatile(_) | Type::Const(_) | Type::Restrict(_) | Type::TypeTag(_) => {
-                    match self.btf.resolve_chained_type(ty.as_btf_type().expect("qualifiers are named types")) {
+                    // A qualifier always refers to a type; a kernel whose BTF says otherwise
+                    // gets the type as it is rather than a panic.
+                    let Some(qualified) = ty.as_btf_type() else { break };
+                    match self.btf.resolve_chained_type(qualified) {
                         Ok(next) => ty = next,
                         Err(_) => break,
                     }
@@ -192,6 +197,13 @@ impl KernelBtf {
             return Ok(values);
         }
         Err(BtfError::Missing(format!("enum {name}")))
+    }
+
+    /// The kernel's reset reason names (`enum sk_rst_reason`). Kernels before 6.10 have no such
+    /// enum: the table is empty.
+    pub fn reset_reasons(&self) -> ResetReasons {
+        let values = self.enum_values("sk_rst_reason").unwrap_or_default();
+        ResetReasons::from_names(values.into_iter().filter_map(|(v, name)| Some((u32::try_from(v).ok()?, name))))
     }
 
     /// The struct offsets the kernel programs use. A member this kernel lacks stays [`ABSENT`]
@@ -263,79 +275,9 @@ impl KernelBtf {
     }
 }
 
-/// Names of the kernel's RST reasons (`enum sk_rst_reason`, 6.10+), by value.
-#[derive(Debug, Clone, Default)]
-pub struct ResetReasons {
-    names: BTreeMap<u32, String>,
-}
-
-impl ResetReasons {
-    /// Builds the table from `enum sk_rst_reason` members (`SK_RST_REASON_NO_SOCKET` →
-    /// `no_socket`). Kernels before 6.10 have no such enum: the table is empty.
-    pub fn from_btf(btf: &KernelBtf) -> Self {
-        let names = btf
-            .enum_values("sk_rst_reason")
-            .map(|values| {
-                values
-                    .into_iter()
-                    .map(|(v, name)| (v as u32, reason_label(&name)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self { names }
-    }
-
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (u32, &'a str)>) -> Self {
-        Self { names: pairs.into_iter().map(|(v, n)| (v, reason_label(n))).collect() }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-
-    /// The `reason` label for a value: the kernel's name, `not_specified` when the kernel gave
-    /// none ([`observer_common::REASON_NONE`] or an empty table), `unknown` otherwise.
-    pub fn label(&self, value: u32) -> &str {
-        if value == observer_common::REASON_NONE || self.names.is_empty() {
-            return "not_specified";
-        }
-        self.names.get(&value).map_or("unknown", String::as_str)
-    }
-
-    /// Value of a reason by label, e.g. `tcp_abort_on_close`.
-    pub fn value_of(&self, label: &str) -> Option<u32> {
-        self.names.iter().find(|(_, n)| n.as_str() == label).map(|(v, _)| *v)
-    }
-}
-
-/// `SK_RST_REASON_TCP_ABORT_ON_CLOSE` → `tcp_abort_on_close`.
-fn reason_label(name: &str) -> String {
-    name.strip_prefix("SK_RST_REASON_").unwrap_or(name).to_ascii_lowercase()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reason_labels_are_lower_case_without_prefix() {
-        // 6.10 and 6.18 number MPTCP_RST_EUNSPEC differently; labels come from names.
-        let v6_10 = ResetReasons::from_pairs([(0, "SK_RST_REASON_NOT_SPECIFIED"), (1, "SK_RST_REASON_NO_SOCKET"), (9, "SK_RST_REASON_MPTCP_RST_EUNSPEC")]);
-        let v6_18 = ResetReasons::from_pairs([(1, "SK_RST_REASON_NO_SOCKET"), (11, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"), (17, "SK_RST_REASON_MPTCP_RST_EUNSPEC")]);
-        assert_eq!(v6_10.label(9), "mptcp_rst_eunspec");
-        assert_eq!(v6_18.label(17), "mptcp_rst_eunspec");
-        assert_eq!(v6_18.label(11), "tcp_abort_on_close");
-        assert_eq!(v6_10.label(0), "not_specified");
-        assert_eq!(v6_18.label(99), "unknown");
-        assert_eq!(v6_18.value_of("no_socket"), Some(1));
-    }
-
-    #[test]
-    fn kernels_without_the_enum_report_not_specified() {
-        let none = ResetReasons::default();
-        assert_eq!(none.label(3), "not_specified");
-        assert_eq!(none.label(observer_common::REASON_NONE), "not_specified");
-    }
 
     /// Reads this machine's BTF, when it has one: the offsets must be found and plausible.
     #[test]
@@ -351,7 +293,7 @@ mod tests {
         assert!(offsets.tcp_rcv_nxt > offsets.sock_err);
         assert_eq!(offsets.sock_done_bit, 1, "SOCK_DONE is the second sock flag on every kernel");
         assert!(offsets.tcp_bytes_received > offsets.tcp_rcv_nxt);
-        let reasons = ResetReasons::from_btf(&btf);
+        let reasons = btf.reset_reasons();
         assert_eq!(reasons.label(reasons.value_of("no_socket").unwrap()), "no_socket");
         assert!(reasons.value_of("tcp_abort_on_close").is_some());
     }

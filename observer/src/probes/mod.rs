@@ -27,10 +27,11 @@ use observer_common::{ABSENT, AttachPoint, Backend, KernelOffsets, ProbeConfig, 
 
 pub use self::select::ProbeMode;
 use self::{
-    btf::{KernelBtf, ResetReasons},
+    btf::KernelBtf,
     select::Unavailable,
     tracefs::{EventFormat, TracefsError},
 };
+use crate::reasons::ResetReasons;
 
 /// The kernel programs, built by build.rs from `observer-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -71,7 +72,41 @@ pub struct ProbeOptions {
 }
 
 /// What became of one probe.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeState {
+    /// Loaded and attached: its events count.
+    Attached,
+    /// This kernel lacks its hook point (or what the program needs to read).
+    Unavailable,
+    /// The hook exists but loading or attaching failed (verifier, permissions, ...).
+    Failed,
+}
+
+impl ProbeState {
+    /// `attached`, `unavailable`, `failed`: as the status API and `observer status` show it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Attached => "attached",
+            Self::Unavailable => "unavailable",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Why one program could not be loaded or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error("program missing from the eBPF object (build mismatch)")]
+    Missing,
+    #[error("verifier rejected it: {0}")]
+    Verifier(String),
+    #[error(transparent)]
+    Aya(#[from] aya::programs::ProgramError),
+}
+
+/// What became of one probe.
+#[derive(Debug, Clone)]
 pub struct ProbeStatus {
     pub probe: &'static str,
     /// The logical hook it serves (`set_state`, `receive_reset`, `send_reset`, `destroy`,
@@ -81,9 +116,7 @@ pub struct ProbeStatus {
     pub backend: &'static str,
     /// `tracepoint/<category>/<name>`, `kprobe/<function>` or `kretprobe/<function>`.
     pub attach: String,
-    /// `attached`, `unavailable` (this kernel lacks the hook) or `failed`.
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: ProbeState,
     pub error: Option<String>,
 }
 
@@ -132,14 +165,14 @@ pub fn check_permissions() -> Result<(), LoadError> {
 }
 
 /// What the running kernel offers, read before anything is loaded.
-struct KernelSetup {
-    config: ProbeConfig,
+pub struct KernelSetup {
+    pub config: ProbeConfig,
     /// Programs that cannot be attached here, and why.
-    unavailable: Unavailable,
-    reasons: ResetReasons,
-    degraded: Vec<String>,
+    pub unavailable: Unavailable,
+    pub reasons: ResetReasons,
+    pub degraded: Vec<String>,
     /// BTF members only the kprobe back end uses that this kernel lacks.
-    kprobe_missing: Vec<String>,
+    pub kprobe_missing: Vec<String>,
 }
 
 /// Where the kernel lists its kprobe PMU (4.17+); older kernels create kprobes in tracefs.
@@ -148,7 +181,7 @@ const KALLSYMS: &str = "/proc/kallsyms";
 
 /// Reads record layouts, BTF and the kernel's kprobe support into a configuration and the list
 /// of programs that cannot be attached.
-fn kernel_setup() -> Result<KernelSetup, LoadError> {
+pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
     let root = tracefs::tracefs_root()?;
     let mut config = ProbeConfig::ABSENT;
     let mut unavailable = Unavailable::new();
@@ -184,7 +217,7 @@ fn kernel_setup() -> Result<KernelSetup, LoadError> {
                     *index = ABSENT;
                 }
             }
-            let reasons = ResetReasons::from_btf(&btf);
+            let reasons = btf.reset_reasons();
             if reasons.is_empty() {
                 degraded.push("kernel has no enum sk_rst_reason (before 6.10): reset reasons are reported as not_specified".into());
             }
@@ -222,7 +255,7 @@ fn kernel_setup() -> Result<KernelSetup, LoadError> {
 }
 
 /// Whether kprobes can be created: a kprobe PMU, or tracefs's `kprobe_events` (before 4.17).
-fn kprobe_support(tracefs_root: &Path) -> Result<(), String> {
+pub fn kprobe_support(tracefs_root: &Path) -> Result<(), String> {
     if Path::new(KPROBE_PMU).exists() || tracefs_root.join("kprobe_events").exists() {
         Ok(())
     } else {
@@ -233,7 +266,7 @@ fn kprobe_support(tracefs_root: &Path) -> Result<(), String> {
 }
 
 /// The kprobed functions the kernel has (text symbols in /proc/kallsyms, modules included).
-fn kernel_functions() -> io::Result<HashSet<String>> {
+pub fn kernel_functions() -> io::Result<HashSet<String>> {
     let wanted: HashSet<&str> = ProbeId::ALL.iter().filter_map(|p| p.attach_point().function()).collect();
     let mut found = HashSet::new();
     for line in io::BufReader::new(fs::File::open(KALLSYMS)?).lines() {
@@ -272,7 +305,7 @@ fn missing_kprobe_offsets(probe: ProbeId, k: &KernelOffsets) -> Vec<&'static str
 }
 
 /// Loads the object with `config` as `CONFIG` (maps created, no program loaded yet).
-fn load_object(config: &ProbeConfig, ring_buffer_bytes: u32, max_sockets: u32) -> Result<Ebpf, LoadError> {
+pub fn load_object(config: &ProbeConfig, ring_buffer_bytes: u32, max_sockets: u32) -> Result<Ebpf, LoadError> {
     EbpfLoader::new()
         .override_global("CONFIG", config, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
@@ -322,22 +355,22 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
             };
             if let Some(why) = unavailable.get(&probe) {
                 log::warn!("probe {} not attached: {why}", probe.name());
-                statuses.push(status("unavailable", Some(why.clone())));
+                statuses.push(status(ProbeState::Unavailable, Some(why.clone())));
                 continue;
             }
             match attach_program(&mut ebpf, probe) {
                 Ok(()) => {
                     log::info!("probe {} attached to {attach}", probe.name());
-                    statuses.push(status("attached", None));
+                    statuses.push(status(ProbeState::Attached, None));
                 }
                 Err(e) => {
                     log::warn!("probe {} failed to attach to {attach}: {e}", probe.name());
-                    statuses.push(status("failed", Some(e)));
+                    statuses.push(status(ProbeState::Failed, Some(e.to_string())));
                 }
             }
         }
     }
-    if statuses.iter().all(|s| s.state != "attached") {
+    if statuses.iter().all(|s| s.state != ProbeState::Attached) {
         return Err(LoadError::NothingAttached(nothing_attached(&statuses)));
     }
     for d in &degraded {
@@ -389,13 +422,13 @@ fn fill_config(config: &mut ProbeConfig, probe: ProbeId, format: &EventFormat) -
 }
 
 /// Runs `probe`'s program through the verifier (loads it into the kernel) without attaching.
-fn load_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), String> {
-    let program = ebpf.program_mut(probe.name()).ok_or_else(|| "program missing from the eBPF object".to_string())?;
+pub fn load_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), ProgramError> {
+    let program = ebpf.program_mut(probe.name()).ok_or(ProgramError::Missing)?;
     let loaded = match probe.attach_point() {
-        AttachPoint::Tracepoint(..) => <&mut TracePoint>::try_from(program).map_err(|e| e.to_string())?.load(),
-        AttachPoint::Kprobe(_) | AttachPoint::Kretprobe(_) => <&mut KProbe>::try_from(program).map_err(|e| e.to_string())?.load(),
+        AttachPoint::Tracepoint(..) => <&mut TracePoint>::try_from(program)?.load(),
+        AttachPoint::Kprobe(_) | AttachPoint::Kretprobe(_) => <&mut KProbe>::try_from(program)?.load(),
     };
-    loaded.map_err(|e| format!("verifier rejected it: {}", verifier_error(&e)))
+    loaded.map_err(|e| ProgramError::Verifier(verifier_error(&e)))
 }
 
 /// The error with the verifier's log when there is one.
@@ -406,24 +439,22 @@ fn verifier_error(e: &aya::programs::ProgramError) -> String {
     }
 }
 
-fn attach_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), String> {
+fn attach_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), ProgramError> {
     load_program(ebpf, probe)?;
-    let program = ebpf.program_mut(probe.name()).ok_or_else(|| "program missing from the eBPF object".to_string())?;
+    let program = ebpf.program_mut(probe.name()).ok_or(ProgramError::Missing)?;
     match probe.attach_point() {
         AttachPoint::Tracepoint(category, name) => {
-            let program: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            program.attach(category, name).map_err(|e| format!("{e}"))?;
+            <&mut TracePoint>::try_from(program)?.attach(category, name)?;
         }
         AttachPoint::Kprobe(function) | AttachPoint::Kretprobe(function) => {
-            let program: &mut KProbe = program.try_into().map_err(|e| format!("{e}"))?;
-            program.attach(function, 0).map_err(|e| format!("{e}"))?;
+            <&mut KProbe>::try_from(program)?.attach(function, 0)?;
         }
     }
     Ok(())
 }
 
 /// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON, in the effective set.
-fn has_bpf_capabilities() -> bool {
+pub fn has_bpf_capabilities() -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
@@ -445,7 +476,7 @@ fn is_permission_error(e: &aya::EbpfError) -> bool {
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones ignore it.
-fn raise_memlock_limit() {
+pub fn raise_memlock_limit() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
@@ -459,78 +490,4 @@ fn raise_memlock_limit() {
 /// `uname -r` of the running kernel.
 pub fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Older kernels' layouts on top of this machine's: the verifier prunes branches on the
-    /// (read-only, frozen) `CONFIG` values, so each variant checks other code paths.
-    fn older_layouts(mut config: ProbeConfig) -> ProbeConfig {
-        // < 5.6: u8 protocol; < 5.12: no family; < 6.10: split tcp_send_reset tuple, no reason.
-        config.set_state.protocol_size = 1;
-        config.set_state.tuple.family = ABSENT;
-        config.receive_reset.family = ABSENT;
-        config.send_reset.tuple = config.receive_reset;
-        config.send_reset.saddr_sockaddr = ABSENT;
-        config.send_reset.daddr_sockaddr = ABSENT;
-        config.send_reset.reason = ABSENT;
-        // < 6.10: the reset senders take no reason; no IPv6; a namespace filter.
-        config.kprobe = observer_common::KprobeArgs::ABSENT;
-        config.kernel.sock_v6_daddr = ABSENT;
-        config.kernel.sock_v6_rcv_saddr = ABSENT;
-        config.kernel.sock_done_bit = ABSENT;
-        config.netns_filter = 4026531840;
-        config
-    }
-
-    /// Every program of every back end, tracepoints and kprobes, through the kernel's verifier
-    /// (loaded, not attached: a kprobe program loads on a kernel without a kprobe PMU). Needs
-    /// root, like the end-to-end tests.
-    #[test]
-    fn every_program_of_every_back_end_passes_the_verifier() {
-        assert!(has_bpf_capabilities(), "loading programs through the verifier needs root (CAP_BPF + CAP_PERFMON or CAP_SYS_ADMIN)");
-        raise_memlock_limit();
-        let setup = kernel_setup().expect("reading tracefs and BTF");
-        // Debian's 6.12: tcp_send_active_reset(sk, reason).
-        let mut second_arg_reason = setup.config;
-        second_arg_reason.kprobe.active_reset_reason = 1;
-        let configs = [
-            ("this kernel", setup.config),
-            ("older layouts", older_layouts(setup.config)),
-            ("reason second", second_arg_reason),
-            ("nothing known", ProbeConfig::ABSENT),
-        ];
-        let mut failures = Vec::new();
-        for (what, config) in configs {
-            let mut ebpf = load_object(&config, 4096, 1024).expect("loading the object");
-            for probe in ProbeId::ALL {
-                match load_program(&mut ebpf, probe) {
-                    Ok(()) => println!("verifier: {what}: {} ({}) loaded", probe.name(), select::attach_label(probe)),
-                    Err(e) => failures.push(format!("{what}: {}: {e}", probe.name())),
-                }
-            }
-        }
-        assert!(failures.is_empty(), "rejected by the verifier:\n{}", failures.join("\n"));
-    }
-
-    /// On this machine (tracepoints, no kprobes) `auto` picks the tracepoints for every hook,
-    /// and the kprobe programs are reported unavailable with a reason.
-    #[test]
-    fn this_machine_offers_tracepoints() {
-        let setup = kernel_setup().expect("reading tracefs and BTF");
-        let choices = select::choose(ProbeMode::Auto, &setup.unavailable);
-        assert!(choices.iter().all(|c| c.backend == Backend::Tracepoint), "{choices:?}");
-        for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Tracepoint) {
-            assert!(!setup.unavailable.contains_key(&probe), "{}: {:?}", probe.name(), setup.unavailable.get(&probe));
-        }
-        if kprobe_support(&tracefs::tracefs_root().unwrap()).is_err() {
-            for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Kprobe) {
-                assert!(setup.unavailable[&probe].contains("no kprobes"), "{}", setup.unavailable[&probe]);
-            }
-        }
-        let functions = kernel_functions().unwrap();
-        assert!(functions.contains("tcp_set_state") && functions.contains("inet_csk_accept"), "{functions:?}");
-    }
 }

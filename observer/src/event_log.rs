@@ -1,4 +1,4 @@
-//! The event log: recent resets and premature closes, one record each, with who owned the socket
+//! The event log, fed by the daemon beside the metrics: recent resets and premature closes, one record each, with who owned the socket
 //! and, when both ends of the connection live on this node, who caused it (cause pairing).
 //!
 //! Pairing works because a reset crosses this node twice: the sender's `tcp_send_reset` names the
@@ -19,18 +19,17 @@ use std::{
 };
 
 use observer_common::{Endpoints, SocketEvent};
-use serde::{Deserialize, Serialize};
 
 use crate::{
-    aggregate::HashMap,
-    attribution::{comm_text, ip_text, role_text},
+    HashMap,
+    api::{Cause, EventRecord, EventsPage, Facts},
     classify::{Outcome, PrematureClose},
     container::Container,
     decode::Event,
-    probes::btf::ResetReasons,
+    reasons::ResetReasons,
+    series::{comm_text, ip_text, role_text, tcp_state_label},
 };
 
-pub const EVENTS_PATH: &str = "/api/v1/events";
 /// Records kept for `/api/v1/events`.
 pub const LOG_CAPACITY: usize = 4096;
 /// Resets sent remembered for pairing.
@@ -39,74 +38,6 @@ const RECENT_SENDS: usize = 8192;
 const PAIRING_WINDOW_NS: u64 = 2_000_000_000;
 /// Paired causes waiting for the receiving connection's close.
 const PENDING_CAUSES: usize = 8192;
-
-/// Who caused a reset or premature close: the other end of the connection, on this node.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Cause {
-    /// The process that sent the RST; empty for a reset answering a segment that matched no
-    /// socket (nothing listens: `reason` `no_socket`).
-    pub comm: String,
-    pub pid: u32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub container: String,
-    /// The kernel's reason on the sending side.
-    pub reason: String,
-    /// "reset by backend[4711]: tcp_abort_on_close".
-    pub summary: String,
-}
-
-/// One record of the event log.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EventRecord {
-    /// Increases by one per record; `/api/v1/events?since=SEQ` returns the later ones.
-    pub seq: u64,
-    /// Kernel monotonic clock (ns) at the event.
-    pub timestamp_ns: u64,
-    /// `reset_received`, `reset_sent` or `closed`.
-    pub event: String,
-    /// For `closed`: the premature kind (`peer_reset`, `eof_before_response`, ...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    /// For `reset_sent`: the kernel's reason.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub comm: String,
-    pub pid: u32,
-    pub role: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub container: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub cgroup: String,
-    pub local: String,
-    pub remote: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub facts: Option<Facts>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cause: Option<Cause>,
-}
-
-/// Per-connection facts of a `closed` record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Facts {
-    pub duration_seconds: f64,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    pub srtt_us: u32,
-    pub retransmits: u32,
-    /// The state the connection left for CLOSE.
-    pub final_state: String,
-    /// `local` (this side sent the first FIN), `peer`, `reset`, `timeout` or `unknown`.
-    pub close_initiator: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EventsPage {
-    /// Pass as `since` to get what comes after this page.
-    pub next: u64,
-    /// Sequence number of the newest record in the log (0: none yet).
-    pub latest: u64,
-    pub events: Vec<EventRecord>,
-}
 
 /// (local address, local port, remote address, remote port) as the sender saw them.
 type Flow = ([u8; 16], u16, [u8; 16], u16);
@@ -382,28 +313,8 @@ fn facts(raw: &SocketEvent, kind: Option<&str>) -> Facts {
         bytes_sent: f.bytes_sent,
         srtt_us: f.srtt_us,
         retransmits: f.retransmits,
-        final_state: state_name(raw.state).to_string(),
+        final_state: tcp_state_label(raw.state).to_string(),
         close_initiator: close_initiator.to_string(),
-    }
-}
-
-/// TCP state names as `ss` prints them.
-pub fn state_name(state: u8) -> &'static str {
-    use observer_common::tcp_state::*;
-    match state {
-        ESTABLISHED => "ESTAB",
-        SYN_SENT => "SYN-SENT",
-        SYN_RECV => "SYN-RECV",
-        FIN_WAIT1 => "FIN-WAIT-1",
-        FIN_WAIT2 => "FIN-WAIT-2",
-        TIME_WAIT => "TIME-WAIT",
-        CLOSE => "CLOSE",
-        CLOSE_WAIT => "CLOSE-WAIT",
-        LAST_ACK => "LAST-ACK",
-        LISTEN => "LISTEN",
-        CLOSING => "CLOSING",
-        NEW_SYN_RECV => "NEW-SYN-RECV",
-        _ => "UNKNOWN",
     }
 }
 

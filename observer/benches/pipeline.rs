@@ -1,0 +1,144 @@
+//! In-process benchmarks of the daemon's userspace hot path (`cargo xtask bench` runs them and
+//! BENCHMARKS.md records them): what one ring buffer record costs from bytes to counted
+//! (`decode` → `classify` → `attribution` → `aggregate`, with and without the metrics and the
+//! event log around it), and what rendering `/metrics` costs at 1,000 and 10,000 series.
+//!
+//! No kernel, no privileges: the records are built here with the layout the kernel programs
+//! write (`observer_common::SocketEvent`).
+
+use std::{
+    hint::black_box,
+    sync::{Arc, Mutex},
+};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use observer::{
+    aggregate::{Aggregator, Limits},
+    attribution::Attribution,
+    classify::classify,
+    container::CgroupResolver,
+    decode::decode,
+    exposition,
+    pipeline::Pipeline,
+    reasons::ResetReasons,
+    state::DaemonState,
+};
+use observer_common::{ConnectionFacts, Endpoints, EventKind, Owner, ProbeId, Role, SocketEvent, flags, tcp_state};
+
+/// The kernel's reset reasons on 6.18 (the two the records use).
+fn reasons() -> ResetReasons {
+    ResetReasons::from_pairs([(1, "SK_RST_REASON_NO_SOCKET"), (11, "SK_RST_REASON_TCP_ABORT_ON_CLOSE")])
+}
+
+fn attribution() -> Attribution {
+    // No cgroup ids in the records: the resolver is never asked.
+    Attribution::new(32768..=60999, Arc::new(Mutex::new(CgroupResolver::without_mount())))
+}
+
+fn v4(a: [u8; 4]) -> [u8; 16] {
+    std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets()
+}
+
+/// Event `i` of a mix like a busy proxy's: mostly graceful closes, some resets sent and
+/// received, some premature closes; `peers` remote addresses, `ports` service ports.
+fn record(i: u32, peers: u32, ports: u32) -> Vec<u8> {
+    let mut comm = [0u8; 16];
+    comm[..5].copy_from_slice(b"nginx");
+    let peer = i % peers;
+    let (kind, probe, flags, state) = match i % 10 {
+        0 => (EventKind::ResetReceived, ProbeId::TcpReceiveReset, flags::RESET_RECEIVED, tcp_state::ESTABLISHED),
+        1 => (EventKind::ResetSent, ProbeId::TcpSendReset, flags::RESET_SENT, tcp_state::ESTABLISHED),
+        2 => (EventKind::ConnectionClosed, ProbeId::InetSockSetState, flags::RESET_RECEIVED, tcp_state::ESTABLISHED),
+        _ => (EventKind::ConnectionClosed, ProbeId::TcpDestroySock, 0, tcp_state::LAST_ACK),
+    };
+    let event = SocketEvent {
+        kind: kind as u16,
+        probe: probe as u16,
+        role: Role::Client as u8,
+        state,
+        flags: flags | flags::OWNER_FROM_SYSCALL,
+        timestamp_ns: u64::from(i) * 1_000,
+        sk: 0xffff_8881_0000_0000 + u64::from(i) * 2048,
+        endpoints: Endpoints {
+            local_addr: v4([10, 0, 0, 1]),
+            remote_addr: v4([10, 1, (peer >> 8) as u8, peer as u8]),
+            local_port: 40_000 + (i % 20_000) as u16,
+            remote_port: 8000 + (i % ports) as u16,
+            family: observer_common::AF_INET,
+            _pad: 0,
+        },
+        owner: Owner { cgroup_id: 0, tgid: 4711, comm, _pad: 0 },
+        reason: 11,
+        facts: ConnectionFacts {
+            duration_ns: 2_000_000,
+            bytes_received: 4096,
+            bytes_sent: 512,
+            srtt_us: 40,
+            data_segs_in: 3,
+            data_segs_out: 1,
+            states_seen: (1 << tcp_state::ESTABLISHED) | (1 << tcp_state::CLOSE_WAIT),
+            ..ConnectionFacts::default()
+        },
+        ..SocketEvent::default()
+    };
+    // SAFETY: SocketEvent is repr(C), plain old data without padding (observer-common's layout
+    // tests pin this).
+    unsafe { std::slice::from_raw_parts((&event as *const SocketEvent).cast::<u8>(), size_of::<SocketEvent>()) }
+        .to_vec()
+}
+
+fn records(n: u32) -> Vec<Vec<u8>> {
+    (0..n).map(|i| record(i, 40, 8)).collect()
+}
+
+/// Per event: the whole daemon path (metrics with the prometheus histograms, the event log with
+/// its cause pairing), and the core alone (decode → classify → attribution → aggregate).
+fn per_event(c: &mut Criterion) {
+    let records = records(10_000);
+    let mut group = c.benchmark_group("event");
+    group.throughput(Throughput::Elements(records.len() as u64));
+    group.bench_function("pipeline", |b| {
+        let state = Arc::new(DaemonState::new("bench".into(), Limits::default()));
+        let pipeline = Pipeline::new(reasons(), attribution(), state);
+        b.iter(|| {
+            for r in &records {
+                pipeline.handle(black_box(r));
+            }
+        });
+    });
+    group.bench_function("decode_classify_aggregate", |b| {
+        let (reasons, attribution) = (reasons(), attribution());
+        let mut aggregator = Aggregator::with_limits(Limits::default());
+        b.iter(|| {
+            for r in &records {
+                let Ok(event) = decode(black_box(r)) else { continue };
+                let outcome = classify(&event, &reasons);
+                let attributed = attribution.attribute(&event);
+                aggregator.count(outcome, attributed.key, &event.raw.facts);
+            }
+        });
+    });
+    group.finish();
+}
+
+/// `/metrics` with `series` per-connection series (and the daemon's own metrics).
+fn scrape(c: &mut Criterion) {
+    let mut group = c.benchmark_group("render_metrics");
+    for series in [1_000u32, 10_000] {
+        let state = Arc::new(DaemonState::new("bench".into(), Limits { max_peers: 1_000, max_series: 20_000 }));
+        let pipeline = Pipeline::new(reasons(), attribution(), state.clone());
+        // Graceful closes only, one series each: `series` peers × 1 port.
+        for i in 0..series {
+            pipeline.handle(&record(i * 10 + 3, series, 1));
+        }
+        assert_eq!(state.metrics.series().0, series as usize, "one series per peer");
+        group.throughput(Throughput::Elements(u64::from(series)));
+        group.bench_with_input(BenchmarkId::from_parameter(series), &state, |b, state| {
+            b.iter(|| black_box(exposition::render(&state.metrics)));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, per_event, scrape);
+criterion_main!(benches);

@@ -1,0 +1,125 @@
+//! The daemon's state: what the event path writes and the HTTP endpoint reads.
+//!
+//! The event path ([`crate::pipeline`]) counts into [`DaemonState::metrics`] and feeds the
+//! [`EventLog`]; the HTTP handlers ([`crate::http`]) only read: `/metrics` through
+//! [`crate::exposition`], the status and the event log through the JSON of [`crate::api`].
+
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard, OnceLock},
+    time::Instant,
+};
+
+use crate::{
+    REVISION, VERSION,
+    aggregate::Limits,
+    api::{EventsReport, ProbeReport, StatusReport},
+    event_log::EventLog,
+    metrics::Metrics,
+    probes::{KernelCounters, ProbeStatus},
+    reasons::ResetReasons,
+};
+
+/// Premature closes listed in the status.
+const RECENT_IN_STATUS: usize = 20;
+
+/// Probes and what the kernel lacks, known once the programs are attached.
+#[derive(Debug, Clone, Default)]
+struct Probes {
+    statuses: Vec<ProbeStatus>,
+    degraded: Vec<String>,
+}
+
+pub struct DaemonState {
+    pub metrics: Metrics,
+    started: Instant,
+    kernel: String,
+    /// Set once, when the programs are attached: the daemon is ready from then on.
+    probes: OnceLock<Probes>,
+    /// The programs' per-CPU counters; taken away before the programs are unloaded.
+    kernel_counters: Mutex<Option<KernelCounters>>,
+    event_log: Mutex<EventLog>,
+}
+
+impl DaemonState {
+    pub fn new(kernel: String, limits: Limits) -> Self {
+        Self {
+            metrics: Metrics::new(limits),
+            started: Instant::now(),
+            kernel,
+            probes: OnceLock::new(),
+            kernel_counters: Mutex::new(None),
+            event_log: Mutex::new(EventLog::default()),
+        }
+    }
+
+    /// The event log (resets and premature closes, paired with their cause).
+    pub fn event_log(&self) -> MutexGuard<'_, EventLog> {
+        self.event_log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the daemon ready: probes attached.
+    pub fn set_probes(&self, statuses: Vec<ProbeStatus>, degraded: Vec<String>, counters: KernelCounters, reasons: ResetReasons) {
+        self.metrics.set_probes(&statuses, reasons);
+        *self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(counters);
+        let _ = self.probes.set(Probes { statuses, degraded });
+    }
+
+    /// True once the probes are attached (what `/healthz` reports).
+    pub fn ready(&self) -> bool {
+        self.probes.get().is_some()
+    }
+
+    /// Releases the kernel maps (before the programs are unloaded), keeping their last counts.
+    pub fn clear_kernel_counters(&self) {
+        self.sync_kernel_counters();
+        *self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Brings the kernel's per-CPU counters (ring full, socket map full) into the metrics.
+    pub fn sync_kernel_counters(&self) {
+        if let Some(c) = self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            self.metrics.sync_kernel_counters(c.ring_full(), c.socket_map_full());
+        }
+    }
+
+    pub fn status(&self) -> StatusReport {
+        self.sync_kernel_counters();
+        let Probes { statuses, degraded } = self.probes.get().cloned().unwrap_or_default();
+        let seen_by_probe: BTreeMap<String, u64> = self.metrics.events_seen().into_iter().collect();
+        let (series, series_folded) = self.metrics.series();
+        let (paired, recent) = {
+            let log = self.event_log();
+            (log.paired(), log.recent_premature(RECENT_IN_STATUS))
+        };
+        StatusReport {
+            version: VERSION.into(),
+            revision: REVISION.into(),
+            kernel: self.kernel.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            ready: self.ready(),
+            probes: statuses
+                .into_iter()
+                .map(|p| ProbeReport {
+                    probe: p.probe.into(),
+                    hook: p.hook.into(),
+                    backend: p.backend.into(),
+                    attach: p.attach,
+                    state: p.state.name().into(),
+                    error: p.error,
+                })
+                .collect(),
+            degraded,
+            series: series as u64,
+            series_folded,
+            events: EventsReport {
+                seen: seen_by_probe.values().sum(),
+                seen_by_probe,
+                lost: self.metrics.events_lost(),
+                unattributed: self.metrics.events_unattributed(),
+                paired,
+            },
+            recent_premature: recent,
+        }
+    }
+}
