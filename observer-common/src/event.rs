@@ -1,4 +1,7 @@
-//! The one record that crosses the ring buffer: a [`SocketEvent`] with a stable numeric kind.
+//! The event layouts: the one record that crosses the ring buffer, a [`SocketEvent`] with a
+//! stable numeric kind, and what it is made of ([`Endpoints`], [`Owner`], [`ConnectionFacts`],
+//! [`flags`], [`tcp_state`]), plus [`SocketInfo`], the per-socket map value the daemon reads too.
+//! Which program emitted an event (`SocketEvent::probe`) is a [`ProbeId`](crate::probe::ProbeId).
 
 /// Linux TCP states (`include/net/tcp_states.h`); stable kernel ABI.
 pub mod tcp_state {
@@ -42,195 +45,6 @@ impl EventKind {
             2 => Some(Self::ResetSent),
             3 => Some(Self::ConnectionClosed),
             _ => None,
-        }
-    }
-}
-
-/// Which kernel program emitted an event. Stable numbers (new programs go at the end); also the
-/// index of the per-probe counters. The name is the program's name in the object file and the
-/// `probe` label value.
-#[repr(u16)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ProbeId {
-    InetSockSetState = 0,
-    TcpReceiveReset = 1,
-    TcpSendReset = 2,
-    TcpDestroySock = 3,
-    SysExitAccept4 = 4,
-    SysExitAccept = 5,
-    /// kprobe `tcp_set_state(sk, state)`.
-    TcpSetState = 6,
-    /// kprobe `tcp_reset(sk, skb)`.
-    TcpReset = 7,
-    /// kprobe `tcp_send_active_reset(sk, priority[, reason])`.
-    TcpSendActiveReset = 8,
-    /// kprobe `tcp_v4_send_reset(sk, skb[, reason])`.
-    TcpV4SendReset = 9,
-    /// kprobe `tcp_v6_send_reset(sk, skb[, reason])`.
-    TcpV6SendReset = 10,
-    /// kprobe `tcp_v4_destroy_sock(sk)` (IPv6 sockets are destroyed through it too).
-    TcpV4DestroySock = 11,
-    /// kretprobe `inet_csk_accept()`: returns the accepted `struct sock *`.
-    InetCskAccept = 12,
-}
-
-/// The logical hooks the kernel programs need; each is served by one back end at a time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Hook {
-    /// TCP state changes: a connection's life.
-    SetState,
-    /// An RST accepted on a socket.
-    ReceiveReset,
-    /// An RST sent by this host.
-    SendReset,
-    /// A socket's destruction: its last event.
-    Destroy,
-    /// `accept()` returned a socket in its owner's context.
-    Accept,
-}
-
-impl Hook {
-    pub const ALL: [Hook; 5] = [Self::SetState, Self::ReceiveReset, Self::SendReset, Self::Destroy, Self::Accept];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::SetState => "set_state",
-            Self::ReceiveReset => "receive_reset",
-            Self::SendReset => "send_reset",
-            Self::Destroy => "destroy",
-            Self::Accept => "accept",
-        }
-    }
-}
-
-/// How a program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Backend {
-    /// A classic tracepoint (record layout from tracefs).
-    Tracepoint,
-    /// A kprobe or kretprobe on a kernel function (argument and struct layout from BTF).
-    Kprobe,
-}
-
-impl Backend {
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Tracepoint => "tracepoint",
-            Self::Kprobe => "kprobe",
-        }
-    }
-}
-
-/// Where a program attaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachPoint {
-    /// `category:name`.
-    Tracepoint(&'static str, &'static str),
-    /// Entry of a kernel function.
-    Kprobe(&'static str),
-    /// Return of a kernel function.
-    Kretprobe(&'static str),
-}
-
-impl AttachPoint {
-    /// The kernel function a (k|kret)probe attaches to.
-    pub const fn function(self) -> Option<&'static str> {
-        match self {
-            Self::Tracepoint(..) => None,
-            Self::Kprobe(f) | Self::Kretprobe(f) => Some(f),
-        }
-    }
-}
-
-impl ProbeId {
-    pub const ALL: [ProbeId; 13] = [
-        Self::InetSockSetState,
-        Self::TcpReceiveReset,
-        Self::TcpSendReset,
-        Self::TcpDestroySock,
-        Self::SysExitAccept4,
-        Self::SysExitAccept,
-        Self::TcpSetState,
-        Self::TcpReset,
-        Self::TcpSendActiveReset,
-        Self::TcpV4SendReset,
-        Self::TcpV6SendReset,
-        Self::TcpV4DestroySock,
-        Self::InetCskAccept,
-    ];
-
-    pub const fn from_u16(v: u16) -> Option<Self> {
-        match v {
-            0 => Some(Self::InetSockSetState),
-            1 => Some(Self::TcpReceiveReset),
-            2 => Some(Self::TcpSendReset),
-            3 => Some(Self::TcpDestroySock),
-            4 => Some(Self::SysExitAccept4),
-            5 => Some(Self::SysExitAccept),
-            6 => Some(Self::TcpSetState),
-            7 => Some(Self::TcpReset),
-            8 => Some(Self::TcpSendActiveReset),
-            9 => Some(Self::TcpV4SendReset),
-            10 => Some(Self::TcpV6SendReset),
-            11 => Some(Self::TcpV4DestroySock),
-            12 => Some(Self::InetCskAccept),
-            _ => None,
-        }
-    }
-
-    /// The program's name in the object file, and the `probe` label value.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::InetSockSetState => "inet_sock_set_state",
-            Self::TcpReceiveReset => "tcp_receive_reset",
-            Self::TcpSendReset => "tcp_send_reset",
-            Self::TcpDestroySock => "tcp_destroy_sock",
-            Self::SysExitAccept4 => "sys_exit_accept4",
-            Self::SysExitAccept => "sys_exit_accept",
-            Self::TcpSetState => "tcp_set_state",
-            Self::TcpReset => "tcp_reset",
-            Self::TcpSendActiveReset => "tcp_send_active_reset",
-            Self::TcpV4SendReset => "tcp_v4_send_reset",
-            Self::TcpV6SendReset => "tcp_v6_send_reset",
-            Self::TcpV4DestroySock => "tcp_v4_destroy_sock",
-            Self::InetCskAccept => "inet_csk_accept",
-        }
-    }
-
-    /// Where the program attaches.
-    pub const fn attach_point(self) -> AttachPoint {
-        match self {
-            Self::InetSockSetState => AttachPoint::Tracepoint("sock", "inet_sock_set_state"),
-            Self::TcpReceiveReset => AttachPoint::Tracepoint("tcp", "tcp_receive_reset"),
-            Self::TcpSendReset => AttachPoint::Tracepoint("tcp", "tcp_send_reset"),
-            Self::TcpDestroySock => AttachPoint::Tracepoint("tcp", "tcp_destroy_sock"),
-            Self::SysExitAccept4 => AttachPoint::Tracepoint("syscalls", "sys_exit_accept4"),
-            Self::SysExitAccept => AttachPoint::Tracepoint("syscalls", "sys_exit_accept"),
-            Self::TcpSetState => AttachPoint::Kprobe("tcp_set_state"),
-            Self::TcpReset => AttachPoint::Kprobe("tcp_reset"),
-            Self::TcpSendActiveReset => AttachPoint::Kprobe("tcp_send_active_reset"),
-            Self::TcpV4SendReset => AttachPoint::Kprobe("tcp_v4_send_reset"),
-            Self::TcpV6SendReset => AttachPoint::Kprobe("tcp_v6_send_reset"),
-            Self::TcpV4DestroySock => AttachPoint::Kprobe("tcp_v4_destroy_sock"),
-            Self::InetCskAccept => AttachPoint::Kretprobe("inet_csk_accept"),
-        }
-    }
-
-    pub const fn backend(self) -> Backend {
-        match self.attach_point() {
-            AttachPoint::Tracepoint(..) => Backend::Tracepoint,
-            AttachPoint::Kprobe(_) | AttachPoint::Kretprobe(_) => Backend::Kprobe,
-        }
-    }
-
-    /// The hook the program serves.
-    pub const fn hook(self) -> Hook {
-        match self {
-            Self::InetSockSetState | Self::TcpSetState => Hook::SetState,
-            Self::TcpReceiveReset | Self::TcpReset => Hook::ReceiveReset,
-            Self::TcpSendReset | Self::TcpSendActiveReset | Self::TcpV4SendReset | Self::TcpV6SendReset => Hook::SendReset,
-            Self::TcpDestroySock | Self::TcpV4DestroySock => Hook::Destroy,
-            Self::SysExitAccept4 | Self::SysExitAccept | Self::InetCskAccept => Hook::Accept,
         }
     }
 }
@@ -368,7 +182,7 @@ pub const REASON_NONE: u32 = u32::MAX;
 pub struct SocketEvent {
     /// [`EventKind`] as u16.
     pub kind: u16,
-    /// [`ProbeId`] of the program that emitted it.
+    /// [`ProbeId`](crate::probe::ProbeId) of the program that emitted it.
     pub probe: u16,
     /// [`Role`] as u8.
     pub role: u8,
@@ -439,15 +253,10 @@ mod tests {
     }
 
     #[test]
-    fn numeric_kinds_round_trip() {
+    fn event_kinds_round_trip() {
         for kind in [EventKind::ResetReceived, EventKind::ResetSent, EventKind::ConnectionClosed] {
             assert_eq!(EventKind::from_u16(kind as u16), Some(kind));
         }
         assert_eq!(EventKind::from_u16(0), None);
-        for (i, probe) in ProbeId::ALL.into_iter().enumerate() {
-            assert_eq!(probe as usize, i, "ALL is in numeric order");
-            assert_eq!(ProbeId::from_u16(probe as u16), Some(probe));
-        }
-        assert_eq!(ProbeId::from_u16(ProbeId::ALL.len() as u16), None);
     }
 }

@@ -1,0 +1,48 @@
+//! Writing the events of sockets with a map entry: each [`SocketEvent`] is built in place in the
+//! ring buffer ([`EVENTS`]), since the BPF stack is too small for copies; a full ring is counted
+//! per CPU, never silent. (The one event without an entry, a reset sent for a segment or a
+//! socket we do not track, is written by `hooks::on_reset_sent` the same way.)
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use observer_common::{ConnectionFacts, EventKind, ProbeId, SocketEvent, SocketInfo, counter};
+
+use crate::maps::{EVENTS, bump};
+
+/// Writes one event for `sk`, from its map entry `info`.
+#[inline(always)]
+pub fn emit(kind: EventKind, probe: ProbeId, sk: u64, state: u8, info: &SocketInfo) {
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        bump(counter::RING_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
+    unsafe {
+        (*ev).kind = kind as u16;
+        (*ev).probe = probe as u16;
+        (*ev).role = info.role;
+        (*ev).state = state;
+        (*ev).reset_state = info.reset_state;
+        (*ev).flags = info.flags;
+        (*ev).timestamp_ns = bpf_ktime_get_ns();
+        (*ev).sk = sk;
+        (*ev).endpoints = info.endpoints;
+        (*ev).owner = info.owner;
+        (*ev).reason = info.reason;
+        (*ev).unread_bytes = info.unread_bytes;
+        (*ev).sk_err = info.sk_err;
+        (*ev)._pad = 0;
+        (*ev).facts = if kind == EventKind::ConnectionClosed { info.facts } else { ConnectionFacts::default() };
+    }
+    entry.submit(0);
+}
+
+/// Emits the ConnectionClosed owed for `sk`, if any.
+#[inline(always)]
+pub fn emit_close(probe: ProbeId, sk: u64, info: &mut SocketInfo) {
+    if info.close_pending == 0 {
+        return;
+    }
+    info.close_pending = 0;
+    emit(EventKind::ConnectionClosed, probe, sk, info.close_state, info);
+}

@@ -1,0 +1,194 @@
+//! The logic of the five hooks, shared by both back ends: each program (`tracepoint`, `kprobe`)
+//! reads its hook's arguments, filters (TCP only, observed namespace) and calls one `on_*`
+//! function here with the socket's address and endpoints.
+//!
+//! * [`on_state_change`] follows each TCP socket's life. `CLOSE→SYN_SENT` runs inside
+//!   `connect()`, so the current task *is* the owner (role client); `LISTEN→SYN_RECV` creates an
+//!   accepted child in softirq (role server, owner learned at `accept()`); `X→CLOSE` ends the
+//!   connection.
+//! * [`on_accept`] records the accepting process as the owner of the new socket.
+//! * [`on_reset_received`] / [`on_reset_sent`] report resets. They often run in softirq on
+//!   whatever task was on the CPU (on loopback: the *peer*), so the owner always comes from the
+//!   per-socket map, never from the current task.
+//! * [`on_destroy`] handles the socket's last event; the map entry goes with it.
+//!
+//! `ConnectionClosed` is emitted exactly once per connection, when everything needed to classify
+//! it is known: at `X→CLOSE` if a reset was received or an error is set; otherwise after the
+//! reset the kernel sends *after* `X→CLOSE` (close with unread data, SO_LINGER 0), or at
+//! destroy when no reset follows (graceful close).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use observer_common::{Endpoints, EventKind, ProbeId, Role, SocketEvent, counter, flags, tcp_state};
+
+use crate::{
+    emit::{emit, emit_close},
+    maps::{CONFIG, EVENTS, SOCKETS, bump, get},
+    read::{current_owner, kread, read_facts, read_sock_endpoints},
+    socket::{create_entry, enter_state, fresh_info, insert_new, known_socket, socket_entry},
+};
+
+/// `sk` (a TCP socket in an observed namespace) goes from state `old` to `new`.
+#[inline(always)]
+pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: &Endpoints) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match (old, new) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => {
+            // Inside connect(): process context, the current task owns the socket. A socket that
+            // is connected again starts a new connection; settle the previous one first.
+            if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
+                // SAFETY: see known_socket.
+                emit_close(probe, sk, unsafe { &mut *info });
+            }
+            let Some(info) = fresh_info() else { return };
+            info.endpoints = *endpoints;
+            info.owner = current_owner();
+            info.role = Role::Client as u8;
+            info.flags = flags::OWNER_FROM_SYSCALL;
+            info.start_ns = now;
+            enter_state(info, new, now);
+            insert_new(sk, info);
+        }
+        (tcp_state::LISTEN, tcp_state::SYN_RECV) => {
+            // A child cloned from a listener, in softirq: the owner is learned at accept().
+            // (Only the tracepoint sees this: the kernel sets SYN_RECV without tcp_set_state().)
+            let Some(info) = fresh_info() else { return };
+            info.endpoints = *endpoints;
+            info.role = Role::Server as u8;
+            info.start_ns = now;
+            enter_state(info, new, now);
+            insert_new(sk, info);
+        }
+        (_, tcp_state::ESTABLISHED) => {
+            let info = match known_socket(sk) {
+                Some(info) => info,
+                // A child whose LISTEN→SYN_RECV was not seen: always so with the kprobe back end
+                // (inet_csk_clone_lock() sets SYN_RECV directly), or the daemon started between.
+                // Only passive opens leave SYN_RECV for ESTABLISHED on a socket new to us.
+                None if old == tcp_state::SYN_RECV => {
+                    let Some(info) = create_entry(sk, endpoints, Role::Server, now) else { return };
+                    enter_state(info, old, now);
+                    info
+                }
+                None => {
+                    let Some(info) = create_entry(sk, endpoints, Role::Unknown, 0) else { return };
+                    info
+                }
+            };
+            // The source port of an active open is known from here on; tcp_disconnect() zeroes
+            // the destination port later, so keep this copy.
+            info.endpoints = *endpoints;
+            enter_state(info, new, now);
+        }
+        (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
+        (_, tcp_state::CLOSE) => {
+            let Some(info) = socket_entry(sk, endpoints) else { return };
+            if info.endpoints.remote_port == 0 || info.endpoints.local_port == 0 {
+                info.endpoints = *endpoints;
+            }
+            let kernel = &CONFIG.kernel;
+            // __tcp_close() purges the receive queue without advancing copied_seq, so this is
+            // still the number of bytes the application never read.
+            let rcv_nxt: u32 = kread(sk, get(&kernel.tcp_rcv_nxt));
+            let copied_seq: u32 = kread(sk, get(&kernel.tcp_copied_seq));
+            info.unread_bytes = rcv_nxt.wrapping_sub(copied_seq);
+            info.sk_err = kread::<i32>(sk, get(&kernel.sock_err)) as u32;
+            info.close_state = old;
+            info.close_pending = 1;
+            enter_state(info, new, now);
+            read_facts(sk, info, now);
+            // A received reset or an error is the whole story. Otherwise the kernel may still
+            // send an RST for this close (unread data, SO_LINGER 0): wait for it or for destroy.
+            if info.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0 || info.sk_err != 0 {
+                emit_close(probe, sk, info);
+            }
+        }
+        _ => {
+            // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, ...: follow the state of every socket,
+            // including ones that predate the daemon (owner unknown).
+            if let Some(info) = socket_entry(sk, endpoints) {
+                enter_state(info, new, now);
+            }
+        }
+    }
+}
+
+/// The kernel resets `sk` (an observed socket) because of an RST: `tcp_reset()`.
+#[inline(always)]
+pub fn on_reset_received(probe: ProbeId, sk: u64, endpoints: &Endpoints) {
+    let Some(info) = socket_entry(sk, endpoints) else { return };
+    info.flags |= flags::RESET_RECEIVED;
+    info.reset_state = kread(sk, get(&CONFIG.kernel.sock_state));
+    emit(EventKind::ResetReceived, probe, sk, info.reset_state, info);
+}
+
+/// This host sends an RST, on behalf of `sk` (0: a segment that matched no socket), in TCP state
+/// `state` (0 without a socket). `endpoints` fills in what to report when `sk` is not a socket we
+/// track; `local` is the RST's sender (this host).
+#[inline(always)]
+pub fn on_reset_sent(probe: ProbeId, sk: u64, reason: u32, state: u8, endpoints: impl FnOnce(&mut Endpoints)) {
+    // A full socket we track: the reset is its owner's. Anything else (no socket, a TIME_WAIT
+    // or request minisock, a listener) is reported with its endpoints and no owner.
+    if sk != 0 && let Some(info) = known_socket(sk) {
+        info.flags |= flags::RESET_SENT;
+        info.reason = reason;
+        emit(EventKind::ResetSent, probe, sk, state, info);
+        emit_close(probe, sk, info);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        bump(counter::RING_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
+    unsafe {
+        *ev = SocketEvent {
+            kind: EventKind::ResetSent as u16,
+            probe: probe as u16,
+            state,
+            flags: flags::RESET_SENT,
+            timestamp_ns: bpf_ktime_get_ns(),
+            sk,
+            reason,
+            ..SocketEvent::default()
+        };
+        endpoints(&mut (*ev).endpoints);
+    }
+    entry.submit(0);
+}
+
+/// `sk` is destroyed: its last event.
+#[inline(always)]
+pub fn on_destroy(probe: ProbeId, sk: u64) {
+    if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
+        // SAFETY: see known_socket.
+        emit_close(probe, sk, unsafe { &mut *info });
+        let _ = SOCKETS.remove(&sk);
+    }
+}
+
+/// `accept()` handed `sk` to the current process, in its context: it is the owner. `adopt`
+/// creates the entry when the socket is new to us, for callers that know `sk` is a TCP child.
+#[inline(always)]
+pub fn on_accept(sk: u64, adopt: bool) {
+    let info = match SOCKETS.get_ptr_mut(&sk) {
+        // SAFETY: see known_socket.
+        Some(info) => unsafe { &mut *info },
+        None if adopt => {
+            // SAFETY: helper without arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let mut endpoints = Endpoints::default();
+            read_sock_endpoints(sk, &mut endpoints);
+            let Some(info) = create_entry(sk, &endpoints, Role::Server, now) else { return };
+            enter_state(info, kread(sk, get(&CONFIG.kernel.sock_state)), now);
+            info
+        }
+        // Only sockets already known as TCP children (LISTEN→SYN_RECV) are touched, which also
+        // leaves accept() on UNIX and other sockets alone.
+        None => return,
+    };
+    info.owner = current_owner();
+    info.role = Role::Server as u8;
+    info.flags |= flags::OWNER_FROM_SYSCALL;
+}

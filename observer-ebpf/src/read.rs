@@ -1,0 +1,215 @@
+//! Kernel reads. Nothing about the kernel's layout is compiled in: every offset comes from
+//! [`CONFIG`], filled in by the daemon from tracefs (tracepoint records) and the kernel's BTF
+//! (struct members), and a field this kernel lacks is `ABSENT` and reads as its default.
+//!
+//! * tracepoint records: [`field`], and the endpoints a record names ([`read_tuple`],
+//!   [`read_send_reset_endpoints`]);
+//! * kernel structs: [`kread`], and what the programs and the hooks read through it: a socket's
+//!   or a segment's endpoints, the socket behind a file descriptor, the namespace filter, the
+//!   current process as owner, a connection's facts at CLOSE.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
+    },
+    programs::TracePointContext,
+};
+use observer_common::{ABSENT, AF_INET, AF_INET6, Endpoints, Owner, SkTupleFields, SocketInfo, TASK_COMM_LEN};
+
+use crate::maps::{CONFIG, get};
+
+// ---------------------------------------------------------------------------------------------
+// Tracepoint records (layout from tracefs).
+// ---------------------------------------------------------------------------------------------
+
+/// Reads a record field at a load-time offset; `T::default()` when this kernel lacks it.
+#[inline(always)]
+pub fn field<T: Default>(ctx: &TracePointContext, offset: u32) -> T {
+    if offset == ABSENT {
+        return T::default();
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; the offset comes from the format file.
+    unsafe { ctx.read_at::<T>(offset as usize) }.unwrap_or_default()
+}
+
+#[inline(always)]
+fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// Endpoints from a record with the split `sport/dport/saddr/daddr` layout.
+#[inline(always)]
+pub fn read_tuple(ctx: &TracePointContext, f: &SkTupleFields) -> Endpoints {
+    let mut e = Endpoints {
+        local_port: field(ctx, get(&f.sport)),
+        remote_port: field(ctx, get(&f.dport)),
+        family: field(ctx, get(&f.family)),
+        ..Endpoints::default()
+    };
+    if get(&f.saddr_v6) != ABSENT && e.family != AF_INET {
+        // The v6 fields hold v4-mapped addresses for AF_INET sockets too.
+        e.local_addr = field(ctx, get(&f.saddr_v6));
+        e.remote_addr = field(ctx, get(&f.daddr_v6));
+    } else {
+        e.local_addr = v4_mapped(field(ctx, get(&f.saddr)));
+        e.remote_addr = v4_mapped(field(ctx, get(&f.daddr)));
+    }
+    e
+}
+
+/// Reads a `struct sockaddr_in{,6}` as stored by `TP_STORE_ADDR_PORTS` (6.10+ `tcp_send_reset`)
+/// into `port` / `addr`; returns the address family.
+#[inline(always)]
+fn read_sockaddr(ctx: &TracePointContext, offset: u32, port: &mut u16, addr: &mut [u8; 16]) -> u16 {
+    let family: u16 = field(ctx, offset);
+    *port = u16::from_be(field(ctx, offset + 2));
+    *addr = if family == AF_INET6 { field(ctx, offset + 8) } else { v4_mapped(field(ctx, offset + 4)) };
+    family
+}
+
+/// The endpoints a `tcp_send_reset` record names; `local` is the RST's sender (this host).
+#[inline(always)]
+pub fn read_send_reset_endpoints(ctx: &TracePointContext, e: &mut Endpoints) {
+    let f = &CONFIG.send_reset;
+    if get(&f.saddr_sockaddr) != ABSENT {
+        e.family = read_sockaddr(ctx, get(&f.saddr_sockaddr), &mut e.local_port, &mut e.local_addr);
+        read_sockaddr(ctx, get(&f.daddr_sockaddr), &mut e.remote_port, &mut e.remote_addr);
+    } else {
+        *e = read_tuple(ctx, &f.tuple);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel structs (member offsets from BTF).
+// ---------------------------------------------------------------------------------------------
+
+/// Reads a kernel struct member at a BTF-derived offset.
+#[inline(always)]
+pub fn kread<T: Default>(base: u64, offset: u32) -> T {
+    if base == 0 || offset == ABSENT {
+        return T::default();
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.unwrap_or_default()
+}
+
+/// A socket's endpoints from its `struct sock_common` (also valid for TIME_WAIT and request
+/// minisocks, which share it). IPv4 addresses are stored v4-mapped, as the records have them.
+#[inline(always)]
+pub fn read_sock_endpoints(sk: u64, e: &mut Endpoints) {
+    let k = &CONFIG.kernel;
+    e.family = kread(sk, get(&k.sock_family));
+    e.local_port = kread(sk, get(&k.sock_num));
+    e.remote_port = u16::from_be(kread(sk, get(&k.sock_dport)));
+    if e.family == AF_INET6 && get(&k.sock_v6_daddr) != ABSENT {
+        // v4-mapped for an AF_INET6 socket talking IPv4, exactly as the tracepoints show it.
+        e.local_addr = kread(sk, get(&k.sock_v6_rcv_saddr));
+        e.remote_addr = kread(sk, get(&k.sock_v6_daddr));
+    } else {
+        e.local_addr = v4_mapped(kread(sk, get(&k.sock_rcv_saddr)));
+        e.remote_addr = v4_mapped(kread(sk, get(&k.sock_daddr)));
+    }
+}
+
+/// The endpoints of the RST answering segment `skb`: its destination is this host (`local`).
+#[inline(always)]
+pub fn read_skb_endpoints(skb: u64, e: &mut Endpoints) {
+    let k = &CONFIG.kernel;
+    let head: u64 = kread(skb, get(&k.skb_head));
+    if head == 0 {
+        return;
+    }
+    let ip = head + kread::<u16>(skb, get(&k.skb_network_header)) as u64;
+    let th = head + kread::<u16>(skb, get(&k.skb_transport_header)) as u64;
+    e.local_port = u16::from_be(kread(th, get(&k.tcphdr_dest)));
+    e.remote_port = u16::from_be(kread(th, get(&k.tcphdr_source)));
+    // The IP version is the first nibble of either header (wire format).
+    if kread::<u8>(ip, 0) >> 4 == 6 {
+        e.family = AF_INET6;
+        e.local_addr = kread(ip, get(&k.ipv6hdr_daddr));
+        e.remote_addr = kread(ip, get(&k.ipv6hdr_saddr));
+    } else {
+        e.family = AF_INET;
+        e.local_addr = v4_mapped(kread(ip, get(&k.iphdr_daddr)));
+        e.remote_addr = v4_mapped(kread(ip, get(&k.iphdr_saddr)));
+    }
+}
+
+/// `struct sock *` behind file descriptor `fd` of the current task, or 0.
+#[inline(always)]
+pub fn sock_of_fd(fd: u64) -> u64 {
+    let k = &CONFIG.kernel;
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task, get(&k.task_files));
+    let fdt: u64 = kread(files, get(&k.files_fdt));
+    let max_fds: u32 = kread(fdt, get(&k.fdtable_max_fds));
+    if fd >= max_fds as u64 {
+        return 0;
+    }
+    let fd_array: u64 = kread(fdt, get(&k.fdtable_fd));
+    if fd_array == 0 {
+        return 0;
+    }
+    let file: u64 = kread(fd_array + fd * 8, 0);
+    let socket: u64 = kread(file, get(&k.file_private_data));
+    kread(socket, get(&k.socket_sk))
+}
+
+/// Inode number of the network namespace behind a `possible_net_t` at `base + offset`.
+#[inline(always)]
+fn netns_inum(base: u64, offset: u32) -> u32 {
+    let net: u64 = kread(base, offset);
+    kread(net, get(&CONFIG.kernel.net_inum))
+}
+
+/// False when a namespace filter is set and `sk` lives elsewhere.
+#[inline(always)]
+pub fn observed_sock(sk: u64) -> bool {
+    let filter = get(&CONFIG.netns_filter);
+    filter == 0 || netns_inum(sk, get(&CONFIG.kernel.sock_net)) == filter
+}
+
+/// The same for a segment that matched no socket, by the device it arrived on.
+#[inline(always)]
+pub fn observed_skb(skb: u64) -> bool {
+    let filter = get(&CONFIG.netns_filter);
+    if filter == 0 {
+        return true;
+    }
+    let dev: u64 = kread(skb, get(&CONFIG.kernel.skb_dev));
+    netns_inum(dev, get(&CONFIG.kernel.netdev_net)) == filter
+}
+
+/// The current process, for hooks that run in its syscall.
+#[inline(always)]
+pub fn current_owner() -> Owner {
+    let kernel = &CONFIG.kernel;
+    let mut owner = Owner { tgid: (bpf_get_current_pid_tgid() >> 32) as u32, ..Owner::default() };
+    // SAFETY: helpers without arguments.
+    owner.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let task = unsafe { bpf_get_current_task() };
+    let leader: u64 = kread(task, get(&kernel.task_group_leader));
+    let comm: [u8; TASK_COMM_LEN] = kread(leader, get(&kernel.task_comm));
+    owner.comm = if comm[0] != 0 { comm } else { bpf_get_current_comm().unwrap_or_default() };
+    owner
+}
+
+/// Reads what `tcp_sock` knows about the connection as it reaches CLOSE.
+#[inline(always)]
+pub fn read_facts(sk: u64, info: &mut SocketInfo, now: u64) {
+    let k = &CONFIG.kernel;
+    let done_bit = get(&k.sock_done_bit);
+    let fin = if done_bit < 64 { (kread::<u64>(sk, get(&k.sock_flags)) >> done_bit) & 1 } else { 0 };
+    let f = &mut info.facts;
+    f.fin_received = fin as u8;
+    // Both counters are in sequence space: the FIN received counts one byte.
+    f.bytes_received = kread::<u64>(sk, get(&k.tcp_bytes_received)).saturating_sub(fin);
+    f.bytes_sent = kread::<u64>(sk, get(&k.tcp_bytes_sent)).saturating_sub(kread::<u64>(sk, get(&k.tcp_bytes_retrans)));
+    f.srtt_us = kread::<u32>(sk, get(&k.tcp_srtt_us)) >> 3;
+    f.retransmits = kread(sk, get(&k.tcp_total_retrans));
+    f.data_segs_in = kread(sk, get(&k.tcp_data_segs_in));
+    f.data_segs_out = kread(sk, get(&k.tcp_data_segs_out));
+    f.duration_ns = if info.start_ns != 0 { now.saturating_sub(info.start_ns) } else { 0 };
+}
