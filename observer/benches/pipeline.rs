@@ -39,13 +39,13 @@ fn v4(a: [u8; 4]) -> [u8; 16] {
     std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets()
 }
 
-/// Event `i` of a mix like a busy proxy's: mostly graceful closes, some resets sent and
-/// received, some premature closes; `peers` remote addresses, `ports` service ports.
-fn record(i: u32, peers: u32, ports: u32) -> Vec<u8> {
+/// Event `i`, of shape `shape % 10` in a mix like a busy proxy's (mostly graceful closes, some
+/// resets sent and received, some premature closes), towards remote address `peer` on service
+/// port `8000 + port`.
+fn record(i: u32, shape: u32, peer: u32, port: u32) -> Vec<u8> {
     let mut comm = [0u8; 16];
     comm[..5].copy_from_slice(b"nginx");
-    let peer = i % peers;
-    let (kind, probe, flags, state) = match i % 10 {
+    let (kind, probe, flags, state) = match shape % 10 {
         0 => (EventKind::ResetReceived, ProbeId::TcpReceiveReset, flags::RESET_RECEIVED, tcp_state::ESTABLISHED),
         1 => (EventKind::ResetSent, ProbeId::TcpSendReset, flags::RESET_SENT, tcp_state::ESTABLISHED),
         2 => (EventKind::ConnectionClosed, ProbeId::InetSockSetState, flags::RESET_RECEIVED, tcp_state::ESTABLISHED),
@@ -63,7 +63,7 @@ fn record(i: u32, peers: u32, ports: u32) -> Vec<u8> {
             local_addr: v4([10, 0, 0, 1]),
             remote_addr: v4([10, 1, (peer >> 8) as u8, peer as u8]),
             local_port: 40_000 + (i % 20_000) as u16,
-            remote_port: 8000 + (i % ports) as u16,
+            remote_port: 8000 + port as u16,
             family: observer_common::AF_INET,
             _pad: 0,
         },
@@ -88,7 +88,8 @@ fn record(i: u32, peers: u32, ports: u32) -> Vec<u8> {
 }
 
 fn records(n: u32) -> Vec<Vec<u8>> {
-    (0..n).map(|i| record(i, 40, 8)).collect()
+    // 40 peers on 8 ports.
+    (0..n).map(|i| record(i, i, i % 40, i % 8)).collect()
 }
 
 /// Per event: the whole daemon path (metrics with the prometheus histograms, the event log with
@@ -125,13 +126,13 @@ fn per_event(c: &mut Criterion) {
 fn scrape(c: &mut Criterion) {
     let mut group = c.benchmark_group("render_metrics");
     for series in [1_000u32, 10_000] {
-        let state = Arc::new(DaemonState::new("bench".into(), Limits { max_peers: 1_000, max_series: 20_000 }));
+        let state = Arc::new(DaemonState::new("bench".into(), Limits::default()));
         let pipeline = Pipeline::new(reasons(), attribution(), state.clone());
-        // Graceful closes only, one series each: `series` peers × 1 port.
+        // Graceful closes only, one series each: 50 peers (the default --max-peers) per port.
         for i in 0..series {
-            pipeline.handle(&record(i * 10 + 3, series, 1));
+            pipeline.handle(&record(i, 3, i % 50, i / 50));
         }
-        assert_eq!(state.metrics.series().0, series as usize, "one series per peer");
+        assert_eq!(state.metrics.series(), (series as usize, 0), "one series per close, none folded");
         group.throughput(Throughput::Elements(u64::from(series)));
         group.bench_with_input(BenchmarkId::from_parameter(series), &state, |b, state| {
             b.iter(|| black_box(exposition::render(&state.metrics)));
