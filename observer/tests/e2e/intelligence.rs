@@ -5,11 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use libtest_mimic::Failed;
 
+use observer_testkit::{Daemon, Metrics, kernel_version};
+
 use crate::{
-    N, active_reason, both_closed, check, scenario, scenario_v6, shared_daemon,
-    harness::{Daemon, Metrics, kernel_version},
+    shared_daemon,
+    support::{N, Settle as _, active_reason, both_closed, check, scenario, scenario_v6, start_daemon, with},
     traffic::{Mode, Scenario},
-    with,
 };
 
 const PREMATURE: &str = "observer_tcp_premature_closes_total";
@@ -22,7 +23,7 @@ const REQUEST_BYTES: u64 = 23;
 /// read the event log must not find it flooded by other tests' traffic.
 fn run_watched(s: &Scenario) -> Result<Daemon, Failed> {
     let mut ns = s.prepare()?;
-    let daemon = Daemon::start(&["--netns", &ns.path])?;
+    let daemon = start_daemon(&["--netns", &ns.path])?;
     ns.round()?;
     ns.release()?;
     Ok(daemon)
@@ -245,7 +246,7 @@ pub fn connections_open_before_start() -> Result<(), Failed> {
     let s = scenario(Mode::LeakCloseWait, 30, "t30-seed-srv", "t30-seed-cli");
     let mut ns = s.prepare()?;
     ns.start_leak(N)?;
-    let daemon = Daemon::start(&["--netns", &ns.path])?;
+    let daemon = start_daemon(&["--netns", &ns.path])?;
     let n = N as u64;
     let first = daemon.metrics()?;
     let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "CLOSE-WAIT")];

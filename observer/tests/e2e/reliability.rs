@@ -5,45 +5,29 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use libtest_mimic::Failed;
 
+use observer_testkit::{Daemon, Metrics, kernel_version, process::Signal};
+
 use crate::{
-    N, check,
-    harness::{Daemon, Metrics, PATIENCE, kernel_version},
-    held_by, nothing_left,
+    lifecycle::{held_by, nothing_left},
+    support::{self, N, PATIENCE, Settle as _, check, expected_probes, start_daemon, with},
     traffic::{Mode, Scenario},
-    with,
 };
 
+/// A scenario with addresses and ports of its own (127.30/127.40, port 9000 + tag).
 fn scenario(mode: Mode, tag: u8, connections: u32, server_comm: &'static str, client_comm: &'static str) -> Scenario {
     Scenario {
-        mode,
         connections,
-        server_comm,
-        client_comm,
         server_ip: Ipv4Addr::new(127, 30, tag, 1).into(),
         client_ip: Ipv4Addr::new(127, 40, tag, 1).into(),
         port: 9000 + tag as u16,
-        distinct_clients: false,
-        client_container: None,
+        ..support::scenario(mode, tag, server_comm, client_comm)
     }
-}
-
-fn signal(daemon: &Daemon, sig: i32) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(daemon.child.id() as i32, sig) };
-}
-
-fn events_seen(m: &Metrics) -> u64 {
-    m.sum("observer_events_total", &[])
-}
-
-fn events_lost(m: &Metrics) -> u64 {
-    m.sum("observer_events_lost_total", &[])
 }
 
 /// Each SO_LINGER 0 connection makes 4 events: the client's ResetReceived and ConnectionClosed,
@@ -52,21 +36,21 @@ const EVENTS_PER_LINGER0: u64 = 4;
 
 /// Waits until every event of the namespace is accounted for (seen or lost).
 fn accounted(daemon: &Daemon, expected: u64) -> Result<Metrics, Failed> {
-    Ok(daemon.settled_metrics(&[], |m| events_seen(m) + events_lost(m) >= expected)?)
+    Ok(daemon.settled_metrics(&[], |m| m.events_seen() + m.events_lost() >= expected)?)
 }
 
 pub fn overflow_accounting() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 1, 300, "r1-ovf-srv", "r1-ovf-cli");
     let mut ns = s.prepare()?;
     // 4096 bytes hold 24 events (160 bytes + an 8-byte header each); with the daemon stopped, a burst of 1200 must overflow.
-    let daemon = Daemon::start(&["--netns", &ns.path, "--ring-buffer-size", "4096"])?;
-    signal(&daemon, libc::SIGSTOP);
+    let daemon = start_daemon(&["--netns", &ns.path, "--ring-buffer-size", "4096"])?;
+    daemon.signal(Signal::STOP)?;
     let burst = ns.round();
-    signal(&daemon, libc::SIGCONT);
+    daemon.signal(Signal::CONT)?;
     burst?;
     let made = s.connections as u64 * EVENTS_PER_LINGER0;
     let m = accounted(&daemon, made)?;
-    let (seen, lost) = (events_seen(&m), events_lost(&m));
+    let (seen, lost) = (m.events_seen(), m.events_lost());
     check("seen + lost after the burst", seen + lost, made)?;
     if lost == 0 {
         return Err(format!("the ring never overflowed (seen {seen}): the test did not test overflow").into());
@@ -75,8 +59,8 @@ pub fn overflow_accounting() -> Result<(), Failed> {
     ns.round_of(Mode::Linger0, 10)?;
     let made2 = made + 10 * EVENTS_PER_LINGER0;
     let m2 = accounted(&daemon, made2)?;
-    check("seen + lost after recovery", events_seen(&m2) + events_lost(&m2), made2)?;
-    check("events seen after recovery", events_seen(&m2) - seen, made2 - made - (events_lost(&m2) - lost))?;
+    check("seen + lost after recovery", m2.events_seen() + m2.events_lost(), made2)?;
+    check("events seen after recovery", m2.events_seen() - seen, made2 - made - (m2.events_lost() - lost))?;
     ns.release()?;
     Ok(())
 }
@@ -86,7 +70,7 @@ pub fn cardinality_attack() -> Result<(), Failed> {
     s.distinct_clients = true;
     let max_series = 500u64;
     let mut ns = s.prepare()?;
-    let daemon = Daemon::start(&["--netns", &ns.path, "--max-peers", "50", "--max-series", &max_series.to_string()])?;
+    let daemon = start_daemon(&["--netns", &ns.path, "--max-peers", "50", "--max-series", &max_series.to_string()])?;
     ns.round()?; // 10,000 distinct peers
     ns.round_of(Mode::PortScan, 1000)?; // 1,000 closed ports
     let (srv, cli) = (s.server_comm, s.client_comm);
@@ -101,7 +85,7 @@ pub fn cardinality_attack() -> Result<(), Failed> {
     check("client refused", m.sum("observer_tcp_premature_closes_total", &[("kind", "refused")]), 1000)?;
     // Folded series keep their reason but not their comm ("other").
     // Traced by the tracepoint since 6.10, by the kprobe back end on every kernel.
-    match (kernel_version() >= (6, 10), crate::expected_probes().0 == "kprobe") {
+    match (kernel_version() >= (6, 10), expected_probes().0 == "kprobe") {
         (true, _) => check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "no_socket")]), 1000)?,
         (false, false) => check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "not_specified")]), 0)?,
         (false, true) => {
@@ -141,34 +125,21 @@ pub fn cardinality_attack() -> Result<(), Failed> {
 pub fn sigterm_during_storm() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 3, 3000, "r3-term-srv", "r3-term-cli");
     let ns = s.prepare()?;
-    let mut daemon = Daemon::start(&["--netns", &ns.path])?;
-    let held = held_by(daemon.child.id())?;
+    let mut daemon = start_daemon(&["--netns", &ns.path])?;
+    let held = held_by(daemon.pid)?;
     let storm = std::thread::spawn(move || ns.run());
     // Wait until the storm is under way, then SIGTERM.
     let started = Instant::now();
-    while events_seen(&daemon.metrics()?) == 0 && started.elapsed() < Duration::from_secs(20) {
+    while daemon.metrics()?.events_seen() == 0 && started.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    signal(&daemon, libc::SIGTERM);
-    let status = wait_exit(&mut daemon)?;
+    daemon.signal(Signal::TERM)?;
+    let status = daemon.wait_exit(PATIENCE)?;
     storm.join().map_err(|_| "storm thread panicked")??;
     if !status.success() {
         return Err(format!("exit status after SIGTERM during a storm: {status}").into());
     }
     nothing_left(&held)
-}
-
-fn wait_exit(daemon: &mut Daemon) -> Result<std::process::ExitStatus, Failed> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = daemon.child.try_wait().map_err(|e| e.to_string())? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("daemon still running {} s after the signal", PATIENCE.as_secs()).into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Exact counts of a linger0 round of `connections` in `daemon`.
@@ -181,20 +152,20 @@ fn check_linger0(daemon: &Daemon, s: &Scenario, connections: u64) -> Result<(), 
     check("server local_reset", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))), connections)?;
     check("server resets sent", m.sum("observer_tcp_resets_sent_total", &server), connections)?;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), connections)?;
-    check("events lost", events_lost(&m), 0)?;
+    check("events lost", m.events_lost(), 0)?;
     Ok(())
 }
 
 pub fn sigkill_then_restart() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 4, N, "r4-kill-srv", "r4-kill-cli");
     let mut ns = s.prepare()?;
-    let mut first = Daemon::start(&["--netns", &ns.path])?;
-    let held = held_by(first.child.id())?;
-    signal(&first, libc::SIGKILL);
-    wait_exit(&mut first)?;
+    let mut first = start_daemon(&["--netns", &ns.path])?;
+    let held = held_by(first.pid)?;
+    first.signal(Signal::KILL)?;
+    first.wait_exit(PATIENCE)?;
     // The kernel releases programs and links with the last fd: nothing is left behind.
     nothing_left(&held)?;
-    let second = Daemon::start(&["--netns", &ns.path])?;
+    let second = start_daemon(&["--netns", &ns.path])?;
     ns.round()?;
     ns.release()?;
     check_linger0(&second, &s, N as u64)
@@ -203,8 +174,8 @@ pub fn sigkill_then_restart() -> Result<(), Failed> {
 pub fn two_daemons_count_independently() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 5, N, "r5-two-srv", "r5-two-cli");
     let mut ns = s.prepare()?;
-    let a = Daemon::start(&["--netns", &ns.path])?;
-    let b = Daemon::start(&["--netns", &ns.path])?;
+    let a = start_daemon(&["--netns", &ns.path])?;
+    let b = start_daemon(&["--netns", &ns.path])?;
     ns.round()?;
     ns.release()?;
     check_linger0(&a, &s, N as u64)?;
@@ -216,8 +187,8 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     // how fast it answers.
     let s = scenario(Mode::Linger0, 6, N, "r6-http-srv", "r6-http-cli");
     let mut ns = s.prepare()?;
-    let daemon = &Daemon::start(&["--netns", &ns.path])?;
-    let addr = daemon.addr.clone();
+    let daemon = &start_daemon(&["--netns", &ns.path])?;
+    let addr = daemon.addr;
     // A slow client that never finishes its request, held open throughout.
     let mut slow = TcpStream::connect(&addr).map_err(|e| e.to_string())?;
     slow.write_all(b"GET /metr").map_err(|e| e.to_string())?;
@@ -233,7 +204,7 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     }
     // Bad query strings and paths.
     for path in ["/api/v1/status?%%%", "/metrics?x=%ff%fe", "/api/v1/status?a=1&a=2&&=", "/healthz?\u{7f}", "/nope", "/api/v1/status/../../etc/passwd"] {
-        let (code, _) = daemon.get(path).map_err(|e| format!("{path}: {e}"))?;
+        let code = raw_get_status(addr, path, PATIENCE).map_err(|e| format!("{path}: {e}"))?;
         if code >= 500 {
             return Err(format!("{path} answered {code}").into());
         }
@@ -241,8 +212,7 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     // 500 concurrent scrapes all answered.
     let scrapes: Vec<_> = (0..500)
         .map(|_| {
-            let addr = addr.clone();
-            std::thread::spawn(move || crate::harness::http_get_within(&addr, "/metrics", Duration::from_secs(120)).map(|(code, _)| code))
+            std::thread::spawn(move || raw_get_status(addr, "/metrics", Duration::from_secs(120)))
         })
         .collect();
     let mut ok = 0;
@@ -263,4 +233,18 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     check_linger0(daemon, &s, N as u64)?;
     drop(slow);
     Ok(())
+}
+
+/// A GET written byte for byte onto a new connection, as the path is (no URL parsing, so bytes
+/// no client library would send reach the daemon): the answer's status. Waits up to
+/// `patience` for the answer (a guard against hangs, not a latency assertion).
+fn raw_get_status(addr: SocketAddr, path: &str, patience: Duration) -> Result<u16, String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream.set_read_timeout(Some(patience)).map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(|e| format!("reading {path}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, _) = text.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| "bad status line".to_string())
 }

@@ -7,10 +7,14 @@
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
+};
+
+use observer_testkit::{
+    net::{self, connect, ip},
+    process::set_comm,
 };
 
 /// Environment variable that turns the test binary into a worker.
@@ -266,14 +270,8 @@ pub fn worker_main(role: &str) -> ! {
     let scenario = Scenario::from_args(&args);
     let result = match role {
         "netns" => netns_worker(&scenario),
-        "server" => {
-            set_comm(scenario.server_comm);
-            server(&scenario)
-        }
-        "client" => {
-            set_comm(scenario.client_comm);
-            join_container_cgroup(&scenario).and_then(|()| client(&scenario))
-        }
+        "server" => set_comm(scenario.server_comm).and_then(|()| server(&scenario)),
+        "client" => set_comm(scenario.client_comm).and_then(|()| join_container_cgroup(&scenario)).and_then(|()| client(&scenario)),
         other => Err(io::Error::other(format!("unknown worker role {other}"))),
     };
     match result {
@@ -285,23 +283,11 @@ pub fn worker_main(role: &str) -> ! {
     }
 }
 
-fn set_comm(name: &str) {
-    let name = std::ffi::CString::new(name).expect("comm without NUL");
-    // SAFETY: PR_SET_NAME with a NUL-terminated string; the kernel truncates to 15 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
-}
-
 fn netns_worker(s: &Scenario) -> io::Result<()> {
-    // SAFETY: the worker is single-threaded; the new namespace applies to it and its children.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::other(format!(
-            "unshare(CLONE_NEWNET) failed: {} (the end-to-end tests need root)",
-            io::Error::last_os_error()
-        )));
-    }
-    loopback_up()?;
+    // The worker is single-threaded: the new namespace applies to it and its children.
+    net::enter_new_netns()?;
     // Announce the namespace, then make one round of traffic per `go MODE N` line until EOF.
-    println!("netns /proc/{}/ns/net", std::process::id());
+    println!("netns {}", net::own_netns_path());
     io::stdout().flush()?;
     loop {
         let mut line = String::new();
@@ -365,23 +351,13 @@ fn netns_round(s: &Scenario) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs `ip ARGS...`, failing with its output.
-fn ip(args: &[&str]) -> io::Result<()> {
-    let out = Command::new("ip").args(args).output().map_err(|e| io::Error::other(format!("running ip (iproute2, installed by `cargo xtask setup`): {e}")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr))))
-    }
-}
-
 /// The MAC the server's end gets; the client's side knows it statically, so a link that is
 /// down loses segments silently instead of failing neighbour resolution (EHOSTUNREACH).
 const SERVER_MAC: &str = "02:00:00:00:00:02";
 
 /// A veth pair from this namespace (`vA`, the client's address) to the server's (`vB`).
 fn link_to(server_pid: u32, s: &Scenario) -> io::Result<()> {
-    ip(&["link", "add", "vA", "type", "veth", "peer", "name", "vB", "netns", &server_pid.to_string()])?;
+    net::add_veth("vA", "vB", server_pid)?;
     ip(&["addr", "add", &format!("{}/24", s.client_ip), "dev", "vA"])?;
     ip(&["link", "set", "vA", "up"])?;
     ip(&["neigh", "replace", &s.server_ip.to_string(), "lladdr", SERVER_MAC, "dev", "vA", "nud", "permanent"])
@@ -389,11 +365,8 @@ fn link_to(server_pid: u32, s: &Scenario) -> io::Result<()> {
 
 /// Server side of [`link_to`], in the server's own namespace.
 fn server_veth(s: &Scenario) -> io::Result<()> {
-    // SAFETY: the worker is single-threaded.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    loopback_up()?;
+    // The worker is single-threaded.
+    net::enter_new_netns()?;
     println!("netns");
     io::stdout().flush()?;
     let mut line = String::new();
@@ -431,76 +404,11 @@ fn join_container_cgroup(s: &Scenario) -> io::Result<()> {
         .map_err(|e| io::Error::other(format!("joining cgroup {}: {e}", dir.display())))
 }
 
-/// Waits until `ifname` has lost its carrier (its peer went down).
-fn wait_carrier_lost(ifname: &str) -> io::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while interface_flags(ifname)? & libc::IFF_RUNNING as libc::c_short != 0 {
-        if Instant::now() > deadline {
-            return Err(io::Error::other(format!("{ifname} never lost its carrier")));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-fn interface_flags(ifname: &str) -> io::Result<libc::c_short> {
-    // SAFETY: a datagram socket used only for an interface ioctl, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: zeroed ifreq is valid; the name fits.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes().chain([0])) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: ioctl on a valid fd with a valid ifreq.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
-    let err = io::Error::last_os_error();
-    // SAFETY: closing our own fd.
-    unsafe { libc::close(fd) };
-    // SAFETY: SIOCGIFFLAGS filled ifru_flags.
-    if rc < 0 { Err(err) } else { Ok(unsafe { req.ifr_ifru.ifru_flags }) }
-}
-
 /// Waits for the round's end (the netns worker closes our stdin).
 fn wait_for_round_end() -> io::Result<()> {
     let mut rest = String::new();
     io::stdin().lock().read_to_string(&mut rest)?;
     Ok(())
-}
-
-fn set_sockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: setsockopt with a valid int on an open socket.
-    let rc = unsafe { libc::setsockopt(fd, level, name, (&value as *const i32).cast(), size_of::<i32>() as libc::socklen_t) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
-/// `ip link set lo up`, by ioctl.
-fn loopback_up() -> io::Result<()> {
-    // SAFETY: a datagram socket used only for interface ioctls, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: zeroed ifreq is valid; the name fits.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: ioctls on a valid fd with a valid ifreq.
-    let rc = unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
-            -1
-        } else {
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req)
-        }
-    };
-    let err = io::Error::last_os_error();
-    // SAFETY: closing our own fd.
-    unsafe { libc::close(fd) };
-    if rc < 0 { Err(err) } else { Ok(()) }
 }
 
 fn server(s: &Scenario) -> io::Result<()> {
@@ -543,7 +451,7 @@ fn server(s: &Scenario) -> io::Result<()> {
         match s.mode {
             Mode::Linger0 => {
                 conn.read_exact(&mut request)?;
-                set_linger0(&conn)?;
+                net::set_linger0(&conn)?;
                 drop(conn);
             }
             Mode::Unread => {
@@ -584,7 +492,7 @@ fn client(s: &Scenario) -> io::Result<()> {
             IpAddr::V4(v4) if s.distinct_clients => IpAddr::V4((u32::from(v4) + i).into()),
             ip => ip,
         };
-        let socket = socket_bound_to(ip)?;
+        let socket = net::tcp_socket_bound_to(ip, false)?;
         match s.mode {
             Mode::Refused | Mode::PortScan => {
                 let port = if s.mode == Mode::PortScan { s.port + 1 + i as u16 } else { s.port + 1 };
@@ -623,9 +531,9 @@ fn client(s: &Scenario) -> io::Result<()> {
 fn client_timeout(s: &Scenario) -> io::Result<()> {
     let mut conns = Vec::new();
     for _ in 0..s.connections {
-        let fd = socket_bound_to(s.client_ip)?;
-        set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 1000)?;
-        let mut conn = connect(fd, SocketAddr::from((s.server_ip, s.port)))?;
+        let socket = net::tcp_socket_bound_to(s.client_ip, false)?;
+        net::set_user_timeout(&socket, Duration::from_millis(1000))?;
+        let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
         conn.write_all(REQUEST)?;
         conns.push(conn);
     }
@@ -633,14 +541,14 @@ fn client_timeout(s: &Scenario) -> io::Result<()> {
         let mut ok = [0u8; 2];
         conn.read_exact(&mut ok)?;
     }
-    wait_carrier_lost("vA")?;
+    net::wait_carrier_lost("vA", Duration::from_secs(20))?;
     for conn in &mut conns {
         conn.write_all(REQUEST)?;
     }
     for (i, conn) in conns.iter_mut().enumerate() {
         let mut byte = [0u8; 1];
         match conn.read(&mut byte) {
-            Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
             other => return Err(io::Error::other(format!("connection {i}: expected ETIMEDOUT, got {other:?}"))),
         }
     }
@@ -649,16 +557,16 @@ fn client_timeout(s: &Scenario) -> io::Result<()> {
 
 /// Connects (in parallel) over a link whose far end is down, one SYN retry each: ETIMEDOUT.
 fn client_connect_timeout(s: &Scenario) -> io::Result<()> {
-    wait_carrier_lost("vA")?;
+    net::wait_carrier_lost("vA", Duration::from_secs(20))?;
     let to = SocketAddr::from((s.server_ip, s.port));
     let attempts: Vec<_> = (0..s.connections)
         .map(|_| {
             let ip = s.client_ip;
             std::thread::spawn(move || -> io::Result<()> {
-                let fd = socket_bound_to(ip)?;
-                set_sockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_SYNCNT, 1)?;
-                match connect(fd, to) {
-                    Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT) => Ok(()),
+                let socket = net::tcp_socket_bound_to(ip, false)?;
+                net::set_syn_count(&socket, 1)?;
+                match connect(socket, to) {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(()),
                     other => Err(io::Error::other(format!("expected ETIMEDOUT, got {other:?}"))),
                 }
             })
@@ -670,85 +578,6 @@ fn client_connect_timeout(s: &Scenario) -> io::Result<()> {
     Ok(())
 }
 
-fn set_linger0(conn: &TcpStream) -> io::Result<()> {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt with a valid linger struct on an open socket.
-    let rc = unsafe {
-        libc::setsockopt(
-            conn.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
 fn wait_readable(conn: &TcpStream) -> io::Result<()> {
-    let mut pfd = libc::pollfd { fd: conn.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, Duration::from_secs(10).as_millis() as i32) };
-    if rc == 1 { Ok(()) } else { Err(io::Error::other("request never arrived")) }
-}
-
-/// A TCP socket bound to `ip` (so the scenario's client address is its own).
-fn socket_bound_to(ip: IpAddr) -> io::Result<i32> {
-    let family = if ip.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let (addr, len) = sockaddr(SocketAddr::new(ip, 0));
-    // SAFETY: bind with a valid sockaddr of `len` bytes.
-    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_storage).cast(), len) } != 0 {
-        let e = io::Error::last_os_error();
-        // SAFETY: our fd.
-        unsafe { libc::close(fd) };
-        return Err(e);
-    }
-    Ok(fd)
-}
-
-fn connect(fd: i32, to: SocketAddr) -> io::Result<TcpStream> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: fd is an open socket we own; TcpStream takes ownership and closes it.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let (addr, len) = sockaddr(to);
-    // SAFETY: connect with a valid sockaddr of `len` bytes.
-    if unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_storage).cast(), len) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stream)
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero sockaddr_storage is valid; the family-specific view fits inside it.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            (storage, size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            (storage, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-        }
-    }
+    if net::wait_readable(conn, Duration::from_secs(10))? { Ok(()) } else { Err(io::Error::other("request never arrived")) }
 }

@@ -5,7 +5,7 @@ use std::{collections::HashMap, fs, process::Command, time::Instant};
 use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
 
-use crate::cmd;
+use observer_testkit::process as cmd;
 
 /// `VmRSS` and `VmHWM` (peak RSS) of `pid`, in KiB.
 pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Check, Plan, count_checks,
-    daemon::Daemon,
+    daemon::{Daemon, Measured as _},
     procfs::{self, CpuSample, CpuUse},
     worker::{Command, Mark, Tally, Worker},
 };

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Plan, Setup,
-    daemon::{Daemon, http_get},
+    daemon::{self, Daemon, Measured as _},
     procfs,
     worker::{Command, Mark, Worker},
 };
@@ -63,7 +63,7 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
         .into_iter()
         .chain([worker.netns.display().to_string()])
         .collect::<Vec<_>>();
-    let daemon = Daemon::start(&setup.observer, &args)?;
+    let daemon = daemon::start(&setup.observer, &args)?;
     let mut levels = Vec::new();
     for ports in [10u16, 100] {
         let series = u64::from(ports) * (u64::from(CLIENTS) + 1);
@@ -128,7 +128,9 @@ fn measure(
             thread::sleep(Duration::from_millis(500));
             for _ in 0..plan.scrapes {
                 let started = Instant::now();
-                let (status, body, elapsed) = http_get(daemon.addr, "/metrics")?;
+                // A new connection each time, timed from connect to the body's last byte.
+                let (status, body) = daemon.get("/metrics")?;
+                let elapsed = started.elapsed();
                 if status != 200 {
                     bail!("/metrics answered {status}");
                 }
@@ -170,7 +172,7 @@ fn cpu_per_scrape(daemon: &Daemon) -> Result<f64> {
     const SCRAPES: u32 = 50;
     let before = procfs::thread_cpu_ns(daemon.pid)?;
     for _ in 0..SCRAPES {
-        http_get(daemon.addr, "/metrics")?;
+        daemon.get("/metrics")?;
     }
     let after = procfs::thread_cpu_ns(daemon.pid)?;
     Ok(after.saturating_sub(before) as f64 / f64::from(SCRAPES) / 1e6)

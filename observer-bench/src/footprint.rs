@@ -6,7 +6,11 @@ use std::{thread, time::Duration};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{Plan, Setup, daemon::Daemon, procfs::MemoryBreakdown};
+use super::{
+    Plan, Setup,
+    daemon::{self, Measured as _},
+    procfs::MemoryBreakdown,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Startup {
@@ -45,7 +49,7 @@ pub fn startup(setup: &Setup, plan: &Plan) -> Result<Startup> {
     let mut log = Vec::new();
     for i in 0..plan.startups {
         let daemon =
-            Daemon::start(&setup.observer, &[]).with_context(|| format!("start {}", i + 1))?;
+            daemon::start(&setup.observer, &[]).with_context(|| format!("start {}", i + 1))?;
         ms.push(daemon.startup.as_secs_f64() * 1000.0);
         ready_logged_ms.push(daemon.ready_logged.map(|d| d.as_secs_f64() * 1000.0));
         thread::sleep(Duration::from_secs(1));

@@ -1,6 +1,6 @@
 //! The tools a user would otherwise reach for, run side by side with the daemon in the churn
 //! benchmark: Debian's `bpftrace` (a counting script on observer's tracepoints) and
-//! libbpf-tools' `tcplife` (one line per connection).
+//! libbpf-tools' `tcplife` (one line per connection). `cargo xtask bench` installs both.
 use std::{
     collections::VecDeque,
     io::{BufRead as _, BufReader, Read},
@@ -14,9 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::cmd;
-
-const PACKAGES: &[&str] = &["bpftrace", "libbpf-tools"];
+use observer_testkit::process as cmd;
 
 /// Attached to the tracepoints observer uses, and only counting: the cheapest thing a bpftrace
 /// user could write for the same hooks. `ready` comes out through the same buffer as any
@@ -30,15 +28,6 @@ tracepoint:syscalls:sys_exit_accept4,
 tracepoint:syscalls:sys_exit_accept
 { @[probe] = count(); }
 BEGIN { printf(\"ready\\n\"); }";
-
-/// Installs bpftrace and libbpf-tools if missing (saying so first, like `cargo xtask setup`).
-pub fn ensure_installed() -> Result<()> {
-    crate::setup::install_missing(
-        PACKAGES,
-        "observer bench",
-        "the tools the churn benchmark compares with",
-    )
-}
 
 /// Where libbpf-tools put `tcplife` (`dpkg -L libbpf-tools`).
 pub fn tcplife_path() -> Result<PathBuf> {
@@ -188,8 +177,7 @@ impl Tool {
 
     /// SIGINT (both tools print their totals on it), then waits for the output to end.
     pub fn stop(mut self) -> Result<ToolReport> {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGINT) };
+        cmd::kill(self.pid, cmd::Signal::INT).with_context(|| format!("signalling `{}`", self.command))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.child.try_wait()?.is_none() {
             if Instant::now() > deadline {
@@ -221,8 +209,7 @@ impl Tool {
 impl Drop for Tool {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill(2) on our own, unreaped child.
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGINT) };
+            let _ = cmd::kill(self.pid, cmd::Signal::INT);
             let _ = self.child.wait();
         }
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Check, Plan, Setup,
-    daemon::Daemon,
+    daemon::{self, Daemon, Measured as _},
     procfs::{self, CpuSample, CpuUse},
     tools::{Tool, ToolReport},
     worker::{Command, Mark, Worker},
@@ -149,7 +149,7 @@ impl Watcher {
 fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun> {
     let mut worker = Worker::spawn(LOAD)?;
     let watcher = match arm {
-        "observer" => Watcher::Observer(Daemon::start(
+        "observer" => Watcher::Observer(daemon::start(
             &setup.observer,
             &["--netns".into(), worker.netns.display().to_string()],
         )?),

@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Plan, Setup,
-    daemon::Daemon,
+    daemon,
     tools::Tool,
     worker::{Command as Load, Worker},
 };
-use crate::cmd;
+use observer_testkit::process as cmd;
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -69,7 +69,7 @@ fn measure(setup: &Setup, plan: &Plan, tool: &str) -> Result<ToolCost> {
     let mut worker = Worker::spawn("bench-diag")?;
     let (pid, stop): (u32, Box<dyn FnOnce() -> Result<()>>) = match tool {
         "observer" => {
-            let daemon = Daemon::start(
+            let daemon = daemon::start(
                 &setup.observer,
                 &["--netns".into(), worker.netns.display().to_string()],
             )?;

@@ -1,4 +1,4 @@
-//! The load generator: a child process (`cargo xtask bench --worker NAME`, i.e. this binary run
+//! The load generator: a child process (`observer-bench --worker NAME`, i.e. this binary run
 //! again) that lives in its own network namespace and makes traffic on command.
 //!
 //! Why a process of its own: the daemon is pointed at the namespace (`--netns`), so nothing else
@@ -12,7 +12,7 @@
 use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command as Process, Stdio},
@@ -26,6 +26,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
+
+use observer_testkit::{net as testkit_net, process};
 
 use super::net;
 
@@ -177,18 +179,18 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker named `name` (its `comm`, at most 15 bytes) in a new network namespace.
     pub fn spawn(name: &str) -> Result<Self> {
-        // This very binary, even if cargo has rebuilt xtask since it started (other work in the
+        // This very binary, even if cargo has rebuilt observer-bench since it started (other work in the
         // workspace does): /proc/self/exe still names the running file.
         let exe = "/proc/self/exe";
         let mut cmd = Process::new(exe);
         // Shown by ps instead of /proc/self/exe.
-        cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "xtask".into()));
-        cmd.args(["bench", "--worker", name])
+        cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "observer-bench".into()));
+        cmd.args(["--worker", name])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().with_context(|| {
-            format!("starting the load generator `{exe} bench --worker {name}`")
+            format!("starting the load generator `{exe} --worker {name}`")
         })?;
         let pid = child.id();
         let stdin = child.stdin.take().context("load generator without stdin")?;
@@ -203,7 +205,7 @@ impl Worker {
             .read_line(&mut line)
             .context("reading the load generator's first line")?;
         let Some(netns) = line.trim().strip_prefix("netns ") else {
-            let status = child.wait().map(crate::cmd::describe).unwrap_or_default();
+            let status = child.wait().map(process::describe).unwrap_or_default();
             bail!(
                 "load generator {name} did not start ({status}): {}",
                 line.trim()
@@ -244,7 +246,7 @@ impl Worker {
                 let status = self
                     .child
                     .wait()
-                    .map(crate::cmd::describe)
+                    .map(process::describe)
                     .unwrap_or_default();
                 bail!(
                     "load generator {} exited during {line} ({status})",
@@ -269,31 +271,16 @@ impl Drop for Worker {
     }
 }
 
-/// Entry point of `cargo xtask bench --worker NAME`.
+/// Entry point of `observer-bench --worker NAME`.
 pub fn main(name: &str) -> Result<()> {
-    // SAFETY: prctl with integer arguments; a worker must not outlive the benchmark.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    set_comm(name)?;
+    // A worker must not outlive the benchmark.
+    process::die_with_parent().context("prctl(PR_SET_PDEATHSIG)")?;
+    process::set_comm(name).with_context(|| format!("prctl(PR_SET_NAME, {name})"))?;
     // Before any thread exists: unshare applies to the calling thread, and threads created
     // later inherit its namespace.
-    // SAFETY: unshare(2) with a flag, no pointers.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "unshare(CLONE_NEWNET): {} (the benchmark needs root)",
-            io::Error::last_os_error()
-        );
-    }
-    net::loopback_up().context("bringing up lo in the new network namespace")?;
+    testkit_net::enter_new_netns().context("a network namespace of its own, with lo up")?;
     let mut out = io::stdout().lock();
-    writeln!(out, "netns /proc/{}/ns/net", std::process::id())?;
+    writeln!(out, "netns {}", testkit_net::own_netns_path())?;
     out.flush()?;
     for line in io::stdin().lock().lines() {
         let line = line.context("reading a command")?;
@@ -315,15 +302,6 @@ fn emit(out: &mut impl io::Write, reply: &Reply) -> Result<()> {
     let line = serde_json::to_string(reply)?;
     writeln!(out, "{line}")?;
     out.flush()?;
-    Ok(())
-}
-
-fn set_comm(name: &str) -> Result<()> {
-    let c = std::ffi::CString::new(name).context("worker name contains NUL")?;
-    // SAFETY: PR_SET_NAME with a NUL-terminated string (the kernel truncates it to 15 bytes).
-    if unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) } != 0 {
-        bail!("prctl(PR_SET_NAME, {name}): {}", io::Error::last_os_error());
-    }
     Ok(())
 }
 
@@ -677,7 +655,7 @@ fn one(kind: Kind, source: Option<Ipv4Addr>, port: u16, counters: &Counters) {
 
 /// Accepts on `listeners` until `stop`, handling each connection as its listener's kind says.
 fn serve(listeners: &[(TcpListener, Kind)], counters: &Counters, stop: &AtomicBool) {
-    let fds: Vec<_> = listeners.iter().map(|(l, _)| l.as_raw_fd()).collect();
+    let fds: Vec<_> = listeners.iter().map(|(l, _)| l.as_fd()).collect();
     while !stop.load(Relaxed) {
         // One listener: block in accept (no wasted wake-ups). Several: poll, then accept.
         let ready = if listeners.len() == 1 {
@@ -707,7 +685,7 @@ fn serve(listeners: &[(TcpListener, Kind)], counters: &Counters, stop: &AtomicBo
                 Kind::Graceful => net::serve_graceful(conn),
                 Kind::Linger0 => net::set_linger0(&conn),
                 Kind::Unread => {
-                    net::wait_readable(conn.as_raw_fd(), IO_TIMEOUT).and_then(|readable| {
+                    net::wait_readable(&conn, IO_TIMEOUT).and_then(|readable| {
                         if readable {
                             Ok(())
                         } else {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Check, Plan, count_checks,
-    daemon::Daemon,
+    daemon::{Daemon, Measured as _},
     procfs::{CpuSample, CpuUse},
     worker::{Command, Mark, Tally, Worker},
 };

@@ -1,0 +1,215 @@
+//! The daemon as an operator meets it: its status API and command, its flags and their errors,
+//! and how it leaves the kernel when it stops (no program, no link).
+
+use std::{path::Path, process::Command};
+
+use libtest_mimic::Failed;
+use observer_testkit::{kernel_version, process::Signal};
+
+use crate::{
+    shared_daemon,
+    support::{KPROBE_PROBES, OBSERVER, PATIENCE, TRACEPOINT_PROBES, check, expected_probes, start_daemon},
+};
+
+pub fn status_lists_every_probe() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let (code, _) = daemon.get("/healthz")?;
+    check("/healthz status", code as u64, 200)?;
+    let (code, body) = daemon.get("/api/v1/status")?;
+    check("/api/v1/status status", code as u64, 200)?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+    for key in ["version", "kernel", "uptime_seconds", "probes", "events"] {
+        if status.get(key).is_none() {
+            return Err(format!("status lacks `{key}`: {body}").into());
+        }
+    }
+    for field in ["seen", "lost", "unattributed"] {
+        if !status["events"][field].is_u64() {
+            return Err(format!("status events.{field} is not a count: {body}").into());
+        }
+    }
+    let probes = status["probes"].as_array().ok_or("probes is not a list")?;
+    let (backend, expected) = expected_probes();
+    for &(name, attach) in expected {
+        let p = probes.iter().find(|p| p["probe"] == name).ok_or_else(|| format!("probe {name} missing from status: {body}"))?;
+        if p["attach"] != attach || p["state"] != "attached" || p["backend"] != backend || !p["hook"].is_string() {
+            return Err(format!("probe {name}: {p}").into());
+        }
+    }
+    if probes.len() != expected.len() {
+        return Err(format!("status lists probes of a back end not chosen: {body}").into());
+    }
+    let m = daemon.metrics()?;
+    for &(name, attach) in expected {
+        check(&format!("observer_probe_info {name}"), m.sum("observer_probe_info", &[("probe", name), ("attach", attach), ("backend", backend)]), 1)?;
+    }
+    check("observer_build_info", m.sum("observer_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1)?;
+    for name in ["observer_events_lost_total", "observer_events_unattributed_total"] {
+        if m.matching(name, &[]).count() != 1 {
+            return Err(format!("{name} not exported").into());
+        }
+    }
+    Ok(())
+}
+
+pub fn status_command() -> Result<(), Failed> {
+    let daemon = shared_daemon()?;
+    let out = Command::new(OBSERVER).args(["status", "--endpoint", &daemon.endpoint()]).output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!("observer status failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    for &(name, attach) in expected_probes().1 {
+        if !text.lines().any(|l| l.starts_with(name) && l.contains("attached") && l.contains(attach)) {
+            return Err(format!("observer status does not show {name} attached:\n{text}").into());
+        }
+    }
+    let json = Command::new(OBSERVER).args(["status", "--json", "--endpoint", &daemon.endpoint()]).output().map_err(|e| e.to_string())?;
+    serde_json::from_slice::<serde_json::Value>(&json.stdout).map_err(|e| format!("status --json is not JSON: {e}"))?;
+
+    // Pointed at nothing: a clear error, non-zero exit.
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let dead = format!("http://{}", nothing.local_addr().map_err(|e| e.to_string())?);
+    drop(nothing);
+    let out = Command::new(OBSERVER).args(["status", "--endpoint", &dead]).output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !err.contains("cannot reach an observer daemon at") || !err.contains("--endpoint") {
+        return Err(format!("status against nothing: {} / {err}", out.status).into());
+    }
+    Ok(())
+}
+
+/// `--probes kprobe` on a kernel without kprobes (this project's machines) is a clear error
+/// naming what is missing; where the kernel has them, every hook runs on kprobes.
+/// `--probes tracepoint` runs every hook on tracepoints.
+pub fn forced_back_end() -> Result<(), Failed> {
+    if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        let daemon = start_daemon(&["--probes", "kprobe"])?;
+        let (_, body) = daemon.get("/api/v1/status")?;
+        let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+        let probes = status["probes"].as_array().ok_or("probes is not a list")?;
+        for &(name, attach) in &KPROBE_PROBES {
+            if !probes.iter().any(|p| p["probe"] == name && p["attach"] == attach && p["backend"] == "kprobe" && p["state"] == "attached") {
+                return Err(format!("--probes kprobe: {name} not attached to {attach}: {body}").into());
+            }
+        }
+    } else {
+        let out = Command::new(OBSERVER)
+            .args(["run", "--listen", "127.0.0.1:0", "--probes", "kprobe"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success()
+            || !err.contains("none of observer's probes could be attached")
+            || !err.contains("no kprobes")
+            || !err.contains("tcp_set_state")
+        {
+            return Err(format!("--probes kprobe without kprobes: {} / {err}", out.status).into());
+        }
+    }
+    let daemon = start_daemon(&["--probes", "tracepoint"])?;
+    let (_, body) = daemon.get("/api/v1/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+    let probes = status["probes"].as_array().ok_or("probes is not a list")?;
+    if probes.len() != TRACEPOINT_PROBES.len() || probes.iter().any(|p| p["backend"] != "tracepoint" || p["state"] != "attached") {
+        return Err(format!("--probes tracepoint: {body}").into());
+    }
+    Ok(())
+}
+
+pub fn bad_listen_address() -> Result<(), Failed> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = taken.local_addr().map_err(|e| e.to_string())?.to_string();
+    let out = Command::new(OBSERVER).args(["run", "--listen", &addr]).output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !err.contains(&format!("cannot listen on {addr}")) || !err.contains("--listen") {
+        return Err(format!("port in use: {} / {err}", out.status).into());
+    }
+    let out = Command::new(OBSERVER).args(["run", "--listen", "not-an-address"]).output().map_err(|e| e.to_string())?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || !err.contains("--listen") || !err.contains("not-an-address") {
+        return Err(format!("invalid address: {} / {err}", out.status).into());
+    }
+    Ok(())
+}
+
+/// IDs of the BPF programs process `pid` holds open, from its fds' `prog_id:` in /proc.
+fn programs_of(pid: u32) -> Result<Vec<u64>, Failed> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        let Ok(info) = std::fs::read_to_string(&path) else { continue };
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")).and_then(|v| v.trim().parse().ok()) {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// `bpftool OBJECT show --json`, as a list.
+fn bpftool_list(object: &str) -> Result<Vec<serde_json::Value>, Failed> {
+    let out = Command::new("bpftool")
+        .args([object, "show", "--json"])
+        .output()
+        .map_err(|e| format!("running bpftool (installed by `cargo xtask setup`): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("bpftool {object} show: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("bpftool JSON: {e}"))?;
+    Ok(list.as_array().cloned().unwrap_or_default())
+}
+
+/// IDs of the BPF links attached to any of `programs` (`bpftool link show`).
+fn links_to(programs: &[u64]) -> Result<Vec<u64>, Failed> {
+    Ok(bpftool_list("link")?
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| programs.contains(&p)))
+        .filter_map(|l| l["id"].as_u64())
+        .collect())
+}
+
+/// What a daemon holds before it is stopped: its programs, and the links attaching them.
+pub struct Held {
+    programs: Vec<u64>,
+    links: Vec<u64>,
+}
+
+pub fn held_by(pid: u32) -> Result<Held, Failed> {
+    let programs = programs_of(pid)?;
+    let links = links_to(&programs)?;
+    if programs.is_empty() {
+        return Err(format!("daemon {pid} holds no BPF program").into());
+    }
+    // Since 5.15 tracepoints and kprobes are attached through BPF links, which bpftool lists.
+    if kernel_version() >= (5, 15) && links.is_empty() {
+        return Err(format!("daemon {pid} holds programs {programs:?} but bpftool shows no link to them").into());
+    }
+    Ok(Held { programs, links })
+}
+
+/// After the daemon is gone, none of its programs is loaded and none of its links exists.
+pub fn nothing_left(held: &Held) -> Result<(), Failed> {
+    let loaded: Vec<u64> = bpftool_list("prog")?.iter().filter_map(|p| p["id"].as_u64()).collect();
+    let programs: Vec<u64> = held.programs.iter().copied().filter(|id| loaded.contains(id)).collect();
+    let links: Vec<u64> = bpftool_list("link")?.iter().filter_map(|l| l["id"].as_u64()).filter(|id| held.links.contains(id)).collect();
+    if !programs.is_empty() || !links.is_empty() {
+        return Err(format!("left after exit: programs {programs:?}, links {links:?}").into());
+    }
+    Ok(())
+}
+
+pub fn sigterm_detaches() -> Result<(), Failed> {
+    let mut daemon = start_daemon(&[])?;
+    let pid = daemon.pid;
+    let held = held_by(pid)?;
+    check("programs held by the daemon", held.programs.len() as u64, expected_probes().1.len() as u64)?;
+    daemon.signal(Signal::TERM)?;
+    let status = daemon.wait_exit(PATIENCE)?;
+    if !status.success() {
+        return Err(format!("exit status after SIGTERM: {status}\n{}", daemon.log().join("\n")).into());
+    }
+    nothing_left(&held)
+}
