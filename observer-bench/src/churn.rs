@@ -96,8 +96,7 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Churn> {
     order.push(("none", plan.churn_rounds.saturating_sub(1)));
     let mut runs = Vec::new();
     for (arm, round) in order {
-        let run = run_arm(setup, plan, arm, round)
-            .with_context(|| format!("churn, arm {arm}, round {}", round + 1))?;
+        let run = run_arm(setup, plan, arm, round).with_context(|| format!("churn, arm {arm}, round {}", round + 1))?;
         if !run.other_bpf.is_empty() {
             println!(
                 "observer bench: warning: other processes hold BPF programs during this run: {}",
@@ -149,10 +148,9 @@ impl Watcher {
 fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun> {
     let mut worker = Worker::spawn(LOAD)?;
     let watcher = match arm {
-        "observer" => Watcher::Observer(daemon::start(
-            &setup.observer,
-            &["--netns".into(), worker.netns.display().to_string()],
-        )?),
+        "observer" => {
+            Watcher::Observer(daemon::start(&setup.observer, &["--netns".into(), worker.netns.display().to_string()])?)
+        }
         "bpftrace" => Watcher::Tool(Tool::bpftrace()?),
         "tcplife" => Watcher::Tool(Tool::tcplife(&setup.tcplife)?),
         _ => Watcher::Nothing,
@@ -192,8 +190,7 @@ fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun
             let before = before_metrics.unwrap_or_default();
             let lost = after.events_lost() - before.events_lost();
             events_lost = Some(lost);
-            let closes =
-                |m: &super::daemon::Metrics| m.sum("observer_tcp_closes_total", &[("comm", LOAD)]);
+            let closes = |m: &super::daemon::Metrics| m.sum("observer_tcp_closes_total", &[("comm", LOAD)]);
             checks.push(Check::new(
                 format!("observer_tcp_closes_total{{comm=\"{LOAD}\"}} = 2 per connection"),
                 outcome.total.closes(),
@@ -231,15 +228,8 @@ fn bracket(runs: &mut [ArmRun]) {
         if runs[i].arm == "none" {
             continue;
         }
-        let before = runs[..i]
-            .iter()
-            .rev()
-            .find(|r| r.arm == "none")
-            .map(|r| r.per_second);
-        let after = runs[i + 1..]
-            .iter()
-            .find(|r| r.arm == "none")
-            .map(|r| r.per_second);
+        let before = runs[..i].iter().rev().find(|r| r.arm == "none").map(|r| r.per_second);
+        let after = runs[i + 1..].iter().find(|r| r.arm == "none").map(|r| r.per_second);
         let (baseline, spread) = match (before, after) {
             (Some(b), Some(a)) => ((a + b) / 2.0, Some((a - b).abs() / ((a + b) / 2.0))),
             (Some(x), None) | (None, Some(x)) => (x, None),
@@ -256,36 +246,22 @@ fn summarize(runs: &[ArmRun]) -> Vec<ArmSummary> {
         let of: Vec<&ArmRun> = runs.iter().filter(|r| r.arm == arm).collect();
         let connections: u64 = of.iter().map(|r| r.connections).sum();
         let seconds: f64 = of.iter().map(|r| r.seconds).sum();
-        (
-            of,
-            if seconds > 0.0 {
-                connections as f64 / seconds
-            } else {
-                0.0
-            },
-        )
+        (of, if seconds > 0.0 { connections as f64 / seconds } else { 0.0 })
     };
     let (_, baseline) = pooled("none");
     ARMS.iter()
         .map(|&arm| {
             let (of, per_second) = pooled(arm);
             let rates: Vec<f64> = of.iter().map(|r| r.per_second).collect();
-            let run_ratios: Vec<f64> = if arm == "none" {
-                vec![1.0; of.len()]
-            } else {
-                of.iter().filter_map(|r| r.ratio).collect()
-            };
+            let run_ratios: Vec<f64> =
+                if arm == "none" { vec![1.0; of.len()] } else { of.iter().filter_map(|r| r.ratio).collect() };
             ArmSummary {
                 arm: arm.to_string(),
                 runs: of.len(),
                 per_second,
                 min: rates.iter().copied().fold(f64::INFINITY, f64::min),
                 max: rates.iter().copied().fold(0.0, f64::max),
-                ratio: if baseline > 0.0 {
-                    per_second / baseline
-                } else {
-                    0.0
-                },
+                ratio: if baseline > 0.0 { per_second / baseline } else { 0.0 },
                 median_ratio: median(&run_ratios),
                 run_ratios,
                 tool_cores: if of.is_empty() {

@@ -12,8 +12,7 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Plan, Setup,
-    daemon,
+    Plan, Setup, daemon,
     tools::Tool,
     worker::{Command as Load, Worker},
 };
@@ -46,33 +45,22 @@ pub struct Diagnostics {
 }
 
 pub fn run(setup: &Setup, plan: &Plan) -> Result<Diagnostics> {
-    let previous = fs::read_to_string(BPF_STATS)
-        .with_context(|| format!("reading {BPF_STATS}"))?
-        .trim()
-        .to_string();
+    let previous = fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_string();
     fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
     let result = ["observer", "bpftrace"]
         .into_iter()
-        .map(|tool| {
-            measure(setup, plan, tool).with_context(|| format!("BPF program costs of {tool}"))
-        })
+        .map(|tool| measure(setup, plan, tool).with_context(|| format!("BPF program costs of {tool}")))
         .collect::<Result<Vec<_>>>();
     // Restored whatever happened above.
-    fs::write(BPF_STATS, &previous)
-        .with_context(|| format!("restoring {BPF_STATS} to {previous}"))?;
-    Ok(Diagnostics {
-        churn_programs: result?,
-    })
+    fs::write(BPF_STATS, &previous).with_context(|| format!("restoring {BPF_STATS} to {previous}"))?;
+    Ok(Diagnostics { churn_programs: result? })
 }
 
 fn measure(setup: &Setup, plan: &Plan, tool: &str) -> Result<ToolCost> {
     let mut worker = Worker::spawn("bench-diag")?;
     let (pid, stop): (u32, Box<dyn FnOnce() -> Result<()>>) = match tool {
         "observer" => {
-            let daemon = daemon::start(
-                &setup.observer,
-                &["--netns".into(), worker.netns.display().to_string()],
-            )?;
+            let daemon = daemon::start(&setup.observer, &["--netns".into(), worker.netns.display().to_string()])?;
             (daemon.pid, Box::new(move || daemon.stop()))
         }
         _ => {
@@ -99,10 +87,7 @@ fn measure(setup: &Setup, plan: &Plan, tool: &str) -> Result<ToolCost> {
         .iter()
         .zip(names)
         .filter_map(|((id, runs, ns), name)| {
-            let (runs0, ns0) = before
-                .iter()
-                .find(|b| b.0 == *id)
-                .map_or((0, 0), |b| (b.1, b.2));
+            let (runs0, ns0) = before.iter().find(|b| b.0 == *id).map_or((0, 0), |b| (b.1, b.2));
             let (runs, ns) = (runs - runs0, ns - ns0);
             (runs > 0).then(|| ProgramCost {
                 name,
@@ -125,26 +110,15 @@ fn measure(setup: &Setup, plan: &Plan, tool: &str) -> Result<ToolCost> {
 fn program_stats(pid: u32) -> Result<Vec<(u64, u64, u64)>> {
     let dir = format!("/proc/{pid}/fd");
     let mut stats = Vec::new();
-    for fd in fs::read_dir(&dir)
-        .with_context(|| format!("reading {dir}"))?
-        .filter_map(std::result::Result::ok)
-    {
+    for fd in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))?.filter_map(std::result::Result::ok) {
         if !fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog") {
             continue;
         }
-        let info = fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            fd.file_name().to_string_lossy()
-        ))
-        .unwrap_or_default();
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if let (Some(id), Some(runs), Some(ns)) =
-            (field("prog_id:"), field("run_cnt:"), field("run_time_ns:"))
-        {
+        let info =
+            fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).unwrap_or_default();
+        let field =
+            |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(id), Some(runs), Some(ns)) = (field("prog_id:"), field("run_cnt:"), field("run_time_ns:")) {
             // A program can be held by several descriptors: count it once.
             if !stats.iter().any(|s: &(u64, u64, u64)| s.0 == id) {
                 stats.push((id, runs, ns));

@@ -48,8 +48,7 @@ pub fn startup(setup: &Setup, plan: &Plan) -> Result<Startup> {
     let mut command = String::new();
     let mut log = Vec::new();
     for i in 0..plan.startups {
-        let daemon =
-            daemon::start(&setup.observer, &[]).with_context(|| format!("start {}", i + 1))?;
+        let daemon = daemon::start(&setup.observer, &[]).with_context(|| format!("start {}", i + 1))?;
         ms.push(daemon.startup.as_secs_f64() * 1000.0);
         ready_logged_ms.push(daemon.ready_logged.map(|d| d.as_secs_f64() * 1000.0));
         thread::sleep(Duration::from_secs(1));
@@ -68,13 +67,5 @@ pub fn startup(setup: &Setup, plan: &Plan) -> Result<Startup> {
         "observer bench: start-up to all probes attached: median {median_ms:.0} ms, max {max_ms:.0} ms over {} starts",
         ms.len()
     );
-    Ok(Startup {
-        command,
-        ms,
-        ready_logged_ms,
-        median_ms,
-        max_ms,
-        rss_kib,
-        log,
-    })
+    Ok(Startup { command, ms, ready_logged_ms, median_ms, max_ms, rss_kib, log })
 }

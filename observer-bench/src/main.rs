@@ -158,11 +158,7 @@ pub struct Check {
 
 impl Check {
     pub fn new(what: impl Into<String>, expected: u64, got: u64) -> Self {
-        Self {
-            what: what.into(),
-            expected,
-            got,
-        }
+        Self { what: what.into(), expected, got }
     }
 
     pub fn ok(&self) -> bool {
@@ -219,18 +215,13 @@ fn bench(args: Args) -> Result<ExitCode> {
     }
     let root = fs::canonicalize(&args.root).with_context(|| format!("--root {}", args.root.display()))?;
     let target = args.target_dir.clone().map_or_else(|| target_dir(&root), |dir| root.join(dir));
-    let (results_name, report_path) = if args.quick {
-        ("results-quick.json", None)
-    } else {
-        ("results.json", Some(root.join("BENCHMARKS.md")))
-    };
+    let (results_name, report_path) =
+        if args.quick { ("results-quick.json", None) } else { ("results.json", Some(root.join("BENCHMARKS.md"))) };
     if args.report_only {
         let path = target.join("bench").join(results_name);
-        let text = fs::read_to_string(&path).with_context(|| {
-            format!("reading {} (run `cargo xtask bench` first)", path.display())
-        })?;
-        let results: Results =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (run `cargo xtask bench` first)", path.display()))?;
+        let results: Results = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         write_report(&results, &target, report_path.as_deref())?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -243,7 +234,8 @@ fn bench(args: Args) -> Result<ExitCode> {
     let tcplife = tools::tcplife_path()?;
     let path = args.observer.clone().context("--observer PATH is required")?;
     let built = fs::canonicalize(&path).with_context(|| format!("--observer {}", path.display()))?;
-    let build_command = args.build_command.clone().unwrap_or_else(|| format!("(prebuilt, --observer {})", built.display()));
+    let build_command =
+        args.build_command.clone().unwrap_or_else(|| format!("(prebuilt, --observer {})", built.display()));
     let command = args.command.clone().unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" "));
     // The daemon is started many times over the run; a copy keeps every start on this binary
     // even if something rebuilds target/release meanwhile.
@@ -256,17 +248,12 @@ fn bench(args: Args) -> Result<ExitCode> {
     fs::copy(&built, &staging)
         .and_then(|_| fs::rename(&staging, &observer))
         .with_context(|| format!("copying {} to {}", built.display(), observer.display()))?;
-    let setup = Setup {
-        observer,
-        tcplife,
-        build_command,
-    };
+    let setup = Setup { observer, tcplife, build_command };
     let plan = Plan::new(args.quick);
     let results = run(&setup, &plan, &root, args.quick, command)?;
 
     let path = dir.join(results_name);
-    fs::write(&path, serde_json::to_string_pretty(&results)?)
-        .with_context(|| format!("writing {}", path.display()))?;
+    fs::write(&path, serde_json::to_string_pretty(&results)?).with_context(|| format!("writing {}", path.display()))?;
     println!("observer bench: raw results in {}", path.display());
     write_report(&results, &target, report_path.as_deref())?;
     Ok(ExitCode::SUCCESS)
@@ -274,10 +261,7 @@ fn bench(args: Args) -> Result<ExitCode> {
 
 fn write_report(results: &Results, target: &Path, published: Option<&Path>) -> Result<()> {
     let text = report::markdown(results);
-    let path = published.map_or_else(
-        || target.join("bench").join("BENCHMARKS-quick.md"),
-        Path::to_path_buf,
-    );
+    let path = published.map_or_else(|| target.join("bench").join("BENCHMARKS-quick.md"), Path::to_path_buf);
     fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
     println!("observer bench: report in {}", path.display());
     for line in report::verdicts(results) {
@@ -290,11 +274,7 @@ fn run(setup: &Setup, plan: &Plan, root: &Path, quick: bool, command: String) ->
     let machine = procfs::Machine::describe(root);
     println!(
         "observer bench: {} on {} ({} cores, {} MiB, kernel {}); load average now {}",
-        if quick {
-            "quick run"
-        } else {
-            "full run (about 25 minutes)"
-        },
+        if quick { "quick run" } else { "full run (about 25 minutes)" },
         machine.cpu_model,
         machine.cores,
         machine.ram_mib,
@@ -309,27 +289,15 @@ fn run(setup: &Setup, plan: &Plan, root: &Path, quick: bool, command: String) ->
 
     // One daemon for storm and soak: the footprint is its memory through that life.
     let mut worker = worker::Worker::spawn("bench-load")?;
-    let daemon = daemon::start(
-        &setup.observer,
-        &["--netns".into(), worker.netns.display().to_string()],
-    )?;
+    let daemon = daemon::start(&setup.observer, &["--netns".into(), worker.netns.display().to_string()])?;
     note_other_bpf(&mut other_bpf, "at the storm's start", &[daemon.pid]);
-    let observer_revision = daemon
-        .metrics()?
-        .revision()
-        .unwrap_or_else(|| "unknown".into());
+    let observer_revision = daemon.metrics()?.revision().unwrap_or_else(|| "unknown".into());
     thread::sleep(Duration::from_secs(1));
     let rss_after_start_kib = daemon.memory_kib()?.0;
-    let mut breakdown = vec![(
-        "after start".to_string(),
-        procfs::memory_breakdown(daemon.pid)?,
-    )];
+    let mut breakdown = vec![("after start".to_string(), procfs::memory_breakdown(daemon.pid)?)];
     let storm = storm::run(plan, &daemon, &mut worker).context("reset storm benchmark")?;
     let rss_after_storm_kib = daemon.memory_kib()?.0;
-    breakdown.push((
-        "after the storm".into(),
-        procfs::memory_breakdown(daemon.pid)?,
-    ));
+    breakdown.push(("after the storm".into(), procfs::memory_breakdown(daemon.pid)?));
     println!(
         "observer bench: storm: {} resets made, {:.0} events/s, {} seen, {} lost, daemon {:.1} % of a core per 10,000 events/s; RSS {rss_after_storm_kib} KiB",
         storm.max.resets_made,
@@ -340,10 +308,7 @@ fn run(setup: &Setup, plan: &Plan, root: &Path, quick: bool, command: String) ->
     );
     let soak = soak::run(plan, &daemon, &mut worker).context("soak benchmark")?;
     let (rss_after_soak_kib, peak_kib) = daemon.memory_kib()?;
-    breakdown.push((
-        "after the soak".into(),
-        procfs::memory_breakdown(daemon.pid)?,
-    ));
+    breakdown.push(("after the soak".into(), procfs::memory_breakdown(daemon.pid)?));
     println!(
         "observer bench: soak: {:.0} s, {} connections, RSS {} → {} KiB ({:+.1} %), {} lost",
         soak.seconds,
@@ -410,36 +375,15 @@ fn note_other_bpf(notes: &mut Vec<String>, when: &str, ours: &[u32]) {
 /// Exactness of the daemon's counts for traffic `made` by the process named `comm`, between
 /// two scrapes. Every kind of connection has a known set of events and series (see
 /// [`worker::Tally`]).
-pub fn count_checks(
-    before: &daemon::Metrics,
-    after: &daemon::Metrics,
-    made: &worker::Tally,
-    comm: &str,
-) -> Vec<Check> {
-    let delta = |name: &str, filter: &[(&str, &str)]| {
-        after
-            .sum(name, filter)
-            .saturating_sub(before.sum(name, filter))
-    };
+pub fn count_checks(before: &daemon::Metrics, after: &daemon::Metrics, made: &worker::Tally, comm: &str) -> Vec<Check> {
+    let delta = |name: &str, filter: &[(&str, &str)]| after.sum(name, filter).saturating_sub(before.sum(name, filter));
     let lost = after.events_lost() - before.events_lost();
-    let premature = |kind: &'static str| {
-        delta(
-            "observer_tcp_premature_closes_total",
-            &[("comm", comm), ("kind", kind)],
-        )
-    };
+    let premature =
+        |kind: &'static str| delta("observer_tcp_premature_closes_total", &[("comm", comm), ("kind", kind)]);
     vec![
-        Check::new(
-            "events seen + lost = events made",
-            made.events(),
-            delta("observer_events_total", &[]) + lost,
-        ),
+        Check::new("events seen + lost = events made", made.events(), delta("observer_events_total", &[]) + lost),
         Check::new("events lost", 0, lost),
-        Check::new(
-            "events unattributed",
-            0,
-            delta("observer_events_unattributed_total", &[]),
-        ),
+        Check::new("events unattributed", 0, delta("observer_events_unattributed_total", &[])),
         Check::new(
             format!("observer_tcp_closes_total{{comm=\"{comm}\"}}"),
             made.closes(),
@@ -458,16 +402,9 @@ pub fn count_checks(
         Check::new(
             "observer_tcp_resets_sent_total{comm=\"\",reason=\"no_socket\"}",
             made.refused,
-            delta(
-                "observer_tcp_resets_sent_total",
-                &[("comm", ""), ("reason", "no_socket")],
-            ),
+            delta("observer_tcp_resets_sent_total", &[("comm", ""), ("reason", "no_socket")]),
         ),
-        Check::new(
-            format!("premature closes kind=\"refused\" (comm {comm})"),
-            made.refused,
-            premature("refused"),
-        ),
+        Check::new(format!("premature closes kind=\"refused\" (comm {comm})"), made.refused, premature("refused")),
         Check::new(
             format!("premature closes kind=\"peer_reset\" (comm {comm})"),
             made.linger0 + made.unread,

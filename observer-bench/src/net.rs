@@ -40,13 +40,7 @@ pub fn exchange(conn: &mut TcpStream) -> io::Result<()> {
             return Err(io::Error::other("response longer than expected"));
         }
     }
-    if &buf[..got] == RESPONSE {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "unexpected response of {got} bytes"
-        )))
-    }
+    if &buf[..got] == RESPONSE { Ok(()) } else { Err(io::Error::other(format!("unexpected response of {got} bytes"))) }
 }
 
 /// Server half of a graceful exchange: read the request, answer, close (server closes first, so

@@ -51,25 +51,17 @@ pub fn memory_breakdown(pid: u32) -> Result<MemoryBreakdown> {
     for line in smaps.lines() {
         if let Some(rss) = line.strip_prefix("Rss:") {
             if in_bpf_map {
-                bpf_maps += rss
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0);
+                bpf_maps += rss.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
             }
-        } else if line.split_whitespace().next().is_some_and(|w| {
-            w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
-        }) {
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        {
             in_bpf_map = line.ends_with("anon_inode:bpf-map");
         }
     }
-    Ok(MemoryBreakdown {
-        rss: field("VmRSS:"),
-        anon: field("RssAnon:"),
-        file: field("RssFile:"),
-        bpf_maps,
-    })
+    Ok(MemoryBreakdown { rss: field("VmRSS:"), anon: field("RssAnon:"), file: field("RssFile:"), bpf_maps })
 }
 
 /// Context switches (voluntary and not) of all of `pid`'s threads so far: how often it went to
@@ -77,20 +69,14 @@ pub fn memory_breakdown(pid: u32) -> Result<MemoryBreakdown> {
 pub fn context_switches(pid: u32) -> Result<u64> {
     let dir = format!("/proc/{pid}/task");
     let mut total = 0;
-    for task in fs::read_dir(&dir)
-        .with_context(|| format!("reading {dir}"))?
-        .filter_map(std::result::Result::ok)
-    {
+    for task in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))?.filter_map(std::result::Result::ok) {
         // A thread may exit between listing and reading: skip it.
         let Ok(status) = fs::read_to_string(task.path().join("status")) else {
             continue;
         };
         total += status
             .lines()
-            .filter(|l| {
-                l.starts_with("voluntary_ctxt_switches:")
-                    || l.starts_with("nonvoluntary_ctxt_switches:")
-            })
+            .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum::<u64>();
     }
@@ -102,18 +88,11 @@ pub fn context_switches(pid: u32) -> Result<u64> {
 pub fn thread_cpu_ns(pid: u32) -> Result<u64> {
     let dir = format!("/proc/{pid}/task");
     let mut total = 0;
-    for task in fs::read_dir(&dir)
-        .with_context(|| format!("reading {dir}"))?
-        .filter_map(std::result::Result::ok)
-    {
+    for task in fs::read_dir(&dir).with_context(|| format!("reading {dir}"))?.filter_map(std::result::Result::ok) {
         let Ok(stat) = fs::read_to_string(task.path().join("schedstat")) else {
             continue;
         };
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        total += stat.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     }
     Ok(total)
 }
@@ -123,17 +102,11 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // The command name (field 2) may contain spaces and parentheses: count from the last ')'.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("{path}: no ')' in {stat:?}"))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow!("{path}: no ')' in {stat:?}"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // After the name: state is field 3, utime field 14, stime field 15 (proc(5)).
     let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i - 3)
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| anyhow!("{path}: field {i} missing"))
+        fields.get(i - 3).and_then(|f| f.parse().ok()).ok_or_else(|| anyhow!("{path}: field {i} missing"))
     };
     Ok((ticks(14)? + ticks(15)?) as f64 / clock_ticks())
 }
@@ -152,11 +125,7 @@ pub fn other_bpf_holders(ours: &[u32]) -> Vec<String> {
     };
     let mut found = Vec::new();
     for entry in procs.filter_map(std::result::Result::ok) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
         if ours.contains(&pid) || pid == std::process::id() {
@@ -165,9 +134,9 @@ pub fn other_bpf_holders(ours: &[u32]) -> Vec<String> {
         let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
             continue;
         };
-        let holds = fds.filter_map(std::result::Result::ok).any(|fd| {
-            fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog")
-        });
+        let holds = fds
+            .filter_map(std::result::Result::ok)
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog"));
         if holds {
             let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
             found.push(format!("{pid} {}", comm.trim()));
@@ -193,8 +162,7 @@ fn other_tasks(ours: &[u32]) -> HashMap<u32, (f64, bool)> {
             let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
             // Field 4 is the parent pid; utime and stime are fields 14 and 15.
             let ppid: u32 = fields.get(1)?.parse().ok()?;
-            let ticks: u64 =
-                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
             let user_space = pid != 2 && ppid != 2 && pid != me;
             Some((pid, (ticks as f64 / clock_ticks(), user_space)))
         })
@@ -220,25 +188,14 @@ pub struct MachineCpu {
 impl MachineCpu {
     pub fn now() -> Result<Self> {
         let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        let line = stat
-            .lines()
-            .find(|l| l.starts_with("cpu "))
-            .context("/proc/stat has no cpu line")?;
-        let v: Vec<f64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|f| f.parse().ok())
-            .collect();
+        let line = stat.lines().find(|l| l.starts_with("cpu ")).context("/proc/stat has no cpu line")?;
+        let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
         // user nice system idle iowait irq softirq steal ...
         if v.len() < 8 {
             anyhow::bail!("/proc/stat cpu line too short: {line}");
         }
         let hz = clock_ticks();
-        Ok(Self {
-            at: Instant::now(),
-            softirq: v[6] / hz,
-            steal: v[7] / hz,
-        })
+        Ok(Self { at: Instant::now(), softirq: v[6] / hz, steal: v[7] / hz })
     }
 }
 
@@ -284,12 +241,7 @@ impl CpuSample {
     }
 
     pub fn until(&self, later: &CpuSample) -> CpuUse {
-        let secs = later
-            .machine
-            .at
-            .duration_since(self.machine.at)
-            .as_secs_f64()
-            .max(1e-9);
+        let secs = later.machine.at.duration_since(self.machine.at).as_secs_f64().max(1e-9);
         let softirq = (later.machine.softirq - self.machine.softirq) / secs;
         let load = (later.load - self.load) / secs;
         let tool = (later.tool - self.tool) / secs;
@@ -337,21 +289,15 @@ impl Machine {
         let cpu_model = cpuinfo
             .lines()
             .find_map(|l| {
-                l.strip_prefix("model name")
-                    .and_then(|r| r.split_once(':'))
-                    .map(|(_, m)| m.trim().to_string())
+                l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_string())
             })
             .unwrap_or_else(|| "unknown".into());
-        let cores = cpuinfo
-            .lines()
-            .filter(|l| l.starts_with("processor"))
-            .count();
+        let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
         let ram_mib = fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|m| {
                 m.lines().find_map(|l| {
-                    l.strip_prefix("MemTotal:")
-                        .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    l.strip_prefix("MemTotal:").and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
                 })
             })
             .map_or(0, |kib| kib / 1024);
@@ -361,19 +307,14 @@ impl Machine {
         let os = fs::read_to_string("/etc/os-release")
             .ok()
             .and_then(|r| {
-                r.lines().find_map(|l| {
-                    l.strip_prefix("PRETTY_NAME=")
-                        .map(|v| v.trim_matches('"').to_string())
-                })
+                r.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
             })
             .unwrap_or_else(|| "unknown".into());
         let date_utc = cmd::stdout(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M:%S UTC"]))
             .map(|d| d.trim().to_string())
             .unwrap_or_default();
-        let git = |args: &[&str]| {
-            cmd::stdout(Command::new("git").current_dir(root).args(args))
-                .map(|s| s.trim().to_string())
-        };
+        let git =
+            |args: &[&str]| cmd::stdout(Command::new("git").current_dir(root).args(args)).map(|s| s.trim().to_string());
         let git_revision = match (
             git(&["rev-parse", "--short=12", "HEAD"]),
             git(&["status", "--porcelain", "--untracked-files=no"]),
@@ -382,14 +323,6 @@ impl Machine {
             (Ok(rev), _) => rev,
             (Err(_), _) => "unknown".into(),
         };
-        Self {
-            cpu_model,
-            cores,
-            ram_mib,
-            kernel,
-            os,
-            date_utc,
-            git_revision,
-        }
+        Self { cpu_model, cores, ram_mib, kernel, os, date_utc, git_revision }
     }
 }

@@ -32,20 +32,11 @@ fn targets(r: &Results) -> Vec<Verdict> {
         .max_by(|a, b| a.events_per_second.total_cmp(&b.events_per_second));
     let cost = storm_runs
         .iter()
-        .fold((f64::INFINITY, 0.0f64), |(lo, hi), r| {
-            (
-                lo.min(r.core_percent_per_10k),
-                hi.max(r.core_percent_per_10k),
-            )
-        });
-    let rss_max = [
-        r.footprint.rss_after_start_kib,
-        r.footprint.rss_after_storm_kib,
-        r.footprint.rss_after_soak_kib,
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(0);
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), r| (lo.min(r.core_percent_per_10k), hi.max(r.core_percent_per_10k)));
+    let rss_max = [r.footprint.rss_after_start_kib, r.footprint.rss_after_storm_kib, r.footprint.rss_after_soak_kib]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
     vec![
         Verdict {
             name: "Churn",
@@ -69,10 +60,7 @@ fn targets(r: &Results) -> Vec<Verdict> {
             target: "zero lost at ≥ 200,000 events/s",
             measured: format!(
                 "highest rate with zero lost: {}; all-out: {} lost at {:.0} events/s",
-                best_lossless.map_or_else(
-                    || "none".into(),
-                    |r| format!("{:.0} events/s", r.events_per_second)
-                ),
+                best_lossless.map_or_else(|| "none".into(), |r| format!("{:.0} events/s", r.events_per_second)),
                 r.storm.max.events_lost,
                 r.storm.max.events_per_second
             ),
@@ -87,10 +75,7 @@ fn targets(r: &Results) -> Vec<Verdict> {
         Verdict {
             name: "Scrape",
             target: "p99 < 20 ms at 10,000 series",
-            measured: ten_k.map_or_else(
-                || "not measured".into(),
-                |l| format!("p99 {:.2} ms", l.p99_ms),
-            ),
+            measured: ten_k.map_or_else(|| "not measured".into(), |l| format!("p99 {:.2} ms", l.p99_ms)),
             met: ten_k.is_some_and(|l| l.p99_ms < 20.0),
         },
         Verdict {
@@ -106,10 +91,7 @@ fn targets(r: &Results) -> Vec<Verdict> {
         Verdict {
             name: "Footprint",
             target: "< 1 s start-up",
-            measured: format!(
-                "median {:.0} ms, max {:.0} ms",
-                r.startup.median_ms, r.startup.max_ms
-            ),
+            measured: format!("median {:.0} ms, max {:.0} ms", r.startup.median_ms, r.startup.max_ms),
             met: r.startup.max_ms < 1000.0,
         },
         Verdict {
@@ -135,15 +117,7 @@ fn targets(r: &Results) -> Vec<Verdict> {
 pub fn verdicts(r: &Results) -> Vec<String> {
     targets(r)
         .into_iter()
-        .map(|v| {
-            format!(
-                "{} {}: {} — {}",
-                if v.met { "met   " } else { "MISSED" },
-                v.name,
-                v.target,
-                v.measured
-            )
-        })
+        .map(|v| format!("{} {}: {} — {}", if v.met { "met   " } else { "MISSED" }, v.name, v.target, v.measured))
         .collect()
 }
 
@@ -166,11 +140,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(o, "| | |\n|---|---|");
     let _ = writeln!(o, "| date | {} |", m.date_utc);
-    let _ = writeln!(
-        o,
-        "| machine | {}, {} cores, {} MiB RAM |",
-        m.cpu_model, m.cores, m.ram_mib
-    );
+    let _ = writeln!(o, "| machine | {}, {} cores, {} MiB RAM |", m.cpu_model, m.cores, m.ram_mib);
     let _ = writeln!(o, "| kernel | {} ({}) |", m.kernel, m.os);
     let _ = writeln!(
         o,
@@ -193,10 +163,7 @@ pub fn markdown(r: &Results) -> String {
             if v.met { "met" } else { "**missed**" }
         );
     }
-    let _ = writeln!(
-        o,
-        "\nWhere a target is missed, [Analysis](#analysis) says why and what would close it.\n"
-    );
+    let _ = writeln!(o, "\nWhere a target is missed, [Analysis](#analysis) says why and what would close it.\n");
 
     churn(&mut o, r);
     storm(&mut o, r);
@@ -214,17 +181,9 @@ pub fn markdown(r: &Results) -> String {
 fn other_load(o: &mut String, r: &Results) {
     let others: Vec<f64> = r.churn.runs.iter().map(|run| run.cpu.other).collect();
     let max_other = others.iter().copied().fold(0.0, f64::max);
-    let mean_other = if others.is_empty() {
-        0.0
-    } else {
-        others.iter().sum::<f64>() / others.len() as f64
-    };
-    let one_minute: Vec<f64> = r
-        .churn
-        .runs
-        .iter()
-        .filter_map(|run| run.loadavg_before.split_whitespace().next()?.parse().ok())
-        .collect();
+    let mean_other = if others.is_empty() { 0.0 } else { others.iter().sum::<f64>() / others.len() as f64 };
+    let one_minute: Vec<f64> =
+        r.churn.runs.iter().filter_map(|run| run.loadavg_before.split_whitespace().next()?.parse().ok()).collect();
     let _ = writeln!(
         o,
         "Other load: this machine is shared. During the churn runs, other user-space processes (sampled from /proc \
@@ -241,31 +200,16 @@ fn other_load(o: &mut String, r: &Results) {
             "No significant other load was seen."
         }
     );
-    let max_steal = r
-        .churn
-        .runs
-        .iter()
-        .map(|run| run.cpu.steal)
-        .fold(0.0, f64::max);
+    let max_steal = r.churn.runs.iter().map(|run| run.cpu.steal).fold(0.0, f64::max);
     if max_steal > 0.02 {
-        let _ = writeln!(
-            o,
-            "The hypervisor stole up to {max_steal:.2} cores during a churn run.\n"
-        );
+        let _ = writeln!(o, "The hypervisor stole up to {max_steal:.2} cores during a churn run.\n");
     }
     let held: Vec<String> = r
         .churn
         .runs
         .iter()
         .filter(|run| !run.other_bpf.is_empty())
-        .map(|run| {
-            format!(
-                "churn round {} {}: {}",
-                run.round + 1,
-                run.arm,
-                run.other_bpf.join(", ")
-            )
-        })
+        .map(|run| format!("churn round {} {}: {}", run.round + 1, run.arm, run.other_bpf.join(", ")))
         .chain(r.other_bpf.iter().cloned())
         .collect();
     if !held.is_empty() {
@@ -312,11 +256,7 @@ fn churn(o: &mut String, r: &Results) {
             if s.arm == "none" {
                 "—".to_string()
             } else {
-                s.run_ratios
-                    .iter()
-                    .map(|x| format!("{x:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                s.run_ratios.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ")
             },
             s.tool_cores
         );
@@ -342,10 +282,8 @@ fn churn(o: &mut String, r: &Results) {
             run.seconds,
             run.connections,
             run.per_second,
-            run.baseline.map_or_else(String::new, |b| format!(
-                "{b:.0} ({:.0} %)",
-                run.baseline_spread.unwrap_or(0.0) * 100.0
-            )),
+            run.baseline
+                .map_or_else(String::new, |b| format!("{b:.0} ({:.0} %)", run.baseline_spread.unwrap_or(0.0) * 100.0)),
             run.ratio.map_or_else(String::new, |x| format!("{x:.3}")),
             run.cpu.machine,
             run.cpu.softirq,
@@ -374,13 +312,8 @@ fn churn(o: &mut String, r: &Results) {
         let Some(out) = &run.tool_output else {
             continue;
         };
-        let lost: Vec<&String> = out
-            .stderr
-            .head
-            .iter()
-            .chain(&out.stderr.tail)
-            .filter(|l| l.contains("lost"))
-            .collect();
+        let lost: Vec<&String> =
+            out.stderr.head.iter().chain(&out.stderr.tail).filter(|l| l.contains("lost")).collect();
         if run.arm == "tcplife" {
             let _ = writeln!(
                 o,
@@ -388,20 +321,11 @@ fn churn(o: &mut String, r: &Results) {
                 run.round + 1,
                 out.stdout.lines,
                 run.connections,
-                if lost.is_empty() {
-                    String::new()
-                } else {
-                    format!("; it reported lost events, e.g. `{}`", lost[0])
-                }
+                if lost.is_empty() { String::new() } else { format!("; it reported lost events, e.g. `{}`", lost[0]) }
             );
         } else {
-            let counts: Vec<&String> = out
-                .stdout
-                .head
-                .iter()
-                .chain(&out.stdout.tail)
-                .filter(|l| l.starts_with('@'))
-                .collect();
+            let counts: Vec<&String> =
+                out.stdout.head.iter().chain(&out.stdout.tail).filter(|l| l.starts_with('@')).collect();
             let _ = writeln!(
                 o,
                 "- bpftrace, round {}: {}.",
@@ -409,11 +333,7 @@ fn churn(o: &mut String, r: &Results) {
                 if counts.is_empty() {
                     "printed no counts".to_string()
                 } else {
-                    counts
-                        .iter()
-                        .map(|l| format!("`{l}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    counts.iter().map(|l| format!("`{l}`")).collect::<Vec<_>>().join(", ")
                 }
             );
         }
@@ -442,8 +362,7 @@ fn storm(o: &mut String, r: &Results) {
         let _ = writeln!(
             o,
             "| {} | {:.0} | {:.0} | {} | {} | {} | {:.0} % | {:.2} | {:.3} | {:.2} ({:.2}, {:.2}, {:.2}) |",
-            run.target_events_per_second
-                .map_or_else(|| "all-out".into(), |t| format!("paced at {t:.0}/s")),
+            run.target_events_per_second.map_or_else(|| "all-out".into(), |t| format!("paced at {t:.0}/s")),
             run.events_per_second,
             run.resets_per_second,
             run.events_expected,
@@ -460,21 +379,9 @@ fn storm(o: &mut String, r: &Results) {
     }
     let _ = writeln!(o, "\nThe all-out run in detail:\n");
     let _ = writeln!(o, "| | |\n|---|---:|");
-    let _ = writeln!(
-        o,
-        "| refused connects in the window | {} |",
-        s.window.refused
-    );
-    let _ = writeln!(
-        o,
-        "| SO_LINGER 0 connections in the window | {} |",
-        s.window.linger0
-    );
-    let _ = writeln!(
-        o,
-        "| resets made (whole run, warm-up included) | {} |",
-        s.resets_made
-    );
+    let _ = writeln!(o, "| refused connects in the window | {} |", s.window.refused);
+    let _ = writeln!(o, "| SO_LINGER 0 connections in the window | {} |", s.window.linger0);
+    let _ = writeln!(o, "| resets made (whole run, warm-up included) | {} |", s.resets_made);
     let _ = writeln!(o, "| events made (whole run) | {} |", s.events_expected);
     let _ = writeln!(o, "| events seen | {} |", s.events_seen);
     let _ = writeln!(o, "| events lost | {} |", s.events_lost);
@@ -488,11 +395,7 @@ fn storm(o: &mut String, r: &Results) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let _ = writeln!(
-        o,
-        "| daemon CPU during the window | {:.1} % of a core |",
-        s.cpu.tool * 100.0
-    );
+    let _ = writeln!(o, "| daemon CPU during the window | {:.1} % of a core |", s.cpu.tool * 100.0);
     let _ = writeln!(
         o,
         "| daemon CPU, whole run incl. draining | {:.2} s ({:.2} s draining after the traffic) |",
@@ -502,16 +405,10 @@ fn storm(o: &mut String, r: &Results) {
         o,
         "| generator errors | {}{} |",
         s.generator_errors,
-        s.first_generator_error
-            .as_ref()
-            .map_or(String::new(), |e| format!(" (first: {e})"))
+        s.first_generator_error.as_ref().map_or(String::new(), |e| format!(" (first: {e})"))
     );
     let _ = writeln!(o);
-    checks(
-        o,
-        "Counts against what was made (all-out run, whole run)",
-        &s.checks,
-    );
+    checks(o, "Counts against what was made (all-out run, whole run)", &s.checks);
     if s.events_lost > 0 {
         let _ = writeln!(
             o,
@@ -582,46 +479,21 @@ fn footprint(o: &mut String, r: &Results) {
         "| start | to /healthz 200 (ms) | to the \"ready\" log line (ms) | RSS 1 s later (MB) |\n|---:|---:|---:|---:|"
     );
     for (i, ms) in st.ms.iter().enumerate() {
-        let logged = st
-            .ready_logged_ms
-            .get(i)
-            .copied()
-            .flatten()
-            .map_or_else(|| "—".into(), |v| format!("{v:.0}"));
-        let rss = st
-            .rss_kib
-            .get(i)
-            .map_or_else(|| "—".into(), |k| format!("{:.1}", mb(*k)));
+        let logged = st.ready_logged_ms.get(i).copied().flatten().map_or_else(|| "—".into(), |v| format!("{v:.0}"));
+        let rss = st.rss_kib.get(i).map_or_else(|| "—".into(), |k| format!("{:.1}", mb(*k)));
         let _ = writeln!(o, "| {} | {ms:.0} | {logged} | {rss} |", i + 1);
     }
-    let _ = writeln!(
-        o,
-        "\nMedian {:.0} ms, max {:.0} ms. The daemon's log of the first start:\n",
-        st.median_ms, st.max_ms
-    );
+    let _ =
+        writeln!(o, "\nMedian {:.0} ms, max {:.0} ms. The daemon's log of the first start:\n", st.median_ms, st.max_ms);
     let _ = writeln!(o, "```");
     for line in &st.log {
         let _ = writeln!(o, "{line}");
     }
     let _ = writeln!(o, "```\n");
-    let _ = writeln!(
-        o,
-        "Memory of one daemon (`{}`) through the storm and the soak (VmRSS):\n",
-        f.daemon_command
-    );
+    let _ = writeln!(o, "Memory of one daemon (`{}`) through the storm and the soak (VmRSS):\n", f.daemon_command);
     let _ = writeln!(o, "| when | RSS (MB) | KiB |\n|---|---:|---:|");
-    let _ = writeln!(
-        o,
-        "| after start | {:.1} | {} |",
-        mb(f.rss_after_start_kib),
-        f.rss_after_start_kib
-    );
-    let _ = writeln!(
-        o,
-        "| after the storm | {:.1} | {} |",
-        mb(f.rss_after_storm_kib),
-        f.rss_after_storm_kib
-    );
+    let _ = writeln!(o, "| after start | {:.1} | {} |", mb(f.rss_after_start_kib), f.rss_after_start_kib);
+    let _ = writeln!(o, "| after the storm | {:.1} | {} |", mb(f.rss_after_storm_kib), f.rss_after_storm_kib);
     let _ = writeln!(
         o,
         "| after the soak ({:.0} s of steady load) | {:.1} | {} |",
@@ -629,23 +501,14 @@ fn footprint(o: &mut String, r: &Results) {
         mb(f.rss_after_soak_kib),
         f.rss_after_soak_kib
     );
-    let _ = writeln!(
-        o,
-        "| peak (VmHWM) | {:.1} | {} |",
-        mb(f.peak_kib),
-        f.peak_kib
-    );
+    let _ = writeln!(o, "| peak (VmHWM) | {:.1} | {} |", mb(f.peak_kib), f.peak_kib);
     let _ = writeln!(o, "\n(MB = 10⁶ bytes.) Where it is (KiB):\n");
     let _ = writeln!(
         o,
         "| when | VmRSS | anonymous (heap) | file-backed and mapped | of which BPF maps (ring buffer mapped twice) |\n|---|---:|---:|---:|---:|"
     );
     for (when, b) in &f.breakdown {
-        let _ = writeln!(
-            o,
-            "| {when} | {} | {} | {} | {} |",
-            b.rss, b.anon, b.file, b.bpf_maps
-        );
+        let _ = writeln!(o, "| {when} | {} | {} | {} | {} |", b.rss, b.anon, b.file, b.bpf_maps);
     }
     let _ = writeln!(o);
 }
@@ -658,11 +521,7 @@ fn soak(o: &mut String, r: &Results) {
         "Right after the storm, the same daemon watches {:.0} s of mixed traffic from `bench-load`: graceful, \
          SO_LINGER 0, unread-data and refused connections, {} per second of each ({:.0} connections/s made, {:.0} \
          events/s). RSS is read every {:.0} s.\n",
-        s.seconds,
-        s.rate_per_kind,
-        s.connections_per_second,
-        s.events_per_second,
-        r.plan.soak_sample_seconds
+        s.seconds, s.rate_per_kind, s.connections_per_second, s.events_per_second, r.plan.soak_sample_seconds
     );
     let _ = writeln!(
         o,
@@ -675,9 +534,7 @@ fn soak(o: &mut String, r: &Results) {
         s.cpu.tool * 100.0,
         s.cpu.machine,
         s.generator_errors,
-        s.first_generator_error
-            .as_ref()
-            .map_or(String::new(), |e| format!(" (first: {e})"))
+        s.first_generator_error.as_ref().map_or(String::new(), |e| format!(" (first: {e})"))
     );
     let per_minute: Vec<String> = s
         .rss_kib
@@ -689,14 +546,7 @@ fn soak(o: &mut String, r: &Results) {
         .map(|(t, k)| format!("{t:.0} s: {k}"))
         .collect();
     let _ = writeln!(o, "RSS (KiB) over time: {}.\n", per_minute.join(", "));
-    checks(
-        o,
-        &format!(
-            "Counts against what was made ({} connections)",
-            s.total.connections()
-        ),
-        &s.checks,
-    );
+    checks(o, &format!("Counts against what was made ({} connections)", s.total.connections()), &s.checks);
 }
 
 fn diagnostics(o: &mut String, r: &Results) {
@@ -706,17 +556,9 @@ fn diagnostics(o: &mut String, r: &Results) {
     }
     let _ = writeln!(o, "## Where the cost goes\n");
     // The no-observer arm's CPU per connection, for scale.
-    let none: Vec<&ArmRun> = r
-        .churn
-        .runs
-        .iter()
-        .filter(|run| run.arm == "none")
-        .collect();
-    let per_connection_us = none
-        .iter()
-        .map(|run| run.cpu.machine / run.per_second * 1e6)
-        .sum::<f64>()
-        / none.len().max(1) as f64;
+    let none: Vec<&ArmRun> = r.churn.runs.iter().filter(|run| run.arm == "none").collect();
+    let per_connection_us =
+        none.iter().map(|run| run.cpu.machine / run.per_second * 1e6).sum::<f64>() / none.len().max(1) as f64;
     let _ = writeln!(
         o,
         "After the benchmarks, one more churn run per tool ({:.0} s, same load) with the kernel's BPF statistics on \
@@ -737,11 +579,7 @@ fn diagnostics(o: &mut String, r: &Results) {
                 t.tool, p.name, p.runs_per_connection, p.mean_ns, p.ns_per_connection
             );
         }
-        let _ = writeln!(
-            o,
-            "| {} | **all** | | | **{:.0}** |",
-            t.tool, t.ns_per_connection
-        );
+        let _ = writeln!(o, "| {} | **all** | | | **{:.0}** |", t.tool, t.ns_per_connection);
     }
     let _ = writeln!(o);
 }
@@ -772,37 +610,20 @@ fn commands(o: &mut String, r: &Results) {
         o,
         "- churn, observer arm: `observer run --listen 127.0.0.1:PORT --netns /proc/PID/ns/net` (PID: the run's load generator)"
     );
-    let _ = writeln!(
-        o,
-        "- churn, bpftrace arm: `bpftrace -e SCRIPT` with SCRIPT:\n\n```\n{}\n```\n",
-        r.bpftrace_script
-    );
-    let _ = writeln!(
-        o,
-        "- churn, tcplife arm: `tcplife` (libbpf-tools), stdout read through a pipe and counted"
-    );
+    let _ =
+        writeln!(o, "- churn, bpftrace arm: `bpftrace -e SCRIPT` with SCRIPT:\n\n```\n{}\n```\n", r.bpftrace_script);
+    let _ = writeln!(o, "- churn, tcplife arm: `tcplife` (libbpf-tools), stdout read through a pipe and counted");
     let _ = writeln!(o, "- scrape: `{}`", r.scrape.daemon_command);
-    let _ = writeln!(
-        o,
-        "- storm, soak, footprint: `{}`",
-        r.footprint.daemon_command
-    );
-    let _ = writeln!(
-        o,
-        "- plan: `{}`",
-        serde_json::to_string(&r.plan).unwrap_or_default()
-    );
+    let _ = writeln!(o, "- storm, soak, footprint: `{}`", r.footprint.daemon_command);
+    let _ = writeln!(o, "- plan: `{}`", serde_json::to_string(&r.plan).unwrap_or_default());
     let _ = writeln!(
         o,
         "\nRaw numbers, including every scrape's latency and every RSS sample: `target/bench/results{}.json`.",
         if r.quick { "-quick" } else { "" }
     );
     if !r.daemon_log.is_empty() {
-        let warnings: Vec<&String> = r
-            .daemon_log
-            .iter()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .collect();
+        let warnings: Vec<&String> =
+            r.daemon_log.iter().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
         if !warnings.is_empty() {
             let _ = writeln!(o, "\nWarnings in the storm/soak daemon's log:\n\n```");
             for w in warnings {

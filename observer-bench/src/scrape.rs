@@ -67,22 +67,14 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
     let mut levels = Vec::new();
     for ports in [10u16, 100] {
         let series = u64::from(ports) * (u64::from(CLIENTS) + 1);
-        worker.run(
-            &Command::Series {
-                ports,
-                clients: CLIENTS,
-            },
-            |_| Ok(()),
-        )?;
+        worker.run(&Command::Series { ports, clients: CLIENTS }, |_| Ok(()))?;
         let settled = daemon.settled()?;
         let gauge = settled.sum("observer_series", &[]);
         // A few more are tolerated (and reported): the odd connection can end otherwise than
         // gracefully on a busy loopback (a SYN meeting a TIME_WAIT socket of the same four
         // addresses), which adds a series of another family.
         if gauge < series || gauge > series + series / 100 {
-            bail!(
-                "after {ports} ports × {CLIENTS} clients the daemon exports {gauge} series, not {series}"
-            );
+            bail!("after {ports} ports × {CLIENTS} clients the daemon exports {gauge} series, not {series}");
         }
         let mut level = measure(plan, &daemon, &mut worker, ports, series)
             .with_context(|| format!("scraping at {series} series"))?;
@@ -103,23 +95,12 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
     })
 }
 
-fn measure(
-    plan: &Plan,
-    daemon: &Daemon,
-    worker: &mut Worker,
-    ports: u16,
-    series: u64,
-) -> Result<Level> {
+fn measure(plan: &Plan, daemon: &Daemon, worker: &mut Worker, ports: u16, series: u64) -> Result<Level> {
     let before = daemon.metrics()?;
     let interval = Duration::from_millis(plan.scrape_interval_ms);
     // Long enough for every scrape, with room for slow ones; the worker ends it.
     let duration_ms = plan.scrapes as u64 * plan.scrape_interval_ms + 2_000;
-    let command = Command::Cycle {
-        ports,
-        clients: CLIENTS,
-        rate: plan.scrape_background_rate,
-        duration_ms,
-    };
+    let command = Command::Cycle { ports, clients: CLIENTS, rate: plan.scrape_background_rate, duration_ms };
     let mut latencies = Vec::with_capacity(plan.scrapes);
     let mut body_bytes = 0;
     let outcome = worker.run(&command, |mark| {

@@ -39,10 +39,7 @@ pub struct Soak {
 pub fn run(plan: &Plan, daemon: &Daemon, worker: &mut Worker) -> Result<Soak> {
     let before = daemon.metrics()?;
     let duration = Duration::from_secs_f64(plan.soak_seconds);
-    let command = Command::Mixed {
-        rate_per_kind: plan.soak_rate_per_kind,
-        duration_ms: duration.as_millis() as u64,
-    };
+    let command = Command::Mixed { rate_per_kind: plan.soak_rate_per_kind, duration_ms: duration.as_millis() as u64 };
     let (load_pid, daemon_pid) = (worker.pid, daemon.pid);
     let mut rss_kib = Vec::new();
     let mut cpu = CpuUse::default();
@@ -58,17 +55,12 @@ pub fn run(plan: &Plan, daemon: &Daemon, worker: &mut Worker) -> Result<Soak> {
             rss_kib.push((at.as_secs_f64(), daemon.memory_kib()?.0));
             if at.as_secs() / 60 > minute {
                 minute = at.as_secs() / 60;
-                println!(
-                    "observer bench: soak {minute} min: daemon RSS {} KiB",
-                    rss_kib.last().map_or(0, |s| s.1)
-                );
+                println!("observer bench: soak {minute} min: daemon RSS {} KiB", rss_kib.last().map_or(0, |s| s.1));
             }
             // The last sample is taken just before the traffic stops.
             let next = at + Duration::from_secs_f64(plan.soak_sample_seconds);
             if next + Duration::from_millis(500) >= duration {
-                thread::sleep(
-                    duration.saturating_sub(started.elapsed() + Duration::from_millis(500)),
-                );
+                thread::sleep(duration.saturating_sub(started.elapsed() + Duration::from_millis(500)));
                 rss_kib.push((started.elapsed().as_secs_f64(), daemon.memory_kib()?.0));
                 cpu = cpu_start.until(&CpuSample::now(load_pid, Some(daemon_pid))?);
                 return Ok(());

@@ -82,13 +82,7 @@ pub fn run(plan: &Plan, daemon: &Daemon, worker: &mut Worker) -> Result<Storm> {
     Ok(Storm { sweep, max })
 }
 
-fn run_once(
-    plan: &Plan,
-    daemon: &Daemon,
-    worker: &mut Worker,
-    target: Option<f64>,
-    seconds: f64,
-) -> Result<Run> {
+fn run_once(plan: &Plan, daemon: &Daemon, worker: &mut Worker, target: Option<f64>, seconds: f64) -> Result<Run> {
     let before = daemon.metrics()?;
     let cpu_before = daemon.cpu_seconds()?;
     let (refused, linger) = (plan.storm_refused_threads, plan.storm_linger_threads);
@@ -137,11 +131,7 @@ fn run_once(
         })
         .collect();
     let checks = count_checks(&before, &after, &outcome.total, worker.name.as_str());
-    let core_percent_per_10k = if seen > 0 {
-        daemon_cpu_seconds / seen as f64 * 10_000.0 * 100.0
-    } else {
-        0.0
-    };
+    let core_percent_per_10k = if seen > 0 { daemon_cpu_seconds / seen as f64 * 10_000.0 * 100.0 } else { 0.0 };
     Ok(Run {
         target_events_per_second: target,
         seconds: outcome.seconds,

@@ -71,11 +71,7 @@ impl Lines {
     }
 
     fn output(&self) -> Output {
-        Output {
-            lines: self.count,
-            head: self.head.clone(),
-            tail: self.tail.iter().cloned().collect(),
-        }
+        Output { lines: self.count, head: self.head.clone(), tail: self.tail.iter().cloned().collect() }
     }
 }
 
@@ -100,12 +96,7 @@ impl Tool {
         let mut command = Command::new("bpftrace");
         command.args(["-e", BPFTRACE_SCRIPT]);
         Self::start(command, |tool| {
-            tool.stdout
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .head
-                .iter()
-                .any(|l| l.trim() == "ready")
+            tool.stdout.lock().unwrap_or_else(|e| e.into_inner()).head.iter().any(|l| l.trim() == "ready")
         })
     }
 
@@ -119,23 +110,12 @@ impl Tool {
 
     fn start(mut command: Command, ready: impl Fn(&Self) -> bool) -> Result<Self> {
         let display = cmd::display(&command);
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("starting `{display}`"))?;
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = command.spawn().with_context(|| format!("starting `{display}`"))?;
         let pid = child.id();
         let stdout = drain(child.stdout.take());
         let stderr = drain(child.stderr.take());
-        let mut tool = Self {
-            child,
-            pid,
-            command: display,
-            stdout,
-            stderr,
-        };
+        let mut tool = Self { child, pid, command: display, stdout, stderr };
         let started = Instant::now();
         loop {
             if ready(&tool) {
@@ -143,11 +123,7 @@ impl Tool {
                 thread::sleep(Duration::from_millis(300));
                 return Ok(tool);
             }
-            if let Some(status) = tool
-                .child
-                .try_wait()
-                .with_context(|| format!("waiting for `{}`", tool.command))?
-            {
+            if let Some(status) = tool.child.try_wait().with_context(|| format!("waiting for `{}`", tool.command))? {
                 thread::sleep(Duration::from_millis(100));
                 bail!(
                     "`{}` exited ({}) before it was ready: {:?}",
@@ -157,22 +133,14 @@ impl Tool {
                 );
             }
             if started.elapsed() > Duration::from_secs(60) {
-                bail!(
-                    "`{}` not ready after 60 s: {:?}",
-                    tool.command,
-                    tool.stderr_now()
-                );
+                bail!("`{}` not ready after 60 s: {:?}", tool.command, tool.stderr_now());
             }
             thread::sleep(Duration::from_millis(20));
         }
     }
 
     fn stderr_now(&self) -> Vec<String> {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .output()
-            .head
+        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).output().head
     }
 
     /// SIGINT (both tools print their totals on it), then waits for the output to end.
@@ -189,20 +157,9 @@ impl Tool {
         }
         // The drain threads finish at EOF, just after the exit.
         thread::sleep(Duration::from_millis(200));
-        let out = self
-            .stdout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .output();
-        let err = self
-            .stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .output();
-        Ok(ToolReport {
-            stdout: out,
-            stderr: err,
-        })
+        let out = self.stdout.lock().unwrap_or_else(|e| e.into_inner()).output();
+        let err = self.stderr.lock().unwrap_or_else(|e| e.into_inner()).output();
+        Ok(ToolReport { stdout: out, stderr: err })
     }
 }
 
@@ -230,10 +187,7 @@ fn drain(stream: Option<impl Read + Send + 'static>) -> Arc<Mutex<Lines>> {
     if let Some(stream) = stream {
         let lines = lines.clone();
         thread::spawn(move || {
-            for line in BufReader::new(stream)
-                .lines()
-                .map_while(std::result::Result::ok)
-            {
+            for line in BufReader::new(stream).lines().map_while(std::result::Result::ok) {
                 lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });

@@ -62,38 +62,19 @@ enum Kind {
 pub enum Command {
     /// Graceful connections as fast as `clients` threads can make them, against `servers`
     /// accepting threads (SO_REUSEPORT listeners on one port).
-    Churn {
-        warmup_ms: u64,
-        duration_ms: u64,
-        clients: usize,
-        servers: usize,
-    },
+    Churn { warmup_ms: u64, duration_ms: u64, clients: usize, servers: usize },
     /// RSTs: `refused` threads connecting to a closed port, `linger` threads whose connections
     /// the server aborts with SO_LINGER 0; each thread makes `rate` connections per second, or
     /// as many as it can with 0.
-    Storm {
-        warmup_ms: u64,
-        duration_ms: u64,
-        refused: usize,
-        linger: usize,
-        rate: u64,
-    },
+    Storm { warmup_ms: u64, duration_ms: u64, refused: usize, linger: usize, rate: u64 },
     /// One graceful connection from each of `clients` source addresses to each of `ports`
     /// server ports: a known set of series.
     Series { ports: u16, clients: u16 },
     /// Graceful connections cycling over the same (port, client) pairs, paced at `rate` per
     /// second, for `duration_ms`: traffic that creates no new series.
-    Cycle {
-        ports: u16,
-        clients: u16,
-        rate: u64,
-        duration_ms: u64,
-    },
+    Cycle { ports: u16, clients: u16, rate: u64, duration_ms: u64 },
     /// All four kinds at `rate_per_kind` connections per second each, for `duration_ms`.
-    Mixed {
-        rate_per_kind: u64,
-        duration_ms: u64,
-    },
+    Mixed { rate_per_kind: u64, duration_ms: u64 },
 }
 
 /// Connections that completed as intended, by kind.
@@ -185,73 +166,35 @@ impl Worker {
         let mut cmd = Process::new(exe);
         // Shown by ps instead of /proc/self/exe.
         cmd.arg0(std::env::args_os().next().unwrap_or_else(|| "observer-bench".into()));
-        cmd.args(["--worker", name])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().with_context(|| {
-            format!("starting the load generator `{exe} --worker {name}`")
-        })?;
+        cmd.args(["--worker", name]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().with_context(|| format!("starting the load generator `{exe} --worker {name}`"))?;
         let pid = child.id();
         let stdin = child.stdin.take().context("load generator without stdin")?;
-        let mut stdout = BufReader::new(
-            child
-                .stdout
-                .take()
-                .context("load generator without stdout")?,
-        );
+        let mut stdout = BufReader::new(child.stdout.take().context("load generator without stdout")?);
         let mut line = String::new();
-        stdout
-            .read_line(&mut line)
-            .context("reading the load generator's first line")?;
+        stdout.read_line(&mut line).context("reading the load generator's first line")?;
         let Some(netns) = line.trim().strip_prefix("netns ") else {
             let status = child.wait().map(process::describe).unwrap_or_default();
-            bail!(
-                "load generator {name} did not start ({status}): {}",
-                line.trim()
-            );
+            bail!("load generator {name} did not start ({status}): {}", line.trim());
         };
-        Ok(Self {
-            name: name.to_string(),
-            pid,
-            netns: PathBuf::from(netns),
-            child,
-            stdin: Some(stdin),
-            stdout,
-        })
+        Ok(Self { name: name.to_string(), pid, netns: PathBuf::from(netns), child, stdin: Some(stdin), stdout })
     }
 
     /// Runs `command`; `on_mark` is called at the start and end of its measured window (while
     /// the traffic flows) and may take its time.
-    pub fn run(
-        &mut self,
-        command: &Command,
-        mut on_mark: impl FnMut(Mark) -> Result<()>,
-    ) -> Result<Outcome> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .context("load generator already stopped")?;
+    pub fn run(&mut self, command: &Command, mut on_mark: impl FnMut(Mark) -> Result<()>) -> Result<Outcome> {
+        let stdin = self.stdin.as_mut().context("load generator already stopped")?;
         let line = serde_json::to_string(command).context("encoding a load generator command")?;
         writeln!(stdin, "{line}")
             .and_then(|()| stdin.flush())
             .with_context(|| format!("sending {line} to load generator {}", self.name))?;
         loop {
             let mut reply = String::new();
-            let n = self
-                .stdout
-                .read_line(&mut reply)
-                .with_context(|| format!("reading load generator {}", self.name))?;
+            let n =
+                self.stdout.read_line(&mut reply).with_context(|| format!("reading load generator {}", self.name))?;
             if n == 0 {
-                let status = self
-                    .child
-                    .wait()
-                    .map(process::describe)
-                    .unwrap_or_default();
-                bail!(
-                    "load generator {} exited during {line} ({status})",
-                    self.name
-                );
+                let status = self.child.wait().map(process::describe).unwrap_or_default();
+                bail!("load generator {} exited during {line} ({status})", self.name);
             }
             match serde_json::from_str::<Reply>(&reply)
                 .with_context(|| format!("load generator {} said {reply:?}", self.name))?
@@ -285,12 +228,10 @@ pub fn main(name: &str) -> Result<()> {
     for line in io::stdin().lock().lines() {
         let line = line.context("reading a command")?;
         let reply = match serde_json::from_str::<Command>(&line) {
-            Ok(command) => {
-                match execute(&command, &mut |mark| emit(&mut out, &Reply::Mark(mark))) {
-                    Ok(outcome) => Reply::Result(outcome),
-                    Err(e) => Reply::Error(format!("{e:#}")),
-                }
-            }
+            Ok(command) => match execute(&command, &mut |mark| emit(&mut out, &Reply::Mark(mark))) {
+                Ok(outcome) => Reply::Result(outcome),
+                Err(e) => Reply::Error(format!("{e:#}")),
+            },
             Err(e) => Reply::Error(format!("bad command {line:?}: {e}")),
         };
         emit(&mut out, &reply)?;
@@ -358,71 +299,20 @@ struct Client {
 fn execute(command: &Command, mark: &mut dyn FnMut(Mark) -> Result<()>) -> Result<Outcome> {
     let counters = Counters::default();
     match *command {
-        Command::Churn {
-            warmup_ms,
-            duration_ms,
-            clients,
-            servers,
-        } => {
+        Command::Churn { warmup_ms, duration_ms, clients, servers } => {
             let servers = (0..servers.max(1))
-                .map(|_| {
-                    Ok(vec![(
-                        net::listen(SocketAddrV4::new(SERVER_IP, GRACEFUL_PORT), true)?,
-                        Kind::Graceful,
-                    )])
-                })
+                .map(|_| Ok(vec![(net::listen(SocketAddrV4::new(SERVER_IP, GRACEFUL_PORT), true)?, Kind::Graceful)]))
                 .collect::<io::Result<Vec<_>>>()
                 .context("listening for the churn")?;
-            let client = Client {
-                kind: Kind::Graceful,
-                ports: (GRACEFUL_PORT, 1),
-                sources: 0,
-                rate: 0,
-            };
-            timed(
-                &counters,
-                servers,
-                vec![client; clients.max(1)],
-                warmup_ms,
-                duration_ms,
-                mark,
-            )
+            let client = Client { kind: Kind::Graceful, ports: (GRACEFUL_PORT, 1), sources: 0, rate: 0 };
+            timed(&counters, servers, vec![client; clients.max(1)], warmup_ms, duration_ms, mark)
         }
-        Command::Storm {
-            warmup_ms,
-            duration_ms,
-            refused,
-            linger,
-            rate,
-        } => {
-            let listener = net::listen(SocketAddrV4::new(SERVER_IP, LINGER_PORT), false)
-                .context("listening for the storm")?;
-            let mut clients = vec![
-                Client {
-                    kind: Kind::Refused,
-                    ports: (CLOSED_PORT, 1),
-                    sources: 0,
-                    rate
-                };
-                refused
-            ];
-            clients.extend(vec![
-                Client {
-                    kind: Kind::Linger0,
-                    ports: (LINGER_PORT, 1),
-                    sources: 0,
-                    rate
-                };
-                linger
-            ]);
-            timed(
-                &counters,
-                vec![vec![(listener, Kind::Linger0)]],
-                clients,
-                warmup_ms,
-                duration_ms,
-                mark,
-            )
+        Command::Storm { warmup_ms, duration_ms, refused, linger, rate } => {
+            let listener =
+                net::listen(SocketAddrV4::new(SERVER_IP, LINGER_PORT), false).context("listening for the storm")?;
+            let mut clients = vec![Client { kind: Kind::Refused, ports: (CLOSED_PORT, 1), sources: 0, rate }; refused];
+            clients.extend(vec![Client { kind: Kind::Linger0, ports: (LINGER_PORT, 1), sources: 0, rate }; linger]);
+            timed(&counters, vec![vec![(listener, Kind::Linger0)]], clients, warmup_ms, duration_ms, mark)
         }
         Command::Series { ports, clients } => {
             let stop = AtomicBool::new(false);
@@ -431,12 +321,7 @@ fn execute(command: &Command, mark: &mut dyn FnMut(Mark) -> Result<()>) -> Resul
                 let server = s.spawn(|| serve(&listeners, &counters, &stop));
                 for port in 0..ports {
                     for source in 0..clients {
-                        one(
-                            Kind::Graceful,
-                            Some(source_ip(source)),
-                            SERIES_BASE_PORT + port,
-                            &counters,
-                        );
+                        one(Kind::Graceful, Some(source_ip(source)), SERIES_BASE_PORT + port, &counters);
                     }
                 }
                 stop_servers(&stop, &[&listeners]);
@@ -444,58 +329,25 @@ fn execute(command: &Command, mark: &mut dyn FnMut(Mark) -> Result<()>) -> Resul
             })?;
             Ok(outcome(&counters, 0.0, Tally::default()))
         }
-        Command::Cycle {
-            ports,
-            clients,
-            rate,
-            duration_ms,
-        } => {
-            let client = Client {
-                kind: Kind::Graceful,
-                ports: (SERIES_BASE_PORT, ports),
-                sources: clients,
-                rate,
-            };
-            timed(
-                &counters,
-                vec![series_listeners(ports)?],
-                vec![client],
-                0,
-                duration_ms,
-                mark,
-            )
+        Command::Cycle { ports, clients, rate, duration_ms } => {
+            let client = Client { kind: Kind::Graceful, ports: (SERIES_BASE_PORT, ports), sources: clients, rate };
+            timed(&counters, vec![series_listeners(ports)?], vec![client], 0, duration_ms, mark)
         }
-        Command::Mixed {
-            rate_per_kind,
-            duration_ms,
-        } => {
-            let listen = |port, kind| {
-                Ok((
-                    net::listen(SocketAddrV4::new(SERVER_IP, port), false)?,
-                    kind,
-                ))
-            };
-            let listeners = [
-                (GRACEFUL_PORT, Kind::Graceful),
-                (LINGER_PORT, Kind::Linger0),
-                (UNREAD_PORT, Kind::Unread),
-            ]
-            .into_iter()
-            .map(|(port, kind)| listen(port, kind))
-            .collect::<io::Result<Vec<_>>>()
-            .context("listening for the mixed traffic")?;
+        Command::Mixed { rate_per_kind, duration_ms } => {
+            let listen = |port, kind| Ok((net::listen(SocketAddrV4::new(SERVER_IP, port), false)?, kind));
+            let listeners =
+                [(GRACEFUL_PORT, Kind::Graceful), (LINGER_PORT, Kind::Linger0), (UNREAD_PORT, Kind::Unread)]
+                    .into_iter()
+                    .map(|(port, kind)| listen(port, kind))
+                    .collect::<io::Result<Vec<_>>>()
+                    .context("listening for the mixed traffic")?;
             let clients = [
                 (Kind::Graceful, GRACEFUL_PORT),
                 (Kind::Linger0, LINGER_PORT),
                 (Kind::Unread, UNREAD_PORT),
                 (Kind::Refused, CLOSED_PORT),
             ]
-            .map(|(kind, port)| Client {
-                kind,
-                ports: (port, 1),
-                sources: 0,
-                rate: rate_per_kind,
-            })
+            .map(|(kind, port)| Client { kind, ports: (port, 1), sources: 0, rate: rate_per_kind })
             .to_vec();
             timed(&counters, vec![listeners], clients, 0, duration_ms, mark)
         }
@@ -509,12 +361,7 @@ fn source_ip(i: u16) -> Ipv4Addr {
 
 fn series_listeners(ports: u16) -> Result<Vec<(TcpListener, Kind)>> {
     (0..ports)
-        .map(|p| {
-            Ok((
-                net::listen(SocketAddrV4::new(SERVER_IP, SERIES_BASE_PORT + p), false)?,
-                Kind::Graceful,
-            ))
-        })
+        .map(|p| Ok((net::listen(SocketAddrV4::new(SERVER_IP, SERIES_BASE_PORT + p), false)?, Kind::Graceful)))
         .collect::<io::Result<Vec<_>>>()
         .context("listening on the series ports")
 }
@@ -533,10 +380,8 @@ fn timed(
     let stop_servers_flag = AtomicBool::new(false);
     let listener_refs: Vec<&[(TcpListener, Kind)]> = servers.iter().map(Vec::as_slice).collect();
     thread::scope(|s| -> Result<Outcome> {
-        let server_threads: Vec<_> = servers
-            .iter()
-            .map(|set| s.spawn(|| serve(set, counters, &stop_servers_flag)))
-            .collect();
+        let server_threads: Vec<_> =
+            servers.iter().map(|set| s.spawn(|| serve(set, counters, &stop_servers_flag))).collect();
         let client_threads: Vec<_> = clients
             .iter()
             .enumerate()
@@ -578,11 +423,7 @@ fn outcome(counters: &Counters, seconds: f64, window: Tally) -> Outcome {
         window,
         total: counters.tally(),
         errors: counters.errors.load(Relaxed),
-        first_error: counters
-            .first_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
+        first_error: counters.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     }
 }
 
@@ -612,8 +453,7 @@ fn client_loop(c: Client, thread_index: usize, counters: &Counters, stop: &Atomi
             }
         }
         let port = c.ports.0 + (i % c.ports.1 as u64) as u16;
-        let source =
-            (c.sources > 0).then(|| source_ip(((i / c.ports.1 as u64) % c.sources as u64) as u16));
+        let source = (c.sources > 0).then(|| source_ip(((i / c.ports.1 as u64) % c.sources as u64) as u16));
         one(c.kind, source, port, counters);
         i += 1;
         n += 1;
@@ -646,9 +486,7 @@ fn one(kind: Kind, source: Option<Ipv4Addr>, port: u16, counters: &Counters) {
     };
     match result {
         Ok(true) => counters.done(kind),
-        Ok(false) => counters.error(format!(
-            "{kind:?} connection to {to} did not end as intended"
-        )),
+        Ok(false) => counters.error(format!("{kind:?} connection to {to} did not end as intended")),
         Err(e) => counters.error(format!("{kind:?} connection to {to}: {e}")),
     }
 }
@@ -684,15 +522,9 @@ fn serve(listeners: &[(TcpListener, Kind)], counters: &Counters, stop: &AtomicBo
             let handled = match kind {
                 Kind::Graceful => net::serve_graceful(conn),
                 Kind::Linger0 => net::set_linger0(&conn),
-                Kind::Unread => {
-                    net::wait_readable(&conn, IO_TIMEOUT).and_then(|readable| {
-                        if readable {
-                            Ok(())
-                        } else {
-                            Err(io::Error::other("request never arrived"))
-                        }
-                    })
-                }
+                Kind::Unread => net::wait_readable(&conn, IO_TIMEOUT).and_then(|readable| {
+                    if readable { Ok(()) } else { Err(io::Error::other("request never arrived")) }
+                }),
                 Kind::Refused => Ok(()),
             };
             if let Err(e) = handled {
@@ -709,34 +541,10 @@ mod tests {
     #[test]
     fn events_per_connection_follow_the_daemons_model() {
         let one = |t: Tally| (t.closes(), t.resets(), t.events());
-        assert_eq!(
-            one(Tally {
-                graceful: 1,
-                ..Tally::default()
-            }),
-            (2, 0, 2)
-        );
-        assert_eq!(
-            one(Tally {
-                linger0: 1,
-                ..Tally::default()
-            }),
-            (2, 1, 4)
-        );
-        assert_eq!(
-            one(Tally {
-                unread: 1,
-                ..Tally::default()
-            }),
-            (2, 1, 4)
-        );
-        assert_eq!(
-            one(Tally {
-                refused: 1,
-                ..Tally::default()
-            }),
-            (1, 1, 3)
-        );
+        assert_eq!(one(Tally { graceful: 1, ..Tally::default() }), (2, 0, 2));
+        assert_eq!(one(Tally { linger0: 1, ..Tally::default() }), (2, 1, 4));
+        assert_eq!(one(Tally { unread: 1, ..Tally::default() }), (2, 1, 4));
+        assert_eq!(one(Tally { refused: 1, ..Tally::default() }), (1, 1, 3));
     }
 
     #[test]
@@ -748,20 +556,9 @@ mod tests {
 
     #[test]
     fn commands_round_trip_as_json() {
-        let c = Command::Cycle {
-            ports: 10,
-            clients: 99,
-            rate: 5000,
-            duration_ms: 1000,
-        };
+        let c = Command::Cycle { ports: 10, clients: 99, rate: 5000, duration_ms: 1000 };
         let text = serde_json::to_string(&c).unwrap();
-        assert_eq!(
-            text,
-            r#"{"op":"cycle","ports":10,"clients":99,"rate":5000,"duration_ms":1000}"#
-        );
-        assert!(matches!(
-            serde_json::from_str(&text).unwrap(),
-            Command::Cycle { ports: 10, .. }
-        ));
+        assert_eq!(text, r#"{"op":"cycle","ports":10,"clients":99,"rate":5000,"duration_ms":1000}"#);
+        assert!(matches!(serde_json::from_str(&text).unwrap(), Command::Cycle { ports: 10, .. }));
     }
 }

@@ -185,7 +185,9 @@ impl ProbeId {
         match self {
             Self::InetSockSetState | Self::TcpSetState => Hook::SetState,
             Self::TcpReceiveReset | Self::TcpReset => Hook::ReceiveReset,
-            Self::TcpSendReset | Self::TcpSendActiveReset | Self::TcpV4SendReset | Self::TcpV6SendReset => Hook::SendReset,
+            Self::TcpSendReset | Self::TcpSendActiveReset | Self::TcpV4SendReset | Self::TcpV6SendReset => {
+                Hook::SendReset
+            }
             Self::TcpDestroySock | Self::TcpV4DestroySock => Hook::Destroy,
             Self::SysExitAccept4 | Self::SysExitAccept | Self::InetCskAccept => Hook::Accept,
         }

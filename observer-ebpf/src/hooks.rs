@@ -129,7 +129,9 @@ pub fn on_reset_received(probe: ProbeId, sk: u64, endpoints: &Endpoints) {
 pub fn on_reset_sent(probe: ProbeId, sk: u64, reason: u32, state: u8, endpoints: impl FnOnce(&mut Endpoints)) {
     // A full socket we track: the reset is its owner's. Anything else (no socket, a TIME_WAIT
     // or request minisock, a listener) is reported with its endpoints and no owner.
-    if sk != 0 && let Some(info) = known_socket(sk) {
+    if sk != 0
+        && let Some(info) = known_socket(sk)
+    {
         info.flags |= flags::RESET_SENT;
         info.reason = reason;
         emit(EventKind::ResetSent, probe, sk, state, info);

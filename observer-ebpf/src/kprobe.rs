@@ -13,7 +13,7 @@ use observer_common::{Endpoints, ProbeId, REASON_NONE, tcp_state};
 use crate::{
     hooks::{on_accept, on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
-    read::{kread, observed_skb, observed_sock, read_sock_endpoints, read_skb_endpoints},
+    read::{kread, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
 };
 
 /// A pointer argument of a kprobed function (0 if absent).
@@ -109,11 +109,15 @@ fn passive_reset(ctx: &ProbeContext, probe: ProbeId, reason_index: u32) -> u32 {
     let state: u8 = if sk != 0 { kread(sk, get(&k.sock_state)) } else { 0 };
     // A connection's own endpoints when it has them; a listener's or a minisock's are partial or
     // the same as the segment's, so take the segment's.
-    let full = sk != 0
-        && state != tcp_state::LISTEN
-        && state != tcp_state::TIME_WAIT
-        && state != tcp_state::NEW_SYN_RECV;
-    on_reset_sent(probe, sk, reason, state, |e| if full { read_sock_endpoints(sk, e) } else { read_skb_endpoints(skb, e) });
+    let full =
+        sk != 0 && state != tcp_state::LISTEN && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
+    on_reset_sent(
+        probe,
+        sk,
+        reason,
+        state,
+        |e| if full { read_sock_endpoints(sk, e) } else { read_skb_endpoints(skb, e) },
+    );
     0
 }
 

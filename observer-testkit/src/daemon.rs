@@ -33,7 +33,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { listen: None, ready_within: Duration::from_secs(120), poll: Duration::from_millis(50), http_timeout: Duration::from_secs(120) }
+        Self {
+            listen: None,
+            ready_within: Duration::from_secs(120),
+            poll: Duration::from_millis(50),
+            http_timeout: Duration::from_secs(120),
+        }
     }
 }
 
@@ -179,7 +184,12 @@ impl Daemon {
         let status = self.wait_exit(Duration::from_secs(120))?;
         if !status.success() {
             thread::sleep(Duration::from_millis(100));
-            bail!("`{}` exited with {} on SIGTERM; its log:\n{}", self.command, process::describe(status), self.log().join("\n"));
+            bail!(
+                "`{}` exited with {} on SIGTERM; its log:\n{}",
+                self.command,
+                process::describe(status),
+                self.log().join("\n")
+            );
         }
         Ok(())
     }

@@ -25,7 +25,8 @@ impl Metrics {
     pub fn parse(text: &str) -> Result<Self> {
         let mut samples = Vec::new();
         for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-            let (series, value) = line.trim_end().rsplit_once(' ').ok_or_else(|| anyhow!("metrics line without a value: {line}"))?;
+            let (series, value) =
+                line.trim_end().rsplit_once(' ').ok_or_else(|| anyhow!("metrics line without a value: {line}"))?;
             let value: f64 = value.parse().map_err(|e| anyhow!("metrics line with a bad value ({e}): {line}"))?;
             let (name, labels) = match series.split_once('{') {
                 Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}').unwrap_or(rest))),
@@ -37,10 +38,16 @@ impl Metrics {
     }
 
     /// The label sets of `name` that include all of `filter`, with their values.
-    pub fn matching<'a>(&'a self, name: &'a str, filter: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        filter: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = (&'a BTreeMap<String, String>, f64)> + 'a {
         self.samples
             .iter()
-            .filter(move |(n, labels, _)| n == name && filter.iter().all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v)))
+            .filter(move |(n, labels, _)| {
+                n == name && filter.iter().all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
             .map(|(_, labels, v)| (labels, *v))
     }
 
@@ -51,12 +58,17 @@ impl Metrics {
 
     /// The samples about connections with one of `peers` (their `peer` label).
     pub fn of_peers(&self, peers: &[&str]) -> Vec<&Sample> {
-        self.samples.iter().filter(|(_, labels, _)| labels.get("peer").is_some_and(|p| peers.contains(&p.as_str()))).collect()
+        self.samples
+            .iter()
+            .filter(|(_, labels, _)| labels.get("peer").is_some_and(|p| peers.contains(&p.as_str())))
+            .collect()
     }
 
     /// `observer_events_total` by probe.
     pub fn events_by_probe(&self) -> BTreeMap<String, u64> {
-        self.matching("observer_events_total", &[]).filter_map(|(labels, v)| labels.get("probe").map(|p| (p.clone(), v as u64))).collect()
+        self.matching("observer_events_total", &[])
+            .filter_map(|(labels, v)| labels.get("probe").map(|p| (p.clone(), v as u64)))
+            .collect()
     }
 
     pub fn events_seen(&self) -> u64 {

@@ -17,7 +17,10 @@ pub fn is_root() -> bool {
 
 /// Sends `signal` to process `pid`.
 pub fn kill(pid: u32, signal: Signal) -> io::Result<()> {
-    let pid = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).ok_or_else(|| io::Error::other(format!("no such pid {pid}")))?;
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| io::Error::other(format!("no such pid {pid}")))?;
     Ok(rustix::process::kill_process(pid, signal)?)
 }
 

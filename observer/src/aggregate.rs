@@ -46,7 +46,8 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 5] = [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses, Self::Retransmits];
+    pub const ALL: [Family; 5] =
+        [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses, Self::Retransmits];
 }
 
 #[derive(Debug, Default)]
@@ -112,7 +113,8 @@ impl Aggregator {
             let group = f.groups.entry((key.comm, key.port)).or_default();
             if !group.contains_key(&addr) && group.len() >= self.max_peers {
                 // Evict the least recently active peer: its series move to peer="other".
-                let (&oldest, _) = group.iter().min_by_key(|(_, slot)| slot.last_active).expect("group is full, so not empty");
+                let (&oldest, _) =
+                    group.iter().min_by_key(|(_, slot)| slot.last_active).expect("group is full, so not empty");
                 let slot = group.remove(&oldest).expect("just found");
                 for old in slot.keys {
                     if let Some(v) = f.values.remove(&old) {
@@ -206,7 +208,13 @@ mod tests {
         assert_eq!(other, 194);
         assert_eq!(a.folded(), 194);
         // The survivors are the most recently active.
-        let mut kept: Vec<u8> = a.iter(Family::Closes).filter_map(|(k, _)| match k.peer { Peer::Addr(p) => Some(p[15]), Peer::Other => None }).collect();
+        let mut kept: Vec<u8> = a
+            .iter(Family::Closes)
+            .filter_map(|(k, _)| match k.peer {
+                Peer::Addr(p) => Some(p[15]),
+                Peer::Other => None,
+            })
+            .collect();
         kept.sort();
         assert_eq!(kept, vec![97, 98, 99]);
     }
@@ -242,7 +250,8 @@ mod tests {
         a.add(Family::PrematureCloses, SeriesKey { detail: 1, ..key(1, 80) }, 1);
         a.add(Family::PrematureCloses, SeriesKey { detail: 2, ..key(1, 80) }, 1);
         a.add(Family::PrematureCloses, SeriesKey { detail: 1, ..key(2, 80) }, 1);
-        let other: Vec<u32> = a.iter(Family::PrematureCloses).filter(|(k, _)| k.peer == Peer::Other).map(|(k, _)| k.detail).collect();
+        let other: Vec<u32> =
+            a.iter(Family::PrematureCloses).filter(|(k, _)| k.peer == Peer::Other).map(|(k, _)| k.detail).collect();
         assert_eq!(other.len(), 2, "both kinds of the evicted peer keep their kind");
         assert_eq!(a.total(Family::PrematureCloses), 3);
     }

@@ -62,11 +62,7 @@ impl Attribution {
             id => self.resolver.lock().unwrap_or_else(|e| e.into_inner()).resolve(id),
         };
         let container_key = container.as_ref().map_or(NO_CONTAINER, |c| container_key(c.short_id()));
-        Attributed {
-            key: self.key(raw, container_key),
-            container,
-            unattributed: raw.owner.tgid == 0 && raw.sk != 0,
-        }
+        Attributed { key: self.key(raw, container_key), container, unattributed: raw.owner.tgid == 0 && raw.sk != 0 }
     }
 
     /// The series an event counts under; `container` is the owner's short container id.
@@ -95,7 +91,7 @@ impl Attribution {
 mod tests {
     use std::sync::Mutex;
 
-    use observer_common::{EventKind, Endpoints, Owner, ProbeId};
+    use observer_common::{Endpoints, EventKind, Owner, ProbeId};
 
     use super::*;
     use crate::{container::CgroupResolver, series::label_values};
@@ -114,7 +110,14 @@ mod tests {
         SocketEvent {
             role: role as u8,
             sk: 0xffff_8881_0000_0000,
-            endpoints: Endpoints { local_addr: v4([127, 0, 0, 1]), remote_addr: v4([10, 1, 2, 3]), local_port, remote_port, family: 2, _pad: 0 },
+            endpoints: Endpoints {
+                local_addr: v4([127, 0, 0, 1]),
+                remote_addr: v4([10, 1, 2, 3]),
+                local_port,
+                remote_port,
+                family: 2,
+                _pad: 0,
+            },
             owner: Owner { tgid: 42, comm, ..Owner::default() },
             ..Default::default()
         }
@@ -141,7 +144,8 @@ mod tests {
     #[test]
     fn only_sockets_without_a_known_owner_are_unattributed() {
         let a = attribution();
-        let attributed = |raw| a.attribute(&Event { kind: EventKind::ResetReceived, probe: ProbeId::TcpReceiveReset, raw });
+        let attributed =
+            |raw| a.attribute(&Event { kind: EventKind::ResetReceived, probe: ProbeId::TcpReceiveReset, raw });
         let owned = attributed(event(Role::Client, 45000, 8080));
         assert!(!owned.unattributed);
         assert_eq!(owned.container, None, "no cgroup id, no container");

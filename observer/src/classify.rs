@@ -147,7 +147,11 @@ mod tests {
     }
 
     fn reasons() -> ResetReasons {
-        ResetReasons::from_pairs([(0, "SK_RST_REASON_NOT_SPECIFIED"), (11, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"), (14, "SK_RST_REASON_TCP_STATE")])
+        ResetReasons::from_pairs([
+            (0, "SK_RST_REASON_NOT_SPECIFIED"),
+            (11, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"),
+            (14, "SK_RST_REASON_TCP_STATE"),
+        ])
     }
 
     fn kind(ev: &Event) -> Option<PrematureClose> {
@@ -165,22 +169,40 @@ mod tests {
 
     #[test]
     fn reset_in_syn_sent_is_refused_not_peer_reset() {
-        assert_eq!(kind(&closed(flags::RESET_RECEIVED, tcp_state::SYN_SENT, tcp_state::SYN_SENT, REASON_NONE, 0)), Some(PrematureClose::Refused));
-        assert_eq!(kind(&closed(flags::RESET_RECEIVED, tcp_state::ESTABLISHED, tcp_state::ESTABLISHED, REASON_NONE, 0)), Some(PrematureClose::PeerReset));
+        assert_eq!(
+            kind(&closed(flags::RESET_RECEIVED, tcp_state::SYN_SENT, tcp_state::SYN_SENT, REASON_NONE, 0)),
+            Some(PrematureClose::Refused)
+        );
+        assert_eq!(
+            kind(&closed(flags::RESET_RECEIVED, tcp_state::ESTABLISHED, tcp_state::ESTABLISHED, REASON_NONE, 0)),
+            Some(PrematureClose::PeerReset)
+        );
     }
 
     #[test]
     fn unread_data_by_bytes_or_by_reason() {
-        assert_eq!(kind(&closed(flags::RESET_SENT, tcp_state::ESTABLISHED, 0, 11, 0)), Some(PrematureClose::UnreadData));
+        assert_eq!(
+            kind(&closed(flags::RESET_SENT, tcp_state::ESTABLISHED, 0, 11, 0)),
+            Some(PrematureClose::UnreadData)
+        );
         // Kernels before 6.12 say not_specified: the unread byte count decides.
-        assert_eq!(kind(&closed(flags::RESET_SENT, tcp_state::ESTABLISHED, 0, 0, 90)), Some(PrematureClose::UnreadData));
-        assert_eq!(kind(&closed(flags::RESET_SENT, tcp_state::ESTABLISHED, 0, 14, 0)), Some(PrematureClose::LocalReset));
+        assert_eq!(
+            kind(&closed(flags::RESET_SENT, tcp_state::ESTABLISHED, 0, 0, 90)),
+            Some(PrematureClose::UnreadData)
+        );
+        assert_eq!(
+            kind(&closed(flags::RESET_SENT, tcp_state::ESTABLISHED, 0, 14, 0)),
+            Some(PrematureClose::LocalReset)
+        );
     }
 
     #[test]
     fn received_reset_wins_over_sent_reset() {
         let both = flags::RESET_RECEIVED | flags::RESET_SENT;
-        assert_eq!(kind(&closed(both, tcp_state::ESTABLISHED, tcp_state::ESTABLISHED, 11, 5)), Some(PrematureClose::PeerReset));
+        assert_eq!(
+            kind(&closed(both, tcp_state::ESTABLISHED, tcp_state::ESTABLISHED, 11, 5)),
+            Some(PrematureClose::PeerReset)
+        );
     }
 
     /// A connection that closed without any reset, with these facts.
@@ -207,7 +229,10 @@ mod tests {
         // Nothing was sent (an idle pooled connection the server closed): normal.
         assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT, LAST_ACK], 0, 0, 0, LAST_ACK)), None);
         // The client closed first (it gave up): not EOF.
-        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2], 0, 1, 0, FIN_WAIT2)), None);
+        assert_eq!(
+            kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2], 0, 1, 0, FIN_WAIT2)),
+            None
+        );
     }
 
     #[test]
@@ -225,14 +250,23 @@ mod tests {
     #[test]
     fn timeouts_by_state() {
         let etimedout = libc::ETIMEDOUT as u32;
-        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT], 0, 0, etimedout, SYN_SENT)), Some(PrematureClose::ConnectTimeout));
-        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED], 0, 3, etimedout, ESTABLISHED)), Some(PrematureClose::Timeout));
+        assert_eq!(
+            kind(&ended(Role::Client, &[SYN_SENT], 0, 0, etimedout, SYN_SENT)),
+            Some(PrematureClose::ConnectTimeout)
+        );
+        assert_eq!(
+            kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED], 0, 3, etimedout, ESTABLISHED)),
+            Some(PrematureClose::Timeout)
+        );
         // Keepalive timeouts send an RST: still a timeout.
         let mut keepalive = ended(Role::Client, &[SYN_SENT, ESTABLISHED], 0, 0, etimedout, ESTABLISHED);
         keepalive.raw.flags = flags::RESET_SENT;
         assert_eq!(kind(&keepalive), Some(PrematureClose::Timeout));
         // A timeout wins over EOF facts; a received reset wins over a timeout.
-        assert_eq!(kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT], 0, 1, etimedout, CLOSE_WAIT)), Some(PrematureClose::Timeout));
+        assert_eq!(
+            kind(&ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT], 0, 1, etimedout, CLOSE_WAIT)),
+            Some(PrematureClose::Timeout)
+        );
         let mut reset = ended(Role::Client, &[SYN_SENT, ESTABLISHED], 0, 1, etimedout, ESTABLISHED);
         reset.raw.flags = flags::RESET_RECEIVED;
         reset.raw.reset_state = ESTABLISHED;
@@ -260,7 +294,11 @@ mod tests {
 
     #[test]
     fn resets_are_reported_as_such() {
-        let ev = Event { kind: EventKind::ResetSent, probe: ProbeId::TcpSendReset, raw: SocketEvent { reason: 14, ..Default::default() } };
+        let ev = Event {
+            kind: EventKind::ResetSent,
+            probe: ProbeId::TcpSendReset,
+            raw: SocketEvent { reason: 14, ..Default::default() },
+        };
         assert_eq!(classify(&ev, &reasons()), Outcome::ResetSent { reason: 14 });
     }
 }

@@ -35,7 +35,11 @@ pub struct SocketTable {
 }
 
 impl SocketTable {
-    pub fn new(sockets: BpfHashMap<MapData, u64, SocketInfo>, seeds: BpfHashMap<MapData, u64, SocketInfo>, resolver: SharedResolver) -> Self {
+    pub fn new(
+        sockets: BpfHashMap<MapData, u64, SocketInfo>,
+        seeds: BpfHashMap<MapData, u64, SocketInfo>,
+        resolver: SharedResolver,
+    ) -> Self {
         Self { sockets, seeds, resolver }
     }
 
@@ -71,7 +75,11 @@ fn endpoints_key(info: &SocketInfo) -> ([u8; 16], u16, [u8; 16], u16) {
 }
 
 /// Counts open sockets by (comm, role, state, container) and the oldest CLOSE-WAIT per process.
-pub fn summarize(infos: &[SocketInfo], now_ns: u64, mut container: impl FnMut(u64) -> String) -> (ByState, OldestCloseWait) {
+pub fn summarize(
+    infos: &[SocketInfo],
+    now_ns: u64,
+    mut container: impl FnMut(u64) -> String,
+) -> (ByState, OldestCloseWait) {
     let mut by_state = ByState::new();
     let mut oldest = OldestCloseWait::new();
     for info in infos {
@@ -108,7 +116,13 @@ mod tests {
     fn info(comm: &[u8], role: Role, state: u8, since: u64, cgroup_id: u64) -> SocketInfo {
         let mut c = [0u8; 16];
         c[..comm.len()].copy_from_slice(comm);
-        SocketInfo { owner: Owner { comm: c, tgid: 1, cgroup_id, ..Owner::default() }, role: role as u8, state, state_since_ns: since, ..SocketInfo::default() }
+        SocketInfo {
+            owner: Owner { comm: c, tgid: 1, cgroup_id, ..Owner::default() },
+            role: role as u8,
+            state,
+            state_since_ns: since,
+            ..SocketInfo::default()
+        }
     }
 
     #[test]

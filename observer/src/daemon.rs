@@ -52,10 +52,10 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     log::info!("serving /metrics, /healthz and /api/v1/status on http://{local}");
 
     let netns = options.probes.netns;
-    let loaded = tokio::task::spawn_blocking(move || probes::load(options.probes))
-        .await
-        .context("probe loader panicked")??;
-    let probes::LoadedProbes { statuses, reasons, degraded, events, counters, sockets, mut seeds, logger, ebpf } = loaded;
+    let loaded =
+        tokio::task::spawn_blocking(move || probes::load(options.probes)).await.context("probe loader panicked")??;
+    let probes::LoadedProbes { statuses, reasons, degraded, events, counters, sockets, mut seeds, logger, ebpf } =
+        loaded;
     // Connections opened before now: their owners, for the programs to adopt and the gauges to
     // count from the first scrape.
     let (seeded, seeds) = tokio::task::spawn_blocking(move || (seed::seed(&mut seeds, netns), seeds))
@@ -168,7 +168,10 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
 fn spawn_socket_scanner(table: SocketTable, state: Arc<DaemonState>) -> tokio::task::JoinHandle<()> {
     let table = Arc::new(std::sync::Mutex::new(table));
     tokio::spawn(async move {
-        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + connections::SCAN_INTERVAL, connections::SCAN_INTERVAL);
+        let mut every = tokio::time::interval_at(
+            tokio::time::Instant::now() + connections::SCAN_INTERVAL,
+            connections::SCAN_INTERVAL,
+        );
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
@@ -214,9 +217,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 fn listen_error(addr: SocketAddr, e: std::io::Error) -> anyhow::Error {
     let hint = match e.kind() {
-        std::io::ErrorKind::AddrInUse => "another process is listening there (a second observer?); pick another address with --listen",
-        std::io::ErrorKind::AddrNotAvailable => "that address is not configured on this host; use --listen 0.0.0.0:PORT or a local address",
-        std::io::ErrorKind::PermissionDenied => "ports below 1024 need CAP_NET_BIND_SERVICE; pick a higher port with --listen",
+        std::io::ErrorKind::AddrInUse => {
+            "another process is listening there (a second observer?); pick another address with --listen"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "that address is not configured on this host; use --listen 0.0.0.0:PORT or a local address"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "ports below 1024 need CAP_NET_BIND_SERVICE; pick a higher port with --listen"
+        }
         _ => "check --listen",
     };
     anyhow::anyhow!("cannot listen on {addr}: {e}; {hint}")

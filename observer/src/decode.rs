@@ -41,7 +41,8 @@ mod tests {
 
     fn bytes_of(ev: &SocketEvent) -> Vec<u8> {
         // SAFETY: SocketEvent is repr(C) without padding.
-        unsafe { std::slice::from_raw_parts((ev as *const SocketEvent).cast::<u8>(), size_of::<SocketEvent>()) }.to_vec()
+        unsafe { std::slice::from_raw_parts((ev as *const SocketEvent).cast::<u8>(), size_of::<SocketEvent>()) }
+            .to_vec()
     }
 
     #[test]

@@ -13,10 +13,7 @@
 //! [`PAIRING_WINDOW_NS`]), at most [`PENDING_CAUSES`] causes waiting for their close, and the
 //! last [`LOG_CAPACITY`] records.
 
-use std::{
-    collections::VecDeque,
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use observer_common::{Endpoints, SocketEvent};
 
@@ -93,7 +90,13 @@ pub struct EventLog {
 impl EventLog {
     /// Records one event (resets and premature closes; graceful closes are only counted).
     /// Allocation-free but for the tables' growth: rendering happens when the log is read.
-    pub fn record(&mut self, event: &Event, outcome: Outcome, reasons: &ResetReasons, container: Option<&Arc<Container>>) {
+    pub fn record(
+        &mut self,
+        event: &Event,
+        outcome: Outcome,
+        reasons: &ResetReasons,
+        container: Option<&Arc<Container>>,
+    ) {
         if self.reasons.is_none() {
             self.reasons = Some(reasons.clone());
         }
@@ -121,7 +124,11 @@ impl EventLog {
             Outcome::Closed { premature: Some(_) } => None,
         };
         let awaits_cause = cause.is_none()
-            && matches!(outcome, Outcome::ResetReceived | Outcome::Closed { premature: Some(PrematureClose::PeerReset | PrematureClose::Refused) });
+            && matches!(
+                outcome,
+                Outcome::ResetReceived
+                    | Outcome::Closed { premature: Some(PrematureClose::PeerReset | PrematureClose::Refused) }
+            );
         let seq = self.push(Entry { seq: 0, raw: *raw, outcome, container: container.cloned(), cause });
         if awaits_cause {
             self.wait_for_cause(mirrored(&raw.endpoints), raw.timestamp_ns, seq, raw.sk);
@@ -194,7 +201,13 @@ impl EventLog {
                 self.sends.remove(&f);
             }
         }
-        let sender = Sender { comm: raw.owner.comm, pid: raw.owner.tgid, no_socket: raw.sk == 0, reason, container: container.cloned() };
+        let sender = Sender {
+            comm: raw.owner.comm,
+            pid: raw.owner.tgid,
+            no_socket: raw.sk == 0,
+            reason,
+            container: container.cloned(),
+        };
         let f = flow(&raw.endpoints);
         self.sends.insert(f, (now, sender));
         self.sends_order.push_back((now, f));
@@ -219,7 +232,8 @@ impl EventLog {
 
     /// Records after `since`, at most `limit`.
     pub fn page(&self, since: u64, limit: usize) -> EventsPage {
-        let events: Vec<EventRecord> = self.entries.iter().filter(|e| e.seq > since).take(limit).map(|e| self.render(e)).collect();
+        let events: Vec<EventRecord> =
+            self.entries.iter().filter(|e| e.seq > since).take(limit).map(|e| self.render(e)).collect();
         let next = events.last().map_or(since.min(self.next_seq).max(self.first_seq().saturating_sub(1)), |r| r.seq);
         EventsPage { next, latest: self.next_seq, events }
     }
@@ -288,7 +302,13 @@ impl EventLog {
         } else {
             format!("reset by {comm}[{}]: {reason}", s.pid)
         };
-        Cause { comm, pid: s.pid, container: s.container.as_ref().map(|c| c.short_id().to_string()).unwrap_or_default(), reason, summary }
+        Cause {
+            comm,
+            pid: s.pid,
+            container: s.container.as_ref().map(|c| c.short_id().to_string()).unwrap_or_default(),
+            reason,
+            summary,
+        }
     }
 }
 
@@ -346,7 +366,14 @@ mod tests {
                 role: Role::Client as u8,
                 state: tcp_state::ESTABLISHED,
                 flags: flags::RESET_RECEIVED,
-                endpoints: Endpoints { local_addr: v4(local.0), local_port: local.1, remote_addr: v4(remote.0), remote_port: remote.1, family: 2, _pad: 0 },
+                endpoints: Endpoints {
+                    local_addr: v4(local.0),
+                    local_port: local.1,
+                    remote_addr: v4(remote.0),
+                    remote_port: remote.1,
+                    family: 2,
+                    _pad: 0,
+                },
                 owner: Owner { tgid: pid, comm: c, ..Owner::default() },
                 ..SocketEvent::default()
             },
@@ -393,7 +420,11 @@ mod tests {
         log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
         let page = log.page(0, 10);
         for r in &page.events[..2] {
-            assert_eq!(r.cause.as_ref().map(|c| c.summary.as_str()), Some("reset by userbackend[4711]: tcp_abort_on_close"), "{r:?}");
+            assert_eq!(
+                r.cause.as_ref().map(|c| c.summary.as_str()),
+                Some("reset by userbackend[4711]: tcp_abort_on_close"),
+                "{r:?}"
+            );
         }
         assert_eq!(log.paired(), 2);
         assert!(log.pending.is_empty(), "the close is logged: nothing left waiting for it");
@@ -431,7 +462,8 @@ mod tests {
         assert!(log.sends.len() <= RECENT_SENDS);
         assert!(log.sends_order.len() <= RECENT_SENDS);
         for i in 0..(RECENT_SENDS as u64 + 10) {
-            let mut received = ev(EventKind::ResetReceived, i, b"cli", 2, (2, (i % 60000) as u16), (3, (i / 60000) as u16));
+            let mut received =
+                ev(EventKind::ResetReceived, i, b"cli", 2, (2, (i % 60000) as u16), (3, (i / 60000) as u16));
             received.raw.timestamp_ns = i;
             log.record(&received, Outcome::ResetReceived, &reasons(), None);
         }

@@ -38,7 +38,12 @@ pub type FamilySpec = (Family, &'static str, &'static str, Option<&'static str>)
 
 /// Every per-connection family, in exposition order. Names and labels are a contract (README).
 pub const FAMILIES: [FamilySpec; 5] = [
-    (Family::ResetsReceived, "observer_tcp_resets_received_total", "RST segments accepted on a socket, by the socket's owner.", None),
+    (
+        Family::ResetsReceived,
+        "observer_tcp_resets_received_total",
+        "RST segments accepted on a socket, by the socket's owner.",
+        None,
+    ),
     (
         Family::ResetsSent,
         "observer_tcp_resets_sent_total",
@@ -52,7 +57,12 @@ pub const FAMILIES: [FamilySpec; 5] = [
         "Connections that ended prematurely, each counted once, by how they ended.",
         Some("kind"),
     ),
-    (Family::Retransmits, "observer_tcp_retransmits_total", "Segments retransmitted, counted when the connection closes.", None),
+    (
+        Family::Retransmits,
+        "observer_tcp_retransmits_total",
+        "Segments retransmitted, counted when the connection closes.",
+        None,
+    ),
 ];
 
 const SERIES_FOLDED: (&str, &str) = (
@@ -111,7 +121,13 @@ fn labels(out: &mut String, key: &SeriesKey) {
     out.push_str("\",container=\"");
     escaped(out, Label::Container(&key.container));
     // Addresses and ports need no escaping.
-    let _ = write!(out, "\",peer=\"{}\",port=\"{}\",role=\"{}\"", Label::Peer(&key.peer), Label::Port(&key.port), role_text(key.role));
+    let _ = write!(
+        out,
+        "\",peer=\"{}\",port=\"{}\",role=\"{}\"",
+        Label::Peer(&key.peer),
+        Label::Port(&key.port),
+        role_text(key.role)
+    );
 }
 
 /// A label value as the text format wants it: backslash, double quote and newline escaped.
@@ -153,7 +169,11 @@ mod tests {
     fn writes_the_text_format_with_escaped_values() {
         let mut agg = Aggregator::new(50, 1000);
         agg.add(Family::Closes, key(b"nginx", v4([10, 0, 0, 1]), Port::Num(443), 0), 3);
-        agg.add(Family::PrematureCloses, key(b"a\"b\\c\nd", Ipv6Addr::LOCALHOST.octets(), Port::None, PrematureClose::EofBeforeResponse as u32), 1);
+        agg.add(
+            Family::PrematureCloses,
+            key(b"a\"b\\c\nd", Ipv6Addr::LOCALHOST.octets(), Port::None, PrematureClose::EofBeforeResponse as u32),
+            1,
+        );
         agg.add(Family::ResetsSent, key(b"", v4([10, 0, 0, 2]), Port::Num(80), 7), 2);
         let reasons = ResetReasons::from_pairs([(7, "SK_RST_REASON_NO_SOCKET")]);
         let mut out = String::new();
@@ -185,7 +205,12 @@ mod tests {
         agg.add(Family::Closes, key(b"srv", v4([1, 1, 1, 2]), Port::Num(80), 0), 1);
         let mut out = String::new();
         write_connections(&mut out, &agg, None);
-        assert!(out.contains("observer_tcp_closes_total{comm=\"srv\",container=\"\",peer=\"other\",port=\"80\",role=\"client\"} 1\n"), "{out}");
+        assert!(
+            out.contains(
+                "observer_tcp_closes_total{comm=\"srv\",container=\"\",peer=\"other\",port=\"80\",role=\"client\"} 1\n"
+            ),
+            "{out}"
+        );
         assert!(out.contains("observer_series_folded_total 1\n"));
     }
 }

@@ -45,7 +45,8 @@ pub struct Metrics {
 }
 
 /// Connection lifetimes span a millisecond health check to a day-long stream.
-const DURATION_BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0, 3600.0];
+const DURATION_BUCKETS: [f64; 14] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0, 3600.0];
 
 impl Metrics {
     pub fn new(limits: Limits) -> Self {
@@ -54,26 +55,58 @@ impl Metrics {
         let reasons = Arc::new(OnceLock::new());
         let events_vec = register(
             &registry,
-            prometheus::IntCounterVec::new(Opts::new("observer_events_total", "Events received from the kernel, by the probe that emitted them."), &["probe"])
-                .expect("valid metric definition"),
+            prometheus::IntCounterVec::new(
+                Opts::new("observer_events_total", "Events received from the kernel, by the probe that emitted them."),
+                &["probe"],
+            )
+            .expect("valid metric definition"),
         );
         let metrics = Self {
             events: ALL_PROBES.iter().map(|_| OnceLock::new()).collect(),
             events_vec,
-            events_lost: register(&registry, counter("observer_events_lost_total", "Events the kernel dropped because the ring buffer was full.")),
-            events_unattributed: register(&registry, counter("observer_events_unattributed_total", "Events about a socket whose owning process is unknown.")),
-            events_malformed: register(&registry, counter("observer_events_malformed_total", "Ring buffer records that could not be decoded.")),
-            sockets_untracked: register(&registry, counter("observer_sockets_untracked_total", "Sockets the kernel side could not track because its socket map was full.")),
-            probe_info: register(&registry, gauge_vec("observer_probe_info", "Attached probes, their attach points and back ends (1 per attached probe).", &["probe", "attach", "backend"])),
+            events_lost: register(
+                &registry,
+                counter("observer_events_lost_total", "Events the kernel dropped because the ring buffer was full."),
+            ),
+            events_unattributed: register(
+                &registry,
+                counter("observer_events_unattributed_total", "Events about a socket whose owning process is unknown."),
+            ),
+            events_malformed: register(
+                &registry,
+                counter("observer_events_malformed_total", "Ring buffer records that could not be decoded."),
+            ),
+            sockets_untracked: register(
+                &registry,
+                counter(
+                    "observer_sockets_untracked_total",
+                    "Sockets the kernel side could not track because its socket map was full.",
+                ),
+            ),
+            probe_info: register(
+                &registry,
+                gauge_vec(
+                    "observer_probe_info",
+                    "Attached probes, their attach points and back ends (1 per attached probe).",
+                    &["probe", "attach", "backend"],
+                ),
+            ),
             durations: durations(&registry),
             connections_by_state: register(
                 &registry,
-                gauge_vec("observer_tcp_connections", "Open TCP connections by owning process, role and state (as ss names states).", &["comm", "role", "state", "container"]),
+                gauge_vec(
+                    "observer_tcp_connections",
+                    "Open TCP connections by owning process, role and state (as ss names states).",
+                    &["comm", "role", "state", "container"],
+                ),
             ),
             close_wait_oldest: register(
                 &registry,
                 prometheus::GaugeVec::new(
-                    Opts::new("observer_tcp_close_wait_oldest_seconds", "How long the process's oldest CLOSE-WAIT socket has waited for it to close it."),
+                    Opts::new(
+                        "observer_tcp_close_wait_oldest_seconds",
+                        "How long the process's oldest CLOSE-WAIT socket has waited for it to close it.",
+                    ),
                     &["comm", "container"],
                 )
                 .expect("valid metric definition"),
@@ -83,7 +116,10 @@ impl Metrics {
             reasons,
             registry,
         };
-        let build = register(&metrics.registry, gauge_vec("observer_build_info", "observer's version and source revision.", &["version", "revision"]));
+        let build = register(
+            &metrics.registry,
+            gauge_vec("observer_build_info", "observer's version and source revision.", &["version", "revision"]),
+        );
         build.with_label_values(&[VERSION, REVISION]).set(1);
         metrics
     }
@@ -221,4 +257,3 @@ fn register<C: Collector + Clone + 'static>(registry: &Registry, collector: C) -
     registry.register(Box::new(collector.clone())).expect("each metric is registered once");
     collector
 }
-

@@ -7,9 +7,7 @@
 
 use std::sync::Arc;
 
-use crate::{
-    attribution::Attribution, classify::classify, decode::decode, reasons::ResetReasons, state::DaemonState,
-};
+use crate::{attribution::Attribution, classify::classify, decode::decode, reasons::ResetReasons, state::DaemonState};
 
 /// What the event path needs besides the record: the kernel's reset reason names, who owns
 /// what, and where the counts go.

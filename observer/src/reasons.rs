@@ -54,8 +54,16 @@ mod tests {
     #[test]
     fn reason_labels_are_lower_case_without_prefix() {
         // 6.10 and 6.18 number MPTCP_RST_EUNSPEC differently; labels come from names.
-        let v6_10 = ResetReasons::from_pairs([(0, "SK_RST_REASON_NOT_SPECIFIED"), (1, "SK_RST_REASON_NO_SOCKET"), (9, "SK_RST_REASON_MPTCP_RST_EUNSPEC")]);
-        let v6_18 = ResetReasons::from_pairs([(1, "SK_RST_REASON_NO_SOCKET"), (11, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"), (17, "SK_RST_REASON_MPTCP_RST_EUNSPEC")]);
+        let v6_10 = ResetReasons::from_pairs([
+            (0, "SK_RST_REASON_NOT_SPECIFIED"),
+            (1, "SK_RST_REASON_NO_SOCKET"),
+            (9, "SK_RST_REASON_MPTCP_RST_EUNSPEC"),
+        ]);
+        let v6_18 = ResetReasons::from_pairs([
+            (1, "SK_RST_REASON_NO_SOCKET"),
+            (11, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"),
+            (17, "SK_RST_REASON_MPTCP_RST_EUNSPEC"),
+        ]);
         assert_eq!(v6_10.label(9), "mptcp_rst_eunspec");
         assert_eq!(v6_18.label(17), "mptcp_rst_eunspec");
         assert_eq!(v6_18.label(11), "tcp_abort_on_close");

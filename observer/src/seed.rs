@@ -25,7 +25,9 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
-use observer_common::{AF_INET as AF_INET_U16, AF_INET6 as AF_INET6_U16, Endpoints, Owner, Role, SocketInfo, TASK_COMM_LEN, tcp_state};
+use observer_common::{
+    AF_INET as AF_INET_U16, AF_INET6 as AF_INET6_U16, Endpoints, Owner, Role, SocketInfo, TASK_COMM_LEN, tcp_state,
+};
 
 /// What start-up seeding found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -99,7 +101,9 @@ fn seed_info(s: &InetResponseHeader, holder: Option<&Holder>, listening: &[(IpAd
     let id = &s.socket_id;
     let local_port = id.source_port;
     // Accepted from a listener on the same port (on its address or on any): a server.
-    let server = listening.iter().any(|(addr, port)| *port == local_port && (*addr == id.source_address || addr.is_unspecified()));
+    let server = listening
+        .iter()
+        .any(|(addr, port)| *port == local_port && (*addr == id.source_address || addr.is_unspecified()));
     let mut info = SocketInfo {
         endpoints: Endpoints {
             local_addr: mapped(id.source_address),
@@ -155,7 +159,11 @@ fn socket_holders() -> HashMap<u32, Holder> {
         let mut holder = None;
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else { continue };
-            let Some(inode) = target.to_str().and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u32>().ok()) else { continue };
+            let Some(inode) =
+                target.to_str().and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u32>().ok())
+            else {
+                continue;
+            };
             let holder = holder.get_or_insert_with(|| process(pid, cgroup_root.as_ref()));
             holders.entry(inode).or_insert_with(|| holder.clone());
         }
@@ -209,8 +217,14 @@ fn dump(family: u8) -> std::io::Result<Vec<InetResponseHeader>> {
     let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
     let mut request = NetlinkMessage::new(
         header,
-        SockDiagMessage::InetRequest(InetRequest { family, protocol: IPPROTO_TCP, extensions: ExtensionFlags::empty(), states: StateFlags::all(), socket_id })
-            .into(),
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id,
+        })
+        .into(),
     );
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
@@ -260,18 +274,32 @@ mod tests {
         let (mut server, _) = listener.accept().expect("accepted");
         let client_port = client.local_addr().expect("client address").port();
         let sockets = dump(AF_INET).expect("sock_diag works as root");
-        let theirs: Vec<&InetResponseHeader> = sockets.iter().filter(|s| s.socket_id.source_port == client_port && s.socket_id.destination_port == port).collect();
+        let theirs: Vec<&InetResponseHeader> = sockets
+            .iter()
+            .filter(|s| s.socket_id.source_port == client_port && s.socket_id.destination_port == port)
+            .collect();
         assert_eq!(theirs.len(), 1, "the client end, once");
         let s = theirs[0];
         assert_eq!(s.state, tcp_state::ESTABLISHED);
         assert_ne!(u64::from_ne_bytes(s.socket_id.cookie), 0, "sock_diag gives it a cookie");
         let holders = socket_holders();
         assert_eq!(holders.get(&s.inode).map(|h| h.tgid), Some(std::process::id()), "this process holds it");
-        let listening: Vec<(IpAddr, u16)> = sockets.iter().filter(|s| s.state == tcp_state::LISTEN).map(|s| (s.socket_id.source_address, s.socket_id.source_port)).collect();
+        let listening: Vec<(IpAddr, u16)> = sockets
+            .iter()
+            .filter(|s| s.state == tcp_state::LISTEN)
+            .map(|s| (s.socket_id.source_address, s.socket_id.source_port))
+            .collect();
         assert_eq!(seed_info(s, holders.get(&s.inode), &listening, 1).role, Role::Client as u8);
-        let server_end = sockets.iter().find(|s| s.socket_id.source_port == port && s.socket_id.destination_port == client_port).expect("the server end");
+        let server_end = sockets
+            .iter()
+            .find(|s| s.socket_id.source_port == port && s.socket_id.destination_port == client_port)
+            .expect("the server end");
         assert_eq!(seed_info(server_end, None, &listening, 1).role, Role::Server as u8);
-        assert!(!is_connection(tcp_state::LISTEN) && !is_connection(tcp_state::TIME_WAIT) && is_connection(tcp_state::CLOSE_WAIT));
+        assert!(
+            !is_connection(tcp_state::LISTEN)
+                && !is_connection(tcp_state::TIME_WAIT)
+                && is_connection(tcp_state::CLOSE_WAIT)
+        );
         drop(client);
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).expect("EOF");

@@ -58,7 +58,14 @@ impl SeriesKey {
     }
 
     pub(crate) fn overflow(self) -> Self {
-        Self { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, container: CONTAINER_OTHER, detail: self.detail }
+        Self {
+            comm: COMM_OTHER,
+            role: 0,
+            peer: Peer::Other,
+            port: Port::Other,
+            container: CONTAINER_OTHER,
+            detail: self.detail,
+        }
     }
 }
 
@@ -170,7 +177,14 @@ mod tests {
         v6[15] = 1;
         assert_eq!(ip_text(&v6), "::1");
         assert_eq!(comm_text(b"nginx\0\0\0garbage"), "nginx");
-        let folded = SeriesKey { comm: COMM_OTHER, role: 0, peer: Peer::Other, port: Port::Other, container: CONTAINER_OTHER, detail: 0 };
+        let folded = SeriesKey {
+            comm: COMM_OTHER,
+            role: 0,
+            peer: Peer::Other,
+            port: Port::Other,
+            container: CONTAINER_OTHER,
+            detail: 0,
+        };
         assert_eq!(label_values(&folded), ["other", "", "other", "other", "other"]);
         let host = SeriesKey { container: NO_CONTAINER, ..folded };
         assert_eq!(label_values(&host)[4], "");

@@ -59,7 +59,13 @@ impl DaemonState {
     }
 
     /// Marks the daemon ready: probes attached.
-    pub fn set_probes(&self, statuses: Vec<ProbeStatus>, degraded: Vec<String>, counters: KernelCounters, reasons: ResetReasons) {
+    pub fn set_probes(
+        &self,
+        statuses: Vec<ProbeStatus>,
+        degraded: Vec<String>,
+        counters: KernelCounters,
+        reasons: ResetReasons,
+    ) {
         self.metrics.set_probes(&statuses, reasons);
         *self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(counters);
         let _ = self.probes.set(Probes { statuses, degraded });

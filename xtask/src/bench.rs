@@ -33,7 +33,8 @@ pub fn bench(args: Args) -> Result<ExitCode> {
     if args.quick {
         bench.push("--quick".into());
     }
-    let invoked = std::iter::once("cargo xtask bench".to_string()).chain(std::env::args().skip(2)).collect::<Vec<_>>().join(" ");
+    let invoked =
+        std::iter::once("cargo xtask bench".to_string()).chain(std::env::args().skip(2)).collect::<Vec<_>>().join(" ");
     bench.push(format!("--command={invoked}"));
     if args.report_only {
         bench.push("--report-only".into());

@@ -13,19 +13,12 @@ pub fn workspace_root() -> Result<PathBuf> {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| {
-            anyhow!(
-                "xtask's manifest directory {} has no parent",
-                env!("CARGO_MANIFEST_DIR")
-            )
-        })
+        .ok_or_else(|| anyhow!("xtask's manifest directory {} has no parent", env!("CARGO_MANIFEST_DIR")))
 }
 
 /// The cargo that runs this xtask (`$CARGO`), else `cargo` from PATH.
 pub fn cargo() -> OsString {
-    std::env::var_os("CARGO")
-        .filter(|c| !c.is_empty())
-        .unwrap_or_else(|| OsString::from("cargo"))
+    std::env::var_os("CARGO").filter(|c| !c.is_empty()).unwrap_or_else(|| OsString::from("cargo"))
 }
 
 /// A cargo command run in the workspace root with `path` as its PATH.

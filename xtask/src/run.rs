@@ -23,11 +23,7 @@ pub struct Args {
     )]
     pub release: bool,
     /// Passed to `observer run` (after `--`); none: the daemon's defaults.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "ARGS"
-    )]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
     pub args: Vec<String>,
 }
 
@@ -35,14 +31,9 @@ pub fn run(args: Args) -> Result<()> {
     let ready = setup::setup()?;
     build::cargo_build(&ready, args.release)?;
     let target = target_dir(&ready)?;
-    let observer = target
-        .join(if args.release { "release" } else { "debug" })
-        .join("observer");
+    let observer = target.join(if args.release { "release" } else { "debug" }).join("observer");
     if !observer.is_file() {
-        bail!(
-            "the build succeeded but {} does not exist",
-            observer.display()
-        );
+        bail!("the build succeeded but {} does not exist", observer.display());
     }
     let mut daemon = Command::new(&observer);
     daemon.arg("run").args(&args.args).env("PATH", &ready.path);
@@ -57,26 +48,19 @@ fn target_dir(ready: &setup::Ready) -> Result<PathBuf> {
     let mut metadata = cmd::cargo_command(&ready.root, &ready.path);
     metadata.args(["metadata", "--format-version", "1", "--no-deps"]);
     match cmd::stdout(&mut metadata).and_then(|json| {
-        json_string_field(&json, "target_directory")
-            .context("`cargo metadata` printed no target_directory")
+        json_string_field(&json, "target_directory").context("`cargo metadata` printed no target_directory")
     }) {
         Ok(dir) => return Ok(PathBuf::from(dir)),
         Err(e) => eprintln!("observer: warning: {e:#}; guessing the target directory"),
     }
-    Ok(
-        match std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-            Some(dir) => absolute(&ready.root, Path::new(&dir)),
-            None => ready.root.join("target"),
-        },
-    )
+    Ok(match std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => absolute(&ready.root, Path::new(&dir)),
+        None => ready.root.join("target"),
+    })
 }
 
 fn absolute(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
 /// The value of the first `"key": "..."` string in `json` (enough for `cargo metadata`, whose
@@ -109,9 +93,7 @@ fn json_string_field(json: &str, key: &str) -> Option<String> {
                         }
                         let hex: String = chars.by_ref().take(4).collect();
                         let low = u32::from_str_radix(&hex, 16).ok()?;
-                        char::from_u32(
-                            0x10000 + ((unit - 0xD800) << 10) + low.checked_sub(0xDC00)?,
-                        )?
+                        char::from_u32(0x10000 + ((unit - 0xD800) << 10) + low.checked_sub(0xDC00)?)?
                     } else {
                         char::from_u32(unit)?
                     };
@@ -130,12 +112,8 @@ mod tests {
 
     #[test]
     fn reads_target_directory() {
-        let json =
-            r#"{"packages":[],"target_directory" : "/w/t\"a\\b\u00e9\ud83d\ude00","version":1}"#;
-        assert_eq!(
-            json_string_field(json, "target_directory").as_deref(),
-            Some("/w/t\"a\\b\u{e9}\u{1F600}")
-        );
+        let json = r#"{"packages":[],"target_directory" : "/w/t\"a\\b\u00e9\ud83d\ude00","version":1}"#;
+        assert_eq!(json_string_field(json, "target_directory").as_deref(), Some("/w/t\"a\\b\u{e9}\u{1F600}"));
         assert_eq!(json_string_field(json, "nope"), None);
     }
 }

@@ -23,12 +23,7 @@ use crate::cmd;
 /// Debian's compiler that builds the eBPF crate (not needed with a nightly that has rust-src).
 const COMPILER_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
 /// LLVM 22 and its link dependencies, to build bpf-linker.
-const LLVM_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "zlib1g-dev",
-    "libzstd-dev",
-];
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev"];
 /// Used by the tests.
 const TEST_PACKAGES: &[&str] = &["bpftool", "iproute2"];
 
@@ -36,13 +31,7 @@ const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const TOOLCHAIN: &str = "debian-web";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-const BPF_LINKER_INSTALL: &[&str] = &[
-    "install",
-    "bpf-linker",
-    "--no-default-features",
-    "--features",
-    "llvm-22",
-];
+const BPF_LINKER_INSTALL: &[&str] = &["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"];
 
 /// What later steps need: the workspace root and the PATH their children must use (with
 /// bpf-linker's directory on it).
@@ -72,18 +61,13 @@ pub fn setup() -> Result<Ready> {
     // 1. Debian packages.
     let wanted: Vec<&str> = [COMPILER_PACKAGES, LLVM_PACKAGES, TEST_PACKAGES].concat();
     let installed = installed_packages(&wanted)?;
-    let mut missing: Vec<&str> = wanted
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(*p))
-        .collect();
-    let compiler =
-        if COMPILER_PACKAGES.iter().any(|p| missing.contains(p)) && nightly_has_rust_src(&path) {
-            missing.retain(|p| !COMPILER_PACKAGES.contains(p));
-            Compiler::Nightly
-        } else {
-            Compiler::Debian
-        };
+    let mut missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed.contains(*p)).collect();
+    let compiler = if COMPILER_PACKAGES.iter().any(|p| missing.contains(p)) && nightly_has_rust_src(&path) {
+        missing.retain(|p| !COMPILER_PACKAGES.contains(p));
+        Compiler::Nightly
+    } else {
+        Compiler::Debian
+    };
 
     // 2. bpf-linker.
     let linker = find_bpf_linker(&path);
@@ -111,10 +95,7 @@ pub fn setup() -> Result<Ready> {
                 "observer setup: installing bpf-linker with `cargo install` against LLVM 22 (links the eBPF programs; takes about a minute)"
             );
             let mut install = Command::new(cmd::cargo());
-            install
-                .args(BPF_LINKER_INSTALL)
-                .current_dir(&root)
-                .env("PATH", prepend(Path::new(LLVM_BIN), &path)?);
+            install.args(BPF_LINKER_INSTALL).current_dir(&root).env("PATH", prepend(Path::new(LLVM_BIN), &path)?);
             cmd::run(&mut install).context("installing bpf-linker")?;
             find_bpf_linker(&path).with_context(|| {
                 format!(
@@ -145,9 +126,7 @@ pub fn setup() -> Result<Ready> {
         match cmd::run(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS])) {
             Ok(()) => String::new(),
             Err(e) => {
-                eprintln!(
-                    "observer setup: warning: could not mount tracefs (the daemon will try again): {e:#}"
-                );
+                eprintln!("observer setup: warning: could not mount tracefs (the daemon will try again): {e:#}");
                 ", tracefs not mounted".to_string()
             }
         }
@@ -162,10 +141,7 @@ pub fn setup() -> Result<Ready> {
         Compiler::Debian => format!("Debian rustc-web as rustup toolchain `{TOOLCHAIN}`"),
         Compiler::Nightly => "rustup nightly with rust-src".to_string(),
     };
-    println!(
-        "observer setup: toolchain ready ({compiler}, bpf-linker {}{tracefs_note})",
-        linker.path.display()
-    );
+    println!("observer setup: toolchain ready ({compiler}, bpf-linker {}{tracefs_note})", linker.path.display());
     Ok(Ready { root, path })
 }
 
@@ -179,10 +155,7 @@ pub fn install_missing(packages: &[&str], who: &str, why: &str) -> Result<()> {
         return Ok(());
     }
     if !cmd::is_root() {
-        bail!(
-            "{who} needs the Debian packages {0}; install them as root: apt-get install -y {0}",
-            missing.join(" ")
-        );
+        bail!("{who} needs the Debian packages {0}; install them as root: apt-get install -y {0}", missing.join(" "));
     }
     println!("{who}: installing Debian packages {} ({why})", missing.join(" "));
     cmd::run(Command::new("apt-get").arg("update"))?;
@@ -202,12 +175,8 @@ pub fn install_missing(packages: &[&str], who: &str, why: &str) -> Result<()> {
 
 fn installed_packages(packages: &[&str]) -> Result<HashSet<String>> {
     // dpkg-query exits 1 when some package is unknown but still reports the others.
-    let out = cmd::output(
-        Command::new("dpkg-query")
-            .args(["-W", "-f=${Package}\t${Status}\n"])
-            .args(packages),
-    )
-    .context("observer setup supports Debian-based machines (it installs packages with apt-get)")?;
+    let out = cmd::output(Command::new("dpkg-query").args(["-W", "-f=${Package}\t${Status}\n"]).args(packages))
+        .context("observer setup supports Debian-based machines (it installs packages with apt-get)")?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_once('\t'))
@@ -223,11 +192,7 @@ fn nightly_has_rust_src(path: &OsString) -> bool {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .is_some_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("rust-src"))
-        })
+        .is_some_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
 }
 
 fn toolchain_linked(path: &OsString) -> Result<bool> {
@@ -250,38 +215,24 @@ struct Linker {
 
 /// bpf-linker on `path`, else in $CARGO_HOME/bin or ~/.cargo/bin.
 fn find_bpf_linker(path: &OsString) -> Option<Linker> {
-    if let Some(found) = env::split_paths(path)
-        .map(|d| d.join("bpf-linker"))
-        .find(|p| is_executable(p))
-    {
-        return Some(Linker {
-            path: found,
-            on_path: true,
-        });
+    if let Some(found) = env::split_paths(path).map(|d| d.join("bpf-linker")).find(|p| is_executable(p)) {
+        return Some(Linker { path: found, on_path: true });
     }
     let found = cargo_bin_dir()?.join("bpf-linker");
-    is_executable(&found).then_some(Linker {
-        path: found,
-        on_path: false,
-    })
+    is_executable(&found).then_some(Linker { path: found, on_path: false })
 }
 
 fn cargo_bin_dir() -> Option<PathBuf> {
     env::var_os("CARGO_HOME")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from)
-        .or_else(|| {
-            env::var_os("HOME")
-                .filter(|h| !h.is_empty())
-                .map(|h| Path::new(&h).join(".cargo"))
-        })
+        .or_else(|| env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| Path::new(&h).join(".cargo")))
         .map(|h| h.join("bin"))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    p.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 fn prepend(dir: &Path, path: &OsString) -> Result<OsString> {
@@ -300,10 +251,7 @@ fn not_root(missing: &[&str], linker_missing: bool, link_missing: bool) -> ! {
         ));
     }
     if linker_missing {
-        steps.push(format!(
-            "PATH={LLVM_BIN}:$PATH cargo {}",
-            BPF_LINKER_INSTALL.join(" ")
-        ));
+        steps.push(format!("PATH={LLVM_BIN}:$PATH cargo {}", BPF_LINKER_INSTALL.join(" ")));
     }
     if link_missing {
         steps.push(format!("rustup toolchain link {TOOLCHAIN} /usr"));
@@ -318,10 +266,7 @@ fn not_root(missing: &[&str], linker_missing: bool, link_missing: bool) -> ! {
     if link_missing {
         what.push(format!("the rustup toolchain `{TOOLCHAIN}`"));
     }
-    eprintln!(
-        "observer setup: not running as root, so nothing was installed; missing: {}.",
-        what.join(", ")
-    );
+    eprintln!("observer setup: not running as root, so nothing was installed; missing: {}.", what.join(", "));
     eprintln!("Run `sudo -E cargo xtask setup`, or these commands:");
     for step in &steps {
         eprintln!("    {step}");

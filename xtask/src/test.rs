@@ -18,11 +18,7 @@ pub struct Args {
     pub vm_timeout: u64,
     /// Passed to `cargo test` (after `--`; a second `--` reaches the test binaries); with
     /// --kernel, to the e2e test binary.
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "ARGS"
-    )]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
     pub args: Vec<String>,
 }
 
@@ -39,11 +35,7 @@ pub fn test(args: Args) -> Result<ExitCode> {
     if let Some(kernel) = &args.kernel {
         return vm::test(
             &ready,
-            vm::Options {
-                kernel,
-                test_args: &args.args,
-                timeout: Duration::from_secs(args.vm_timeout),
-            },
+            vm::Options { kernel, test_args: &args.args, timeout: Duration::from_secs(args.vm_timeout) },
         );
     }
     let mut cargo = cmd::cargo_command(&ready.root, &ready.path);
@@ -53,14 +45,8 @@ pub fn test(args: Args) -> Result<ExitCode> {
     println!("observer: {}", cmd::display(&cargo));
     let status = cmd::status(&mut cargo)?;
     if !status.success() {
-        eprintln!(
-            "observer: `{}` failed ({})",
-            cmd::display(&cargo),
-            cmd::describe(status)
-        );
-        return Ok(ExitCode::from(
-            u8::try_from(cmd::exit_code(status)).unwrap_or(1),
-        ));
+        eprintln!("observer: `{}` failed ({})", cmd::display(&cargo), cmd::describe(status));
+        return Ok(ExitCode::from(u8::try_from(cmd::exit_code(status)).unwrap_or(1)));
     }
     // Unit tests must not need privileges (the root-only ones live in the e2e suite): run them
     // again as an unprivileged user. A filter in ARGS applies to the suite above only.
@@ -76,15 +62,7 @@ const UNPRIVILEGED: &str = "65534";
 /// Runs every crate's unit-test binary (`cargo test --lib`) as an unprivileged user.
 fn unit_tests_unprivileged(ready: &setup::Ready) -> Result<()> {
     let mut build = cmd::cargo_command(&ready.root, &ready.path);
-    build.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "observer-ebpf",
-        "--lib",
-        "--no-run",
-        "--message-format=json",
-    ]);
+    build.args(["test", "--workspace", "--exclude", "observer-ebpf", "--lib", "--no-run", "--message-format=json"]);
     let out = cmd::stdout(&mut build)?;
     let executables: Vec<String> = out
         .lines()
@@ -111,9 +89,8 @@ fn unit_tests_unprivileged(ready: &setup::Ready) -> Result<()> {
         // Somewhere nobody may write (the tests' temporary trees go to the temp dir).
         unit.current_dir(std::env::temp_dir());
         println!("observer: unit tests unprivileged: {}", cmd::display(&unit));
-        cmd::run(&mut unit).map_err(|e| {
-            e.context("a unit test needs privileges: root-only tests belong in the e2e suite")
-        })?;
+        cmd::run(&mut unit)
+            .map_err(|e| e.context("a unit test needs privileges: root-only tests belong in the e2e suite"))?;
     }
     Ok(())
 }

@@ -37,10 +37,7 @@ const QEMU: &str = "qemu-system-x86_64";
 const BUSYBOX: &str = "/bin/busybox";
 /// Host programs the tests run, with the package that has them (`cargo xtask setup` installs
 /// both). They go into the guest at the same path, with their shared libraries.
-const HOST_TOOLS: &[(&str, &str)] = &[
-    ("/usr/sbin/bpftool", "bpftool"),
-    ("/usr/bin/ip", "iproute2"),
-];
+const HOST_TOOLS: &[(&str, &str)] = &[("/usr/sbin/bpftool", "bpftool"), ("/usr/bin/ip", "iproute2")];
 /// Kernel modules the tests need where a kernel builds them as modules (Debian's cloud kernels
 /// do), loaded by `/init` since the guest has no modprobe to load them on demand: veth pairs for
 /// the scenarios whose link goes down, sock_diag for TCP (`tcp_diag`, needs `inet_diag`) for the
@@ -66,11 +63,7 @@ pub fn test(ready: &Ready, opts: Options<'_>) -> Result<ExitCode> {
     install_host_packages()?;
     let package = resolve_kernel(opts.kernel)?;
     let kernel = fetch_kernel(&package, &vm_dir)?;
-    println!(
-        "{LOG_PREFIX} kernel {} from {package} ({})",
-        kernel.release,
-        kernel.vmlinuz.display()
-    );
+    println!("{LOG_PREFIX} kernel {} from {package} ({})", kernel.release, kernel.vmlinuz.display());
 
     let bins = build_tests(ready)?;
     let initramfs = vm_dir.join(format!("{}.cpio", kernel.release));
@@ -81,11 +74,7 @@ pub fn test(ready: &Ready, opts: Options<'_>) -> Result<ExitCode> {
     let outcome = boot(&kernel, &initramfs, &log_path, opts.timeout)?;
     let total = started.elapsed();
     match outcome {
-        Outcome::Finished {
-            status,
-            booted_in,
-            suite_in,
-        } => {
+        Outcome::Finished { status, booted_in, suite_in } => {
             let verdict = if status == 0 { "passed" } else { "FAILED" };
             println!(
                 "{LOG_PREFIX} e2e suite {verdict} on kernel {} (exit status {status}); set-up {:.0}s, \
@@ -97,9 +86,7 @@ pub fn test(ready: &Ready, opts: Options<'_>) -> Result<ExitCode> {
                 total.as_secs_f64(),
                 log_path.display()
             );
-            Ok(ExitCode::from(
-                u8::try_from(status).unwrap_or(1).max(u8::from(status != 0)),
-            ))
+            Ok(ExitCode::from(u8::try_from(status).unwrap_or(1).max(u8::from(status != 0))))
         }
         Outcome::NoMarker { why } => {
             eprintln!(
@@ -124,7 +111,11 @@ fn target_dir(root: &Path) -> PathBuf {
 // Host packages and the kernel package.
 
 fn install_host_packages() -> Result<()> {
-    setup::install_missing(VM_PACKAGES, LOG_PREFIX.trim_end_matches(':'), "QEMU and the initramfs' shell, to boot other kernels")
+    setup::install_missing(
+        VM_PACKAGES,
+        LOG_PREFIX.trim_end_matches(':'),
+        "QEMU and the initramfs' shell, to boot other kernels",
+    )
 }
 
 /// The package `spec` names: itself if it is a package name, else the newest cloud kernel of that
@@ -141,16 +132,10 @@ fn resolve_kernel(spec: &str) -> Result<String> {
             return Ok(found);
         }
         if attempt == 0 {
-            println!(
-                "{LOG_PREFIX} no package matches `{spec}` in apt's lists: updating them (apt-get update)"
-            );
+            println!("{LOG_PREFIX} no package matches `{spec}` in apt's lists: updating them (apt-get update)");
             cmd::run(Command::new("apt-get").arg("update"))?;
         } else {
-            let mut cloud: Vec<&str> = names
-                .iter()
-                .copied()
-                .filter(|n| n.ends_with("-cloud-amd64"))
-                .collect();
+            let mut cloud: Vec<&str> = names.iter().copied().filter(|n| n.ends_with("-cloud-amd64")).collect();
             cloud.sort_by_key(|n| version_key(n));
             bail!(
                 "no Debian kernel package matches `{spec}`; give a version (6.1, 6.12) or one of: {}",
@@ -171,9 +156,7 @@ fn pick_kernel(spec: &str, names: &[&str]) -> Option<String> {
         .copied()
         .filter(|n| {
             // `6.1` must not match `6.12...`, nor `6.1.0-4` match `6.1.0-47-...`.
-            n.strip_prefix(&prefix)
-                .is_some_and(|rest| rest.starts_with(['.', '-', '+']))
-                && n.ends_with("-cloud-amd64")
+            n.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(['.', '-', '+'])) && n.ends_with("-cloud-amd64")
         })
         .max_by_key(|n| version_key(n))
         .map(str::to_string)
@@ -181,10 +164,7 @@ fn pick_kernel(spec: &str, names: &[&str]) -> Option<String> {
 
 /// The numbers in a package name, for ordering `6.1.0-47` before `6.1.0-50`.
 fn version_key(name: &str) -> Vec<u64> {
-    name.split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap_or(u64::MAX))
-        .collect()
+    name.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap_or(u64::MAX)).collect()
 }
 
 struct Kernel {
@@ -205,17 +185,9 @@ fn fetch_kernel(package: &str, vm_dir: &Path) -> Result<Kernel> {
             "{LOG_PREFIX} downloading the kernel package {package} (apt-get download) and unpacking it into {} (not installed into /boot)",
             dir.display()
         );
-        let download = || {
-            cmd::run(
-                Command::new("apt-get")
-                    .args(["download", package])
-                    .current_dir(&debs),
-            )
-        };
+        let download = || cmd::run(Command::new("apt-get").args(["download", package]).current_dir(&debs));
         if download().is_err() {
-            println!(
-                "{LOG_PREFIX} download failed; updating apt's lists (apt-get update) and trying again"
-            );
+            println!("{LOG_PREFIX} download failed; updating apt's lists (apt-get update) and trying again");
             cmd::run(Command::new("apt-get").arg("update"))?;
             download()?;
         }
@@ -227,12 +199,7 @@ fn fetch_kernel(package: &str, vm_dir: &Path) -> Result<Kernel> {
                     .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
             })
             .max()
-            .ok_or_else(|| {
-                anyhow!(
-                    "apt-get download {package} left no .deb in {}",
-                    debs.display()
-                )
-            })?;
+            .ok_or_else(|| anyhow!("apt-get download {package} left no .deb in {}", debs.display()))?;
         if dir.exists() {
             fs::remove_dir_all(&dir)?;
         }
@@ -245,11 +212,7 @@ fn fetch_kernel(package: &str, vm_dir: &Path) -> Result<Kernel> {
     let vmlinuz = fs::read_dir(&boot)
         .with_context(|| format!("{} has no boot/ directory", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
         .ok_or_else(|| anyhow!("no vmlinuz-* in {}", boot.display()))?;
     let release = vmlinuz
         .file_name()
@@ -258,11 +221,7 @@ fn fetch_kernel(package: &str, vm_dir: &Path) -> Result<Kernel> {
         .unwrap_or(package)
         .to_string();
     let modules = dir.join("lib/modules").join(&release);
-    Ok(Kernel {
-        release,
-        vmlinuz,
-        modules,
-    })
+    Ok(Kernel { release, vmlinuz, modules })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,24 +235,12 @@ struct Binaries {
 /// `cargo test --no-run` for the e2e test, reading the executables from cargo's JSON messages.
 fn build_tests(ready: &Ready) -> Result<Binaries> {
     let mut cargo = cmd::cargo_command(&ready.root, &ready.path);
-    cargo.args([
-        "test",
-        "--no-run",
-        "--message-format=json-render-diagnostics",
-        "-p",
-        "observer",
-        "--test",
-        "e2e",
-    ]);
+    cargo.args(["test", "--no-run", "--message-format=json-render-diagnostics", "-p", "observer", "--test", "e2e"]);
     println!("{LOG_PREFIX} {}", cmd::display(&cargo));
     cargo.stdout(Stdio::piped()).stderr(Stdio::inherit());
     let out = cmd::output(&mut cargo)?;
     if !out.status.success() {
-        bail!(
-            "`{}` failed ({})",
-            cmd::display(&cargo),
-            cmd::describe(out.status)
-        );
+        bail!("`{}` failed ({})", cmd::display(&cargo), cmd::describe(out.status));
     }
     let (mut e2e, mut observer) = (None, None);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -306,10 +253,7 @@ fn build_tests(ready: &Ready) -> Result<Binaries> {
         let Some(exe) = msg["executable"].as_str() else {
             continue;
         };
-        let kinds = msg["target"]["kind"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let kinds = msg["target"]["kind"].as_array().cloned().unwrap_or_default();
         let is = |k: &str| kinds.iter().any(|v| v == k);
         match msg["target"]["name"].as_str() {
             Some("e2e") if is("test") => e2e = Some(PathBuf::from(exe)),
@@ -319,8 +263,7 @@ fn build_tests(ready: &Ready) -> Result<Binaries> {
     }
     Ok(Binaries {
         e2e: e2e.ok_or_else(|| anyhow!("cargo did not report the e2e test executable"))?,
-        observer: observer
-            .ok_or_else(|| anyhow!("cargo did not report the observer executable"))?,
+        observer: observer.ok_or_else(|| anyhow!("cargo did not report the observer executable"))?,
     })
 }
 
@@ -341,13 +284,7 @@ fn init_script(bins: &Binaries, test_args: &[String], modules: &[String]) -> Str
         .join(" ");
     let insmod: String = modules
         .iter()
-        .map(|m| {
-            format!(
-                "insmod {} || echo \"observer vm: could not load {}\"\n",
-                sh_quote(m),
-                sh_quote(m)
-            )
-        })
+        .map(|m| format!("insmod {} || echo \"observer vm: could not load {}\"\n", sh_quote(m), sh_quote(m)))
         .collect();
     format!(
         r#"#!/bin/busybox sh
@@ -385,62 +322,28 @@ poweroff -f
 }
 
 fn sh_quote(word: &str) -> String {
-    if !word.is_empty()
-        && word
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
-    {
+    if !word.is_empty() && word.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
         word.to_string()
     } else {
         format!("'{}'", word.replace('\'', r"'\''"))
     }
 }
 
-fn make_initramfs(
-    kernel: &Kernel,
-    bins: &Binaries,
-    test_args: &[String],
-    vm_dir: &Path,
-    out: &Path,
-) -> Result<()> {
+fn make_initramfs(kernel: &Kernel, bins: &Binaries, test_args: &[String], vm_dir: &Path, out: &Path) -> Result<()> {
     // Per kernel, so runs for two kernels can share a target directory.
     let stage = vm_dir.join("stage").join(&kernel.release);
     fs::create_dir_all(&stage)?;
     let mut cpio = Cpio::default();
-    for dir in [
-        "/bin",
-        "/sbin",
-        "/usr/bin",
-        "/usr/sbin",
-        "/proc",
-        "/sys",
-        "/dev",
-        "/tmp",
-        "/run",
-        "/etc",
-        "/root",
-    ] {
+    for dir in ["/bin", "/sbin", "/usr/bin", "/usr/sbin", "/proc", "/sys", "/dev", "/tmp", "/run", "/etc", "/root"] {
         cpio.dir(dir);
     }
     cpio.char_dev("/dev/console", 0o600, 5, 1);
     cpio.char_dev("/dev/null", 0o666, 1, 3);
-    cpio.file(
-        "/etc/hosts",
-        0o644,
-        b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
-    );
-    cpio.file(
-        "/etc/passwd",
-        0o644,
-        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
-    );
+    cpio.file("/etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n".to_vec());
+    cpio.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n".to_vec());
     cpio.file("/etc/group", 0o644, b"root:x:0:\n".to_vec());
     let modules = kernel_modules(kernel, &mut cpio)?;
-    cpio.file(
-        "/init",
-        0o755,
-        init_script(bins, test_args, &modules).into_bytes(),
-    );
+    cpio.file("/init", 0o755, init_script(bins, test_args, &modules).into_bytes());
 
     let busybox = Path::new(BUSYBOX);
     if !busybox.exists() {
@@ -451,10 +354,7 @@ fn make_initramfs(
     for (tool, package) in HOST_TOOLS {
         let tool = Path::new(tool);
         if !tool.exists() {
-            bail!(
-                "{} is missing (package {package}; `cargo xtask setup` installs it)",
-                tool.display()
-            );
+            bail!("{} is missing (package {package}; `cargo xtask setup` installs it)", tool.display());
         }
         programs.push((tool, false));
     }
@@ -463,11 +363,7 @@ fn make_initramfs(
         for lib in shared_libraries(exe)? {
             libs.insert(lib.clone(), lib);
         }
-        let src = if strip {
-            stripped(exe, &stage)?
-        } else {
-            exe.to_path_buf()
-        };
+        let src = if strip { stripped(exe, &stage)? } else { exe.to_path_buf() };
         cpio.host_file(exe, &src)?;
     }
     for lib in libs.keys() {
@@ -479,17 +375,9 @@ fn make_initramfs(
         "{LOG_PREFIX} initramfs {} ({} MB: busybox, {}, the e2e test binary, observer, {} shared libraries, modules: {})",
         out.display(),
         bytes.len() / (1 << 20),
-        HOST_TOOLS
-            .iter()
-            .map(|(t, _)| *t)
-            .collect::<Vec<_>>()
-            .join(", "),
+        HOST_TOOLS.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", "),
         libs.len(),
-        if modules.is_empty() {
-            "none needed".to_string()
-        } else {
-            modules.join(" ")
-        }
+        if modules.is_empty() { "none needed".to_string() } else { modules.join(" ") }
     );
     Ok(())
 }
@@ -498,11 +386,8 @@ fn make_initramfs(
 /// archive (decompressed), and returns their paths in the order to load them.
 fn kernel_modules(kernel: &Kernel, cpio: &mut Cpio) -> Result<Vec<String>> {
     let builtin = fs::read_to_string(kernel.modules.join("modules.builtin")).unwrap_or_default();
-    let builtin: HashSet<String> = builtin
-        .lines()
-        .filter_map(|l| l.rsplit('/').next())
-        .map(|f| module_name(f.trim_end_matches(".ko")))
-        .collect();
+    let builtin: HashSet<String> =
+        builtin.lines().filter_map(|l| l.rsplit('/').next()).map(|f| module_name(f.trim_end_matches(".ko"))).collect();
     let mut files = BTreeMap::new();
     collect_module_files(&kernel.modules.join("kernel"), &mut files)?;
     let mut order = Vec::new();
@@ -535,14 +420,9 @@ fn add_module(
     if builtin.contains(name) || !seen.insert(name.to_string()) {
         return Ok(());
     }
-    let path = files
-        .get(name)
-        .ok_or_else(|| anyhow!("the kernel has module {name} neither built in nor as a file"))?;
+    let path = files.get(name).ok_or_else(|| anyhow!("the kernel has module {name} neither built in nor as a file"))?;
     let data = decompressed_module(path)?;
-    for dep in modinfo(&data, "depends")
-        .split(',')
-        .filter(|d| !d.is_empty())
-    {
+    for dep in modinfo(&data, "depends").split(',').filter(|d| !d.is_empty()) {
         add_module(&module_name(dep), builtin, files, seen, order)?;
     }
     order.push((name.to_string(), path.clone()));
@@ -594,23 +474,13 @@ fn modinfo(image: &[u8], field: &str) -> String {
 
 /// A copy of `exe` without debug information (it is most of a debug build's size), in `stage`.
 fn stripped(exe: &Path, stage: &Path) -> Result<PathBuf> {
-    let name = exe
-        .file_name()
-        .ok_or_else(|| anyhow!("{} has no file name", exe.display()))?;
+    let name = exe.file_name().ok_or_else(|| anyhow!("{} has no file name", exe.display()))?;
     let out = stage.join(name);
-    let status = Command::new("strip")
-        .arg("--strip-debug")
-        .arg("-o")
-        .arg(&out)
-        .arg(exe)
-        .status();
+    let status = Command::new("strip").arg("--strip-debug").arg("-o").arg(&out).arg(exe).status();
     match status {
         Ok(s) if s.success() => Ok(out),
         _ => {
-            eprintln!(
-                "{LOG_PREFIX} warning: could not strip {} (packing it whole)",
-                exe.display()
-            );
+            eprintln!("{LOG_PREFIX} warning: could not strip {} (packing it whole)", exe.display());
             Ok(exe.to_path_buf())
         }
     }
@@ -683,8 +553,7 @@ impl Cpio {
 
     fn char_dev(&mut self, path: &str, mode: u32, major: u32, minor: u32) {
         let path = self.parent(path);
-        self.entries
-            .insert(path, CpioEntry::CharDev { mode, major, minor });
+        self.entries.insert(path, CpioEntry::CharDev { mode, major, minor });
     }
 
     /// The contents of host file `src` (symlinks followed) at `path` in the archive.
@@ -701,15 +570,9 @@ impl Cpio {
             let (mode, data, rdev): (u32, &[u8], (u32, u32)) = match entry {
                 CpioEntry::Dir => (0o040_755, &[], (0, 0)),
                 CpioEntry::File { mode, data } => (0o100_000 | mode, data, (0, 0)),
-                CpioEntry::CharDev { mode, major, minor } => {
-                    (0o020_000 | mode, &[], (*major, *minor))
-                }
+                CpioEntry::CharDev { mode, major, minor } => (0o020_000 | mode, &[], (*major, *minor)),
             };
-            let nlink = if matches!(entry, CpioEntry::Dir) {
-                2
-            } else {
-                1
-            };
+            let nlink = if matches!(entry, CpioEntry::Dir) { 2 } else { 1 };
             cpio_entry(&mut out, ino, name, mode, nlink, data, rdev);
         }
         cpio_entry(&mut out, 0, "TRAILER!!!", 0, 1, &[], (0, 0));
@@ -717,15 +580,7 @@ impl Cpio {
     }
 }
 
-fn cpio_entry(
-    out: &mut Vec<u8>,
-    ino: u32,
-    name: &str,
-    mode: u32,
-    nlink: u32,
-    data: &[u8],
-    rdev: (u32, u32),
-) {
+fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, nlink: u32, data: &[u8], rdev: (u32, u32)) {
     let fields = [
         ino,
         mode,
@@ -762,14 +617,8 @@ fn pad4(out: &mut Vec<u8>) {
 // Booting.
 
 enum Outcome {
-    Finished {
-        status: i32,
-        booted_in: Duration,
-        suite_in: Duration,
-    },
-    NoMarker {
-        why: String,
-    },
+    Finished { status: i32, booted_in: Duration, suite_in: Duration },
+    NoMarker { why: String },
 }
 
 /// The guest kernel's command line. `OBSERVER_PROBES` from the host (`kprobe` to test the kprobe
@@ -789,45 +638,30 @@ fn kernel_command_line() -> String {
 
 fn boot(kernel: &Kernel, initramfs: &Path, log_path: &Path, timeout: Duration) -> Result<Outcome> {
     let mut qemu = Command::new(QEMU);
-    qemu.args([
-        "-accel",
-        "tcg",
-        "-m",
-        "2048",
-        "-smp",
-        "2",
-        "-nographic",
-        "-no-reboot",
-    ])
-    .arg("-kernel")
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(initramfs)
-    // No network card: the tests use loopback only (and the firmware skips its PXE ROM).
-    .args(["-nic", "none"])
-    .args(["-append", &kernel_command_line()])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    qemu.args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initramfs)
+        // No network card: the tests use loopback only (and the firmware skips its PXE ROM).
+        .args(["-nic", "none"])
+        .args(["-append", &kernel_command_line()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     println!(
         "{LOG_PREFIX} booting (software emulation; gives up after {}s): {}",
         timeout.as_secs(),
         cmd::display(&qemu)
     );
-    let mut log =
-        fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut log = fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let start = Instant::now();
-    let mut child = qemu
-        .spawn()
-        .with_context(|| format!("could not start `{}`", cmd::display(&qemu)))?;
+    let mut child = qemu.spawn().with_context(|| format!("could not start `{}`", cmd::display(&qemu)))?;
 
     // Console → terminal, log file and (for the marker) memory, with the time /init started.
     let transcript = Arc::new(Mutex::new(Vec::<u8>::new()));
     let init_at = Arc::new(Mutex::new(None::<Duration>));
-    let mut stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow!("no QEMU stdout"))?;
+    let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("no QEMU stdout"))?;
     let reader = {
         let transcript = Arc::clone(&transcript);
         let init_at = Arc::clone(&init_at);
@@ -854,10 +688,7 @@ fn boot(kernel: &Kernel, initramfs: &Path, log_path: &Path, timeout: Duration) -
             }
         })
     };
-    let mut stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow!("no QEMU stderr"))?;
+    let mut stderr = child.stderr.take().ok_or_else(|| anyhow!("no QEMU stderr"))?;
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stderr.read_to_string(&mut s);
@@ -889,27 +720,17 @@ fn boot(kernel: &Kernel, initramfs: &Path, log_path: &Path, timeout: Duration) -
         .rev()
         .filter_map(|l| l.split_once(MARKER))
         .filter_map(|(_, rest)| {
-            rest.trim()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .and_then(|d| d.parse::<i32>().ok())
+            rest.trim().split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse::<i32>().ok())
         })
         .next();
     let booted_in = init_at.lock().expect("init lock").unwrap_or_default();
     Ok(match marker {
-        Some(status) => Outcome::Finished {
-            status,
-            booted_in,
-            suite_in: elapsed.saturating_sub(booted_in),
-        },
+        Some(status) => Outcome::Finished { status, booted_in, suite_in: elapsed.saturating_sub(booted_in) },
         None => Outcome::NoMarker {
             why: if timed_out {
                 format!("killed QEMU after the {}s time limit", timeout.as_secs())
             } else if booted_in.is_zero() {
-                format!(
-                    "the guest never reached /init; QEMU {}",
-                    cmd::describe(status)
-                )
+                format!("the guest never reached /init; QEMU {}", cmd::describe(status))
             } else {
                 format!("QEMU {} before the suite finished", cmd::describe(status))
             },
@@ -975,32 +796,17 @@ mod tests {
 
     #[test]
     fn versions_pick_the_newest_cloud_kernel_of_that_series() {
-        assert_eq!(
-            pick_kernel("6.1", NAMES).as_deref(),
-            Some("linux-image-6.1.0-50-cloud-amd64")
-        );
-        assert_eq!(
-            pick_kernel("6.12", NAMES).as_deref(),
-            Some("linux-image-6.12.117+deb12-cloud-amd64")
-        );
-        assert_eq!(
-            pick_kernel("6.12.100", NAMES).as_deref(),
-            Some("linux-image-6.12.100+deb12-cloud-amd64")
-        );
-        assert_eq!(
-            pick_kernel("6.1.0-47", NAMES).as_deref(),
-            Some("linux-image-6.1.0-47-cloud-amd64")
-        );
+        assert_eq!(pick_kernel("6.1", NAMES).as_deref(), Some("linux-image-6.1.0-50-cloud-amd64"));
+        assert_eq!(pick_kernel("6.12", NAMES).as_deref(), Some("linux-image-6.12.117+deb12-cloud-amd64"));
+        assert_eq!(pick_kernel("6.12.100", NAMES).as_deref(), Some("linux-image-6.12.100+deb12-cloud-amd64"));
+        assert_eq!(pick_kernel("6.1.0-47", NAMES).as_deref(), Some("linux-image-6.1.0-47-cloud-amd64"));
         assert_eq!(pick_kernel("6.2", NAMES), None);
         assert_eq!(pick_kernel("6.1.0-4", NAMES), None);
     }
 
     #[test]
     fn package_names_are_taken_as_they_are() {
-        assert_eq!(
-            pick_kernel("linux-image-6.1.0-50-amd64", NAMES).as_deref(),
-            Some("linux-image-6.1.0-50-amd64")
-        );
+        assert_eq!(pick_kernel("linux-image-6.1.0-50-amd64", NAMES).as_deref(), Some("linux-image-6.1.0-50-amd64"));
         assert_eq!(pick_kernel("linux-image-6.1.0-51-amd64", NAMES), None);
     }
 

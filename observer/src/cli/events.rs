@@ -26,7 +26,8 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
     let fetch = |since: u64, limit: usize| -> anyhow::Result<EventsPage> {
         let path = format!("{EVENTS_PATH}?since={since}&limit={limit}");
         let body = super::get(&args.endpoint, &path)?;
-        serde_json::from_str(&body).with_context(|| format!("{}{path} did not answer with observer's events JSON", args.endpoint))
+        serde_json::from_str(&body)
+            .with_context(|| format!("{}{path} did not answer with observer's events JSON", args.endpoint))
     };
     // Start `last` records before the newest.
     let mut since = fetch(0, 0)?.latest.saturating_sub(args.last as u64);
@@ -57,12 +58,23 @@ pub fn render(r: &EventRecord) -> String {
         (None, None) => r.event.clone(),
     };
     let who = if r.comm.is_empty() { "-".to_string() } else { format!("{}[{}]", r.comm, r.pid) };
-    let mut line = format!("{:<22} {:<24} {:<7} {} -> {}", what, who, if r.role.is_empty() { "-" } else { &r.role }, r.local, r.remote);
+    let mut line = format!(
+        "{:<22} {:<24} {:<7} {} -> {}",
+        what,
+        who,
+        if r.role.is_empty() { "-" } else { &r.role },
+        r.local,
+        r.remote
+    );
     if !r.container.is_empty() {
         line.push_str(&format!(" container={}", r.container));
     }
     if let Some(f) = &r.facts {
-        let duration = if f.duration_seconds < 1.0 { format!("{:.3}ms", f.duration_seconds * 1e3) } else { format!("{:.3}s", f.duration_seconds) };
+        let duration = if f.duration_seconds < 1.0 {
+            format!("{:.3}ms", f.duration_seconds * 1e3)
+        } else {
+            format!("{:.3}s", f.duration_seconds)
+        };
         line.push_str(&format!(
             " dur={duration} rx={}B tx={}B rtt={}us retrans={} closed-by={}",
             f.bytes_received, f.bytes_sent, f.srtt_us, f.retransmits, f.close_initiator

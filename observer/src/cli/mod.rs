@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_PORT: u16 = 9645;
 
 #[derive(Debug, Parser)]
-#[command(name = "observer", version, about = "eBPF TCP connection observer: who resets and prematurely closes connections, with whom, and how")]
+#[command(
+    name = "observer",
+    version,
+    about = "eBPF TCP connection observer: who resets and prematurely closes connections, with whom, and how"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -30,7 +34,8 @@ pub enum Command {
 /// saying what to do.
 pub fn get(endpoint: &str, path: &str) -> anyhow::Result<String> {
     let base = endpoint.trim_end_matches('/');
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).build().into();
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).build().into();
     agent.get(&format!("{base}{path}")).call().and_then(|mut response| response.body_mut().read_to_string()).map_err(|e| {
         anyhow::anyhow!("cannot reach an observer daemon at {base}: {e}; is it running (`observer run`)? Point at it with --endpoint URL")
     })

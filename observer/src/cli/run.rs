@@ -56,11 +56,13 @@ fn open_netns(path: &std::path::Path) -> anyhow::Result<(std::fs::File, u32)> {
     let meta = file.metadata().map_err(|e| anyhow::anyhow!("--netns {}: {e}; {hint}", path.display()))?;
     // SAFETY: fstatfs on an open fd into a zeroed statfs.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    let is_nsfs = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&file), &mut fs) } == 0 && fs.f_type == NSFS_MAGIC;
+    let is_nsfs =
+        unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(&file), &mut fs) } == 0 && fs.f_type == NSFS_MAGIC;
     if !is_nsfs {
         anyhow::bail!("--netns {}: not a namespace file; {hint}", path.display());
     }
-    let inode = u32::try_from(meta.ino()).map_err(|_| anyhow::anyhow!("--netns {}: inode {} is not a namespace inode", path.display(), meta.ino()))?;
+    let inode = u32::try_from(meta.ino())
+        .map_err(|_| anyhow::anyhow!("--netns {}: inode {} is not a namespace inode", path.display(), meta.ino()))?;
     Ok((file, inode))
 }
 
@@ -76,7 +78,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     daemon::run(DaemonOptions {
         listen: args.listen,
-        probes: ProbeOptions { ring_buffer_bytes: args.ring_buffer_size, max_sockets: args.max_sockets, netns, mode: args.probes },
+        probes: ProbeOptions {
+            ring_buffer_bytes: args.ring_buffer_size,
+            max_sockets: args.max_sockets,
+            netns,
+            mode: args.probes,
+        },
         limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },
     })
     .await

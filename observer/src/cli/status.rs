@@ -20,8 +20,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         println!("{body}");
         return Ok(());
     }
-    let status: StatusReport =
-        serde_json::from_str(&body).with_context(|| format!("{}{STATUS_PATH} did not answer with observer's status JSON", args.endpoint))?;
+    let status: StatusReport = serde_json::from_str(&body)
+        .with_context(|| format!("{}{STATUS_PATH} did not answer with observer's status JSON", args.endpoint))?;
     print!("{}", render(&status));
     Ok(())
 }
@@ -29,12 +29,31 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
 fn render(s: &StatusReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let _ = writeln!(out, "observer {} ({}) on kernel {}, up {:.0}s, {}", s.version, s.revision, s.kernel, s.uptime_seconds, if s.ready { "ready" } else { "starting" });
+    let _ = writeln!(
+        out,
+        "observer {} ({}) on kernel {}, up {:.0}s, {}",
+        s.version,
+        s.revision,
+        s.kernel,
+        s.uptime_seconds,
+        if s.ready { "ready" } else { "starting" }
+    );
     let _ = writeln!(out, "\nPROBE                 STATE        ATTACH");
     for p in &s.probes {
-        let _ = writeln!(out, "{:<21} {:<12} {}{}", p.probe, p.state, p.attach, p.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default());
+        let _ = writeln!(
+            out,
+            "{:<21} {:<12} {}{}",
+            p.probe,
+            p.state,
+            p.attach,
+            p.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default()
+        );
     }
-    let _ = writeln!(out, "\nEVENTS  seen {}  lost {}  unattributed {}  paired {}", s.events.seen, s.events.lost, s.events.unattributed, s.events.paired);
+    let _ = writeln!(
+        out,
+        "\nEVENTS  seen {}  lost {}  unattributed {}  paired {}",
+        s.events.seen, s.events.lost, s.events.unattributed, s.events.paired
+    );
     for (probe, n) in &s.events.seen_by_probe {
         let _ = writeln!(out, "  {probe:<21} {n}");
     }

@@ -138,6 +138,11 @@ impl CgroupResolver {
         }
     }
 
+    /// Walks of the cgroup tree so far: 0 while every id opened by its file handle.
+    pub fn walks(&self) -> u64 {
+        self.walks
+    }
+
     /// The cgroup2 mount this instance resolves against.
     pub fn root(&self) -> Option<&Path> {
         self.root.as_deref()
@@ -175,10 +180,7 @@ impl CgroupResolver {
             }
             self.negative.remove(&cgroup_id);
         }
-        if self
-            .last_walk
-            .is_some_and(|t| now.saturating_duration_since(t) < WALK_INTERVAL)
-        {
+        if self.last_walk.is_some_and(|t| now.saturating_duration_since(t) < WALK_INTERVAL) {
             // Not recorded as negative: no walk has looked for this id yet.
             return None;
         }
@@ -233,11 +235,7 @@ impl CgroupResolver {
                 }
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                let child_rel = if rel == "/" {
-                    format!("/{name}")
-                } else {
-                    format!("{rel}/{name}")
-                };
+                let child_rel = if rel == "/" { format!("/{name}") } else { format!("{rel}/{name}") };
                 stack.push((entry.path(), child_rel));
             }
         }
@@ -264,8 +262,7 @@ impl CgroupResolver {
 
     fn remember_negative(&mut self, cgroup_id: u64, now: Instant) {
         if self.negative.len() >= self.max_entries {
-            self.negative
-                .retain(|_, &mut t| now.saturating_duration_since(t) < NEGATIVE_TTL);
+            self.negative.retain(|_, &mut t| now.saturating_duration_since(t) < NEGATIVE_TTL);
             // Still full: a flood of distinct ids. Forgetting them costs at most one walk per
             // interval, which the walk rate limit already allows.
             if self.negative.len() >= self.max_entries {
@@ -280,10 +277,7 @@ impl CgroupResolver {
     fn note_unreadable(&mut self, dir: &Path, root: &Path, e: &std::io::Error) {
         if dir == root && !self.warned_unreadable {
             self.warned_unreadable = true;
-            log::warn!(
-                "cannot read cgroup2 mount {} ({e}); events will carry no container",
-                root.display()
-            );
+            log::warn!("cannot read cgroup2 mount {} ({e}); events will carry no container", root.display());
         } else {
             log::debug!("skipping cgroup {} ({e})", dir.display());
         }
@@ -305,10 +299,7 @@ mod tests {
         fn new(tag: &str) -> Self {
             static SEQ: AtomicU32 = AtomicU32::new(0);
             let n = SEQ.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!(
-                "observer-container-{tag}-{}-{n}",
-                std::process::id()
-            ));
+            let dir = std::env::temp_dir().join(format!("observer-container-{tag}-{}-{n}", std::process::id()));
             fs::create_dir_all(&dir).expect("create temp tree");
             Self(dir)
         }
@@ -343,36 +334,24 @@ mod tests {
         let (_, root_ino) = tree.mkdir("");
         let mut containers = CgroupResolver::with_root(tree.0.clone());
 
-        let c = containers
-            .resolve(container_ino)
-            .expect("the container's cgroup resolves");
+        let c = containers.resolve(container_ino).expect("the container's cgroup resolves");
         assert_eq!(c.cgroup_path, container_rel);
         assert_eq!(c.id.as_deref(), Some(ID));
         assert_eq!(c.short_id(), &ID[..12]);
         assert_eq!(containers.walks, 1);
 
         // Everything else was cached by that one walk.
-        let sshd = containers
-            .resolve(sshd_ino)
-            .expect("a host cgroup resolves");
+        let sshd = containers.resolve(sshd_ino).expect("a host cgroup resolves");
         assert_eq!(sshd.cgroup_path, "/system.slice/sshd.service");
         assert_eq!(sshd.id, None);
-        let nested = containers
-            .resolve(nested_ino)
-            .expect("a nested cgroup resolves");
-        assert_eq!(
-            nested.cgroup_path,
-            format!("{container_rel}/system.slice/nginx.service")
-        );
+        let nested = containers.resolve(nested_ino).expect("a nested cgroup resolves");
+        assert_eq!(nested.cgroup_path, format!("{container_rel}/system.slice/nginx.service"));
         assert_eq!(nested.id.as_deref(), Some(ID));
         let root = containers.resolve(root_ino).expect("the root resolves");
         assert_eq!(root.cgroup_path, "/");
         assert_eq!(root.id, None);
         // A hit returns the cached entry itself.
-        assert!(Arc::ptr_eq(
-            &c,
-            &containers.resolve(container_ino).expect("cached")
-        ));
+        assert!(Arc::ptr_eq(&c, &containers.resolve(container_ino).expect("cached")));
         assert_eq!(containers.walks, 1);
 
         assert_eq!(containers.resolve(0), None);
@@ -395,22 +374,14 @@ mod tests {
 
         // A cgroup created after the walk, looked up within the interval: no walk yet.
         let (_, late_ino) = tree.mkdir("/a/late");
-        assert_eq!(
-            containers.resolve_at(late_ino, t0 + WALK_INTERVAL / 2),
-            None
-        );
+        assert_eq!(containers.resolve_at(late_ino, t0 + WALK_INTERVAL / 2), None);
         // A flood of distinct unknown ids within the interval: still no walk.
         for id in 1..1000 {
-            assert_eq!(
-                containers.resolve_at(unknown - id, t0 + WALK_INTERVAL / 2),
-                None
-            );
+            assert_eq!(containers.resolve_at(unknown - id, t0 + WALK_INTERVAL / 2), None);
         }
         assert_eq!(containers.walks, 1);
         // After the interval the new cgroup resolves with one more walk.
-        let late = containers
-            .resolve_at(late_ino, t0 + WALK_INTERVAL)
-            .expect("resolves after the interval");
+        let late = containers.resolve_at(late_ino, t0 + WALK_INTERVAL).expect("resolves after the interval");
         assert_eq!(late.cgroup_path, "/a/late");
         assert_eq!(containers.walks, 2);
 
@@ -436,26 +407,16 @@ mod tests {
         // Whichever directory is asked for resolves, even when the cache has no room for it.
         for (i, &ino) in inos.iter().enumerate() {
             let now = t0 + WALK_INTERVAL * (i as u32 + 1);
-            let c = containers
-                .resolve_at(ino, now)
-                .expect("resolves despite the bound");
+            let c = containers.resolve_at(ino, now).expect("resolves despite the bound");
             assert_eq!(c.cgroup_path, format!("/c{i}"));
-            assert!(
-                containers.cache.len() <= 4,
-                "cache holds {}",
-                containers.cache.len()
-            );
+            assert!(containers.cache.len() <= 4, "cache holds {}", containers.cache.len());
         }
         // The negative cache is bounded too.
         let unknown = unknown_id(&tree);
         for id in 0..20u32 {
             let now = t0 + WALK_INTERVAL * (100 + id);
             assert_eq!(containers.resolve_at(unknown - u64::from(id), now), None);
-            assert!(
-                containers.negative.len() <= 4,
-                "negative holds {}",
-                containers.negative.len()
-            );
+            assert!(containers.negative.len() <= 4, "negative holds {}", containers.negative.len());
         }
     }
 
@@ -464,8 +425,7 @@ mod tests {
         let mut containers = CgroupResolver::from_root(None);
         assert_eq!(containers.resolve(1), None);
         assert_eq!(containers.resolve(12345), None);
-        let mut missing =
-            CgroupResolver::with_root(std::env::temp_dir().join("observer-container-does-not-exist"));
+        let mut missing = CgroupResolver::with_root(std::env::temp_dir().join("observer-container-does-not-exist"));
         assert_eq!(missing.resolve(1), None);
     }
 }

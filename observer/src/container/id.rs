@@ -19,10 +19,7 @@ const COLON_RUNTIMES: [&str; 4] = ["cri-containerd", "docker", "crio", "libpod"]
 /// that names a container wins, so a container's own sub-cgroups (systemd inside a container,
 /// podman's `.../container`) resolve to that container. `None` for host cgroups.
 pub fn container_id(cgroup_path: &str) -> Option<String> {
-    cgroup_path
-        .rsplit('/')
-        .find_map(component_id)
-        .map(str::to_owned)
+    cgroup_path.rsplit('/').find_map(component_id).map(str::to_owned)
 }
 
 /// The container id one path component names, if it names one.
@@ -41,10 +38,7 @@ fn component_id(component: &str) -> Option<&str> {
     // `docker-<id>.scope`, `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`
     // (systemd driver); `libpod-<id>` (podman, cgroupfs driver).
     let unit = component.strip_suffix(".scope").unwrap_or(component);
-    SCOPE_PREFIXES
-        .iter()
-        .find_map(|prefix| unit.strip_prefix(prefix))
-        .filter(|id| is_id(id))
+    SCOPE_PREFIXES.iter().find_map(|prefix| unit.strip_prefix(prefix)).filter(|id| is_id(id))
 }
 
 /// Exactly 64 lowercase hex digits: what the runtimes generate. Anything looser would take
@@ -68,10 +62,7 @@ mod tests {
             // docker, cgroupfs driver.
             (format!("/docker/{ID}"), Some(ID)),
             // rootless docker.
-            (
-                format!("/user.slice/user-1000.slice/user@1000.service/user.slice/docker-{ID}.scope"),
-                Some(ID),
-            ),
+            (format!("/user.slice/user-1000.slice/user@1000.service/user.slice/docker-{ID}.scope"), Some(ID)),
             // containerd under kubernetes, systemd driver.
             (
                 format!(
@@ -83,9 +74,7 @@ mod tests {
             (format!("/kubepods.slice/kubepods-pod{POD}.slice/cri-containerd-{ID}.scope"), Some(ID)),
             // CRI-O.
             (
-                format!(
-                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{POD}.slice/crio-{ID}.scope"
-                ),
+                format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{POD}.slice/crio-{ID}.scope"),
                 Some(ID),
             ),
             // CRI-O's monitor process: not a container.
@@ -105,9 +94,7 @@ mod tests {
             (format!("/machine.slice/libpod-{ID}.scope/container"), Some(ID)),
             // containerd with the systemd driver inside a kind node.
             (
-                format!(
-                    "/system.slice/containerd.service/kubepods-besteffort-pod{POD}.slice:cri-containerd:{ID}"
-                ),
+                format!("/system.slice/containerd.service/kubepods-besteffort-pod{POD}.slice:cri-containerd:{ID}"),
                 Some(ID),
             ),
             // kind node (itself a docker container) running a pod: the innermost container wins.
@@ -144,5 +131,4 @@ mod tests {
             assert_eq!(container_id(path).as_deref(), *want, "path {path:?}");
         }
     }
-
 }

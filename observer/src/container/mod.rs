@@ -68,11 +68,7 @@ mod tests {
         let c = Container::new(format!("/docker/{ID}"));
         assert_eq!(c.short_id(), &ID[..12]);
         assert_eq!(Container::new("/init.scope".to_owned()).short_id(), "");
-        let odd = Container {
-            cgroup_path: "/x".to_owned(),
-            id: Some("abc".to_owned()),
-        };
+        let odd = Container { cgroup_path: "/x".to_owned(), id: Some("abc".to_owned()) };
         assert_eq!(odd.short_id(), "abc");
     }
-
 }

@@ -37,9 +37,7 @@ fn unescape_mountinfo(field: &str) -> String {
         // Three octal digits can exceed a byte (`\777`); such text is kept as it is.
         if let Some(&[b'\\', a, b, c]) = bytes.get(i..i + 4)
             && [a, b, c].iter().all(|d| (b'0'..=b'7').contains(d))
-            && let Ok(byte) = u8::try_from(
-                u32::from(a - b'0') * 64 + u32::from(b - b'0') * 8 + u32::from(c - b'0'),
-            )
+            && let Ok(byte) = u8::try_from(u32::from(a - b'0') * 64 + u32::from(b - b'0') * 8 + u32::from(c - b'0'))
         {
             out.push(byte);
             i += 4;
@@ -63,10 +61,7 @@ mod tests {
 32 31 0:28 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
 33 31 0:29 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
 ";
-        assert_eq!(
-            cgroup2_mount(unified),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let pure = "\
 35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
 ";
@@ -87,10 +82,7 @@ mod tests {
             Some(PathBuf::from("/mnt/ü\\x\\777"))
         );
         // v1 only, and garbage.
-        assert_eq!(
-            cgroup2_mount("33 31 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"),
-            None
-        );
+        assert_eq!(cgroup2_mount("33 31 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"), None);
         assert_eq!(cgroup2_mount("not mountinfo\n\n- cgroup2\n"), None);
     }
 }

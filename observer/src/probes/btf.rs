@@ -211,13 +211,14 @@ impl KernelBtf {
     pub fn kernel_offsets(&self, missing: &mut Vec<String>) -> KernelOffsets {
         let sock_done_bit = self.enum_value("sock_flags", "SOCK_DONE", missing);
         // `sk_flags` moved into `sock_common` (as `skc_flags`) in 6.18.
-        let sock_flags = match self.member_offset("sock.sk_flags").or_else(|_| self.member_offset("sock.__sk_common.skc_flags")) {
-            Ok(off) => off,
-            Err(e) => {
-                missing.push(e.to_string());
-                ABSENT
-            }
-        };
+        let sock_flags =
+            match self.member_offset("sock.sk_flags").or_else(|_| self.member_offset("sock.__sk_common.skc_flags")) {
+                Ok(off) => off,
+                Err(e) => {
+                    missing.push(e.to_string());
+                    ABSENT
+                }
+            };
         let mut get = |path: &str| match self.member_offset(path) {
             Ok(off) => off,
             Err(e) => {

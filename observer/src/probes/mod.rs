@@ -219,12 +219,16 @@ pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
             }
             let reasons = btf.reset_reasons();
             if reasons.is_empty() {
-                degraded.push("kernel has no enum sk_rst_reason (before 6.10): reset reasons are reported as not_specified".into());
+                degraded.push(
+                    "kernel has no enum sk_rst_reason (before 6.10): reset reasons are reported as not_specified"
+                        .into(),
+                );
             }
             (reasons, None)
         }
         Err(e) => {
-            degraded.push(format!("{e}; process attribution at accept(), unread bytes and reset reasons are unavailable"));
+            degraded
+                .push(format!("{e}; process attribution at accept(), unread bytes and reset reasons are unavailable"));
             (ResetReasons::default(), Some(e.to_string()))
         }
     };
@@ -238,7 +242,9 @@ pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
         } else if let Some(e) = &btf_error {
             format!("kprobes need the kernel's BTF for struct offsets: {e}")
         } else if functions.as_ref().is_ok_and(|f| !f.contains(function)) {
-            format!("this kernel has no function {function} to probe (not in {KALLSYMS}: not built, inlined or renamed)")
+            format!(
+                "this kernel has no function {function} to probe (not in {KALLSYMS}: not built, inlined or renamed)"
+            )
         } else if let missing = missing_kprobe_offsets(probe, &config.kernel)
             && !missing.is_empty()
         {
@@ -328,7 +334,9 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     if let Some(inum) = options.netns {
         let k = &config.kernel;
         if [k.sock_net, k.net_inum, k.skb_dev, k.netdev_net].contains(&ABSENT) {
-            return Err(LoadError::NetnsFilter("one of sock.__sk_common.skc_net, net.ns.inum, sk_buff.dev, net_device.nd_net".into()));
+            return Err(LoadError::NetnsFilter(
+                "one of sock.__sk_common.skc_net, net.ns.inum, sk_buff.dev, net_device.nd_net".into(),
+            ));
         }
         config.netns_filter = inum;
     }
@@ -385,7 +393,17 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     let sockets = BpfHashMap::try_from(sockets).map_err(|source| LoadError::Map { name: "SOCKETS", source })?;
     let seeds = ebpf.take_map("SEEDS").ok_or(LoadError::MissingMap("SEEDS"))?;
     let seeds = BpfHashMap::try_from(seeds).map_err(|source| LoadError::Map { name: "SEEDS", source })?;
-    Ok(LoadedProbes { statuses, reasons, degraded, events, counters: KernelCounters { map: counters }, sockets, seeds, logger, ebpf })
+    Ok(LoadedProbes {
+        statuses,
+        reasons,
+        degraded,
+        events,
+        counters: KernelCounters { map: counters },
+        sockets,
+        seeds,
+        logger,
+        ebpf,
+    })
 }
 
 /// Why nothing could be attached: each distinct error once, with the probes it stopped.
@@ -459,10 +477,8 @@ pub fn has_bpf_capabilities() -> bool {
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let Ok(status) = fs::read_to_string("/proc/self/status") else { return true };
-    let Some(eff) = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    let Some(eff) =
+        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
     else {
         return true;
     };
@@ -480,10 +496,7 @@ pub fn raise_memlock_limit() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        log::debug!(
-            "could not raise RLIMIT_MEMLOCK ({}); kernels >= 5.11 do not need it",
-            io::Error::last_os_error()
-        );
+        log::debug!("could not raise RLIMIT_MEMLOCK ({}); kernels >= 5.11 do not need it", io::Error::last_os_error());
     }
 }
 

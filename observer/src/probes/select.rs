@@ -85,13 +85,19 @@ pub fn choose(mode: ProbeMode, unavailable: &Unavailable) -> Vec<HookChoice> {
             let (backend, why) = match mode {
                 ProbeMode::Tracepoint => (Backend::Tracepoint, "forced by --probes tracepoint".to_string()),
                 ProbeMode::Kprobe => (Backend::Kprobe, "forced by --probes kprobe".to_string()),
-                ProbeMode::Auto if usable(Backend::Tracepoint) => (Backend::Tracepoint, "auto: the kernel has the tracepoints".to_string()),
+                ProbeMode::Auto if usable(Backend::Tracepoint) => {
+                    (Backend::Tracepoint, "auto: the kernel has the tracepoints".to_string())
+                }
                 ProbeMode::Auto if usable(Backend::Kprobe) => {
                     (Backend::Kprobe, format!("auto: the kernel lacks tracepoint {}", points(&tracepoints)))
                 }
                 ProbeMode::Auto => (
                     Backend::Tracepoint,
-                    format!("auto: the kernel has neither tracepoint {} nor kprobe {}", points(&tracepoints), points(&kprobes)),
+                    format!(
+                        "auto: the kernel has neither tracepoint {} nor kprobe {}",
+                        points(&tracepoints),
+                        points(&kprobes)
+                    ),
                 ),
             };
             let programs = if backend == Backend::Tracepoint { tracepoints } else { kprobes };
@@ -119,7 +125,10 @@ mod tests {
             assert!(!programs(hook, Backend::Kprobe).is_empty(), "{hook:?}");
         }
         // Every program serves exactly one hook, so one back end per hook never counts twice.
-        let total: usize = Hook::ALL.into_iter().map(|h| programs(h, Backend::Tracepoint).len() + programs(h, Backend::Kprobe).len()).sum();
+        let total: usize = Hook::ALL
+            .into_iter()
+            .map(|h| programs(h, Backend::Tracepoint).len() + programs(h, Backend::Kprobe).len())
+            .sum();
         assert_eq!(total, ProbeId::ALL.len());
     }
 
@@ -180,7 +189,10 @@ mod tests {
         ]);
         let choices = choose(ProbeMode::Auto, &unavailable);
         assert_eq!(choices[2].backend, Backend::Kprobe);
-        assert_eq!(choices[2].programs, [ProbeId::TcpSendActiveReset, ProbeId::TcpV4SendReset, ProbeId::TcpV6SendReset]);
+        assert_eq!(
+            choices[2].programs,
+            [ProbeId::TcpSendActiveReset, ProbeId::TcpV4SendReset, ProbeId::TcpV6SendReset]
+        );
     }
 
     #[test]
@@ -189,7 +201,11 @@ mod tests {
         unavailable.insert(ProbeId::TcpDestroySock, "no such tracepoint".into());
         let choices = choose(ProbeMode::Auto, &unavailable);
         assert_eq!(choices[3].backend, Backend::Tracepoint);
-        assert!(choices[3].why.contains("neither tracepoint tcp:tcp_destroy_sock nor kprobe tcp_v4_destroy_sock"), "{}", choices[3].why);
+        assert!(
+            choices[3].why.contains("neither tracepoint tcp:tcp_destroy_sock nor kprobe tcp_v4_destroy_sock"),
+            "{}",
+            choices[3].why
+        );
     }
 
     #[test]

@@ -4,8 +4,7 @@
 //! 6.10), so the programs get every offset from here instead of compiling one in.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
@@ -47,10 +46,8 @@ pub struct EventFormat {
 impl EventFormat {
     /// Parses the text of a `format` file. `tracepoint` names it in errors.
     pub fn parse(tracepoint: &str, text: &str) -> Result<Self, TracefsError> {
-        let malformed = |line: &str| TracefsError::Malformed {
-            path: PathBuf::from(tracepoint),
-            line: line.to_string(),
-        };
+        let malformed =
+            |line: &str| TracefsError::Malformed { path: PathBuf::from(tracepoint), line: line.to_string() };
         let mut fields = Vec::new();
         for line in text.lines().map(str::trim) {
             let Some(rest) = line.strip_prefix("field:") else { continue };
@@ -89,10 +86,9 @@ impl EventFormat {
 
     /// Offset of a field the program cannot work without.
     pub fn required(&self, name: &'static str) -> Result<u32, TracefsError> {
-        self.field(name).map(|f| f.offset).ok_or_else(|| TracefsError::MissingField {
-            tracepoint: self.tracepoint.clone(),
-            field: name,
-        })
+        self.field(name)
+            .map(|f| f.offset)
+            .ok_or_else(|| TracefsError::MissingField { tracepoint: self.tracepoint.clone(), field: name })
     }
 
     /// `tcp_event_sk` class records: `tcp_receive_reset`, `tcp_destroy_sock`.
@@ -111,10 +107,9 @@ impl EventFormat {
 
     /// `sock:inet_sock_set_state`.
     pub fn set_state_fields(&self) -> Result<SetStateFields, TracefsError> {
-        let protocol = self.field("protocol").ok_or_else(|| TracefsError::MissingField {
-            tracepoint: self.tracepoint.clone(),
-            field: "protocol",
-        })?;
+        let protocol = self
+            .field("protocol")
+            .ok_or_else(|| TracefsError::MissingField { tracepoint: self.tracepoint.clone(), field: "protocol" })?;
         Ok(SetStateFields {
             tuple: self.sk_tuple_fields()?,
             oldstate: self.required("oldstate")?,
@@ -128,11 +123,8 @@ impl EventFormat {
     pub fn send_reset_fields(&self) -> Result<SendResetFields, TracefsError> {
         let skaddr = self.required("skaddr")?;
         let sockaddr_layout = self.field("saddr").is_some_and(|f| f.size >= 16);
-        let tuple = if sockaddr_layout {
-            SkTupleFields { skaddr, ..SkTupleFields::ABSENT }
-        } else {
-            self.sk_tuple_fields()?
-        };
+        let tuple =
+            if sockaddr_layout { SkTupleFields { skaddr, ..SkTupleFields::ABSENT } } else { self.sk_tuple_fields()? };
         Ok(SendResetFields {
             tuple,
             skbaddr: self.offset("skbaddr"),
@@ -296,10 +288,13 @@ print fmt: \"family=%s sport=%hu\"";
 
     #[test]
     fn missing_required_field_names_tracepoint_and_field() {
-        let err = EventFormat::parse("tcp:tcp_receive_reset", "format:\n\tfield:__u16 sport;\toffset:16;\tsize:2;\tsigned:0;")
-            .unwrap()
-            .sk_tuple_fields()
-            .unwrap_err();
+        let err = EventFormat::parse(
+            "tcp:tcp_receive_reset",
+            "format:\n\tfield:__u16 sport;\toffset:16;\tsize:2;\tsigned:0;",
+        )
+        .unwrap()
+        .sk_tuple_fields()
+        .unwrap_err();
         assert_eq!(err.to_string(), "tracepoint tcp:tcp_receive_reset has no field `skaddr` on this kernel");
     }
 

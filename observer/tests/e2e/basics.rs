@@ -21,13 +21,29 @@ fn linger0_checks(s: &Scenario) -> Result<(), Failed> {
     let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
-    check("client premature peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), n)?;
+    check(
+        "client premature peer_reset",
+        m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))),
+        n,
+    )?;
     check("client premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]), n)?;
     check("server resets sent", m.sum("observer_tcp_resets_sent_total", &server), n)?;
-    check("server resets sent with reason", m.sum("observer_tcp_resets_sent_total", &with(&server, ("reason", active_reason("tcp_state")))), n)?;
-    check("server premature local_reset", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))), n)?;
+    check(
+        "server resets sent with reason",
+        m.sum("observer_tcp_resets_sent_total", &with(&server, ("reason", active_reason("tcp_state")))),
+        n,
+    )?;
+    check(
+        "server premature local_reset",
+        m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))),
+        n,
+    )?;
     check("server premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", srv)]), n)?;
-    check("resets received attributed to the server", m.sum("observer_tcp_resets_received_total", &[("comm", srv)]), 0)?;
+    check(
+        "resets received attributed to the server",
+        m.sum("observer_tcp_resets_received_total", &[("comm", srv)]),
+        0,
+    )?;
     check("resets sent attributed to the client", m.sum("observer_tcp_resets_sent_total", &[("comm", cli)]), 0)?;
     check("client closes", m.sum("observer_tcp_closes_total", &client), n)?;
     check("server closes", m.sum("observer_tcp_closes_total", &server), n)?;
@@ -44,16 +60,28 @@ fn unread_checks(s: &Scenario) -> Result<(), Failed> {
     let (srv, client, server) = (s.server_comm, s.client_labels(), s.server_labels());
     let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
-    check("server premature unread_data", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "unread_data"))), n)?;
+    check(
+        "server premature unread_data",
+        m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "unread_data"))),
+        n,
+    )?;
     check("server premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", srv)]), n)?;
     check(
         "server resets sent with reason",
         m.sum("observer_tcp_resets_sent_total", &with(&server, ("reason", active_reason("tcp_abort_on_close")))),
         n,
     )?;
-    check("client premature peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), n)?;
+    check(
+        "client premature peer_reset",
+        m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))),
+        n,
+    )?;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
-    check("resets received attributed to the server", m.sum("observer_tcp_resets_received_total", &[("comm", srv)]), 0)?;
+    check(
+        "resets received attributed to the server",
+        m.sum("observer_tcp_resets_received_total", &[("comm", srv)]),
+        0,
+    )?;
     Ok(())
 }
 
@@ -69,13 +97,22 @@ fn refused_checks(s: &Scenario) -> Result<(), Failed> {
     let (client_ip, server_ip) = (s.client_ip.to_string(), s.server_ip.to_string());
     let client = [("comm", cli), ("role", "client"), ("peer", server_ip.as_str()), ("port", closed_port.as_str())];
     let no_socket = [("comm", ""), ("role", ""), ("peer", client_ip.as_str()), ("port", closed_port.as_str())];
-    let m = daemon.settled_metrics(&s.peers(), |m| m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]) >= N as u64)?;
+    let m = daemon
+        .settled_metrics(&s.peers(), |m| m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]) >= N as u64)?;
     let n = N as u64;
-    check("client premature refused", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "refused"))), n)?;
+    check(
+        "client premature refused",
+        m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "refused"))),
+        n,
+    )?;
     check("client premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]), n)?;
     // The tracepoint traces them since 6.10; the kprobe on tcp_v{4,6}_send_reset on every kernel.
     let expected_no_socket = if kernel_version() >= (6, 10) || expected_probes().0 == "kprobe" { n } else { 0 };
-    check("no-socket resets sent", m.sum("observer_tcp_resets_sent_total", &with(&no_socket, ("reason", active_reason("no_socket")))), expected_no_socket)?;
+    check(
+        "no-socket resets sent",
+        m.sum("observer_tcp_resets_sent_total", &with(&no_socket, ("reason", active_reason("no_socket")))),
+        expected_no_socket,
+    )?;
     check("resets sent attributed to the client", m.sum("observer_tcp_resets_sent_total", &[("comm", cli)]), 0)?;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
     Ok(())
@@ -91,7 +128,11 @@ fn graceful_checks(s: &Scenario) -> Result<(), Failed> {
     let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
     let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
-    check("closes, both ends", m.sum("observer_tcp_closes_total", &client) + m.sum("observer_tcp_closes_total", &server), 2 * n)?;
+    check(
+        "closes, both ends",
+        m.sum("observer_tcp_closes_total", &client) + m.sum("observer_tcp_closes_total", &server),
+        2 * n,
+    )?;
     check("client closes", m.sum("observer_tcp_closes_total", &client), n)?;
     check("server closes", m.sum("observer_tcp_closes_total", &server), n)?;
     for comm in [srv, cli] {

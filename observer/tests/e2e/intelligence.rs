@@ -31,7 +31,8 @@ fn run_watched(s: &Scenario) -> Result<Daemon, Failed> {
 
 /// Every premature close of `comm`, by kind: the context a failed count needs.
 fn kinds(m: &Metrics, comm: &str) -> String {
-    let kinds: Vec<String> = m.matching(PREMATURE, &[("comm", comm)]).map(|(l, v)| format!("{}={v}", l["kind"])).collect();
+    let kinds: Vec<String> =
+        m.matching(PREMATURE, &[("comm", comm)]).map(|(l, v)| format!("{}={v}", l["kind"])).collect();
     format!("[{}]", kinds.join(", "))
 }
 
@@ -60,13 +61,23 @@ fn eof_checks(s: &Scenario) -> Result<(), Failed> {
     check("client premature (all kinds)", m.sum(PREMATURE, &[("comm", s.client_comm)]), n)?;
     check("server premature (it closed first: not abandoned)", m.sum(PREMATURE, &[("comm", s.server_comm)]), 0)?;
     check("closes, both ends", m.sum(CLOSES, &client) + m.sum(CLOSES, &server), 2 * n)?;
-    check("resets", m.sum("observer_tcp_resets_sent_total", &[("comm", s.server_comm)]) + m.sum("observer_tcp_resets_received_total", &[("comm", s.client_comm)]), 0)?;
+    check(
+        "resets",
+        m.sum("observer_tcp_resets_sent_total", &[("comm", s.server_comm)])
+            + m.sum("observer_tcp_resets_received_total", &[("comm", s.client_comm)]),
+        0,
+    )?;
     // Per-connection facts: the request went out, nothing came back, the peer closed first.
     let events = events_of(daemon, s.client_comm)?;
     check("client events logged", events.len() as u64, n)?;
     for e in &events {
         let f = &e["facts"];
-        if e["kind"] != "eof_before_response" || f["bytes_sent"] != REQUEST_BYTES || f["bytes_received"] != 0 || f["close_initiator"] != "peer" || f["final_state"] != "LAST-ACK" {
+        if e["kind"] != "eof_before_response"
+            || f["bytes_sent"] != REQUEST_BYTES
+            || f["bytes_received"] != 0
+            || f["close_initiator"] != "peer"
+            || f["final_state"] != "LAST-ACK"
+        {
             return Err(format!("unexpected event/facts: {e}").into());
         }
         if f["duration_seconds"].as_f64().is_none_or(|d| d <= 0.0) || e["pid"].as_u64().is_none_or(|p| p == 0) {
@@ -120,11 +131,19 @@ pub fn timeout() -> Result<(), Failed> {
     check("client premature (all kinds)", m.sum(PREMATURE, &[("comm", s.client_comm)]), n)?;
     check("client closes", m.sum(CLOSES, &client), n)?;
     for comm in ["swapper/0", "swapper/1", "ksoftirqd/0", "ksoftirqd/1", ""] {
-        check(&format!("timeouts attributed to {comm:?}"), m.sum(PREMATURE, &[("comm", comm), ("kind", "timeout")]), 0)?;
+        check(
+            &format!("timeouts attributed to {comm:?}"),
+            m.sum(PREMATURE, &[("comm", comm), ("kind", "timeout")]),
+            0,
+        )?;
     }
     // Retransmissions before the timeout are counted for the client.
     if m.sum("observer_tcp_retransmits_total", &client) < n {
-        return Err(format!("retransmits: {} for {n} timed-out connections", m.sum("observer_tcp_retransmits_total", &client)).into());
+        return Err(format!(
+            "retransmits: {} for {n} timed-out connections",
+            m.sum("observer_tcp_retransmits_total", &client)
+        )
+        .into());
     }
     Ok(())
 }
@@ -154,11 +173,21 @@ pub fn container_label() -> Result<(), Failed> {
     crate::traffic::remove_container_cgroup(ID)?;
     let m = m?;
     let n = N as u64;
-    check("client resets received in its container", m.sum("observer_tcp_resets_received_total", &with(&client, ("container", &ID[..12]))), n)?;
+    check(
+        "client resets received in its container",
+        m.sum("observer_tcp_resets_received_total", &with(&client, ("container", &ID[..12]))),
+        n,
+    )?;
     check("client peer_reset in its container", m.sum(PREMATURE, &with(&client, ("container", &ID[..12]))), n)?;
-    check("server (on the host) resets sent", m.sum("observer_tcp_resets_sent_total", &with(&server, ("container", ""))), n)?;
+    check(
+        "server (on the host) resets sent",
+        m.sum("observer_tcp_resets_sent_total", &with(&server, ("container", ""))),
+        n,
+    )?;
     for e in events_of(daemon, s.client_comm)? {
-        if e["container"] != ID[..12] || !e["cgroup"].as_str().is_some_and(|c| c.ends_with(&format!("/docker-{ID}.scope"))) {
+        if e["container"] != ID[..12]
+            || !e["cgroup"].as_str().is_some_and(|c| c.ends_with(&format!("/docker-{ID}.scope")))
+        {
             return Err(format!("event without its container and cgroup: {e}").into());
         }
     }
@@ -179,7 +208,11 @@ pub fn cause_pairing() -> Result<(), Failed> {
     let want = format!("reset by {}[{server_pid}]: {reason}", s.server_comm);
     for e in &events {
         let cause = &e["cause"];
-        if cause["comm"] != s.server_comm || cause["pid"] != server_pid || cause["reason"] != reason || cause["summary"] != want.as_str() {
+        if cause["comm"] != s.server_comm
+            || cause["pid"] != server_pid
+            || cause["reason"] != reason
+            || cause["summary"] != want.as_str()
+        {
             return Err(format!("cause {cause} is not {want:?}: {e}").into());
         }
     }

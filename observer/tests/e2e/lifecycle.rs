@@ -31,7 +31,10 @@ pub fn status_lists_every_probe() -> Result<(), Failed> {
     let probes = status["probes"].as_array().ok_or("probes is not a list")?;
     let (backend, expected) = expected_probes();
     for &(name, attach) in expected {
-        let p = probes.iter().find(|p| p["probe"] == name).ok_or_else(|| format!("probe {name} missing from status: {body}"))?;
+        let p = probes
+            .iter()
+            .find(|p| p["probe"] == name)
+            .ok_or_else(|| format!("probe {name} missing from status: {body}"))?;
         if p["attach"] != attach || p["state"] != "attached" || p["backend"] != backend || !p["hook"].is_string() {
             return Err(format!("probe {name}: {p}").into());
         }
@@ -41,7 +44,11 @@ pub fn status_lists_every_probe() -> Result<(), Failed> {
     }
     let m = daemon.metrics()?;
     for &(name, attach) in expected {
-        check(&format!("observer_probe_info {name}"), m.sum("observer_probe_info", &[("probe", name), ("attach", attach), ("backend", backend)]), 1)?;
+        check(
+            &format!("observer_probe_info {name}"),
+            m.sum("observer_probe_info", &[("probe", name), ("attach", attach), ("backend", backend)]),
+            1,
+        )?;
     }
     check("observer_build_info", m.sum("observer_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), 1)?;
     for name in ["observer_events_lost_total", "observer_events_unattributed_total"] {
@@ -54,7 +61,10 @@ pub fn status_lists_every_probe() -> Result<(), Failed> {
 
 pub fn status_command() -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    let out = Command::new(OBSERVER).args(["status", "--endpoint", &daemon.endpoint()]).output().map_err(|e| e.to_string())?;
+    let out = Command::new(OBSERVER)
+        .args(["status", "--endpoint", &daemon.endpoint()])
+        .output()
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!("observer status failed: {}", String::from_utf8_lossy(&out.stderr)).into());
@@ -64,7 +74,10 @@ pub fn status_command() -> Result<(), Failed> {
             return Err(format!("observer status does not show {name} attached:\n{text}").into());
         }
     }
-    let json = Command::new(OBSERVER).args(["status", "--json", "--endpoint", &daemon.endpoint()]).output().map_err(|e| e.to_string())?;
+    let json = Command::new(OBSERVER)
+        .args(["status", "--json", "--endpoint", &daemon.endpoint()])
+        .output()
+        .map_err(|e| e.to_string())?;
     serde_json::from_slice::<serde_json::Value>(&json.stdout).map_err(|e| format!("status --json is not JSON: {e}"))?;
 
     // Pointed at nothing: a clear error, non-zero exit.
@@ -89,7 +102,9 @@ pub fn forced_back_end() -> Result<(), Failed> {
         let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
         let probes = status["probes"].as_array().ok_or("probes is not a list")?;
         for &(name, attach) in &KPROBE_PROBES {
-            if !probes.iter().any(|p| p["probe"] == name && p["attach"] == attach && p["backend"] == "kprobe" && p["state"] == "attached") {
+            if !probes.iter().any(|p| {
+                p["probe"] == name && p["attach"] == attach && p["backend"] == "kprobe" && p["state"] == "attached"
+            }) {
                 return Err(format!("--probes kprobe: {name} not attached to {attach}: {body}").into());
             }
         }
@@ -111,7 +126,9 @@ pub fn forced_back_end() -> Result<(), Failed> {
     let (_, body) = daemon.get("/api/v1/status")?;
     let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
     let probes = status["probes"].as_array().ok_or("probes is not a list")?;
-    if probes.len() != TRACEPOINT_PROBES.len() || probes.iter().any(|p| p["backend"] != "tracepoint" || p["state"] != "attached") {
+    if probes.len() != TRACEPOINT_PROBES.len()
+        || probes.iter().any(|p| p["backend"] != "tracepoint" || p["state"] != "attached")
+    {
         return Err(format!("--probes tracepoint: {body}").into());
     }
     Ok(())
@@ -194,7 +211,8 @@ pub fn held_by(pid: u32) -> Result<Held, Failed> {
 pub fn nothing_left(held: &Held) -> Result<(), Failed> {
     let loaded: Vec<u64> = bpftool_list("prog")?.iter().filter_map(|p| p["id"].as_u64()).collect();
     let programs: Vec<u64> = held.programs.iter().copied().filter(|id| loaded.contains(id)).collect();
-    let links: Vec<u64> = bpftool_list("link")?.iter().filter_map(|l| l["id"].as_u64()).filter(|id| held.links.contains(id)).collect();
+    let links: Vec<u64> =
+        bpftool_list("link")?.iter().filter_map(|l| l["id"].as_u64()).filter(|id| held.links.contains(id)).collect();
     if !programs.is_empty() || !links.is_empty() {
         return Err(format!("left after exit: programs {programs:?}, links {links:?}").into());
     }

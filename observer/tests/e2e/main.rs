@@ -7,13 +7,14 @@
 //!
 //! This file is the list of tests. The tests live in modules by subject (`basics`: the four
 //! ways a connection ends on loopback; `intelligence`: the kinds beyond resets, containers,
-//! cause pairing, state gauges; `lifecycle`: status, flags, signals; `reliability`: overload and
-//! hostile peers); `support` holds what they share, `traffic` the scenario worker this binary
+//! cause pairing, state gauges; `lifecycle`: status, flags, signals; `kernel`: the verifier,
+//! the back end `auto` picks, cgroups by id; `reliability`: overload and hostile peers); `support` holds what they share, `traffic` the scenario worker this binary
 //! re-executes itself as. The daemon, HTTP, metrics and socket helpers come from
 //! `observer-testkit`.
 
 mod basics;
 mod intelligence;
+mod kernel;
 mod lifecycle;
 mod reliability;
 mod support;
@@ -28,7 +29,10 @@ static SHARED: OnceLock<Result<Daemon, String>> = OnceLock::new();
 
 /// The daemon the scenarios that need no daemon of their own share, started on first use.
 fn shared_daemon() -> Result<&'static Daemon, Failed> {
-    SHARED.get_or_init(|| support::start_daemon(&[]).map_err(|e| e.to_string())).as_ref().map_err(|e| Failed::from(e.as_str()))
+    SHARED
+        .get_or_init(|| support::start_daemon(&[]).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Failed::from(e.as_str()))
 }
 
 fn main() {
@@ -38,7 +42,10 @@ fn main() {
     let args = Arguments::from_args();
     let trials = vec![
         Trial::test("linger0_close_is_local_reset_for_server_and_peer_reset_for_client", basics::linger0_close),
-        Trial::test("close_with_unread_request_is_unread_data_with_abort_on_close_reason", basics::close_with_unread_data),
+        Trial::test(
+            "close_with_unread_request_is_unread_data_with_abort_on_close_reason",
+            basics::close_with_unread_data,
+        ),
         Trial::test("connect_to_closed_port_is_refused_and_no_socket_reset_has_no_owner", basics::connect_refused),
         Trial::test("graceful_connections_are_closed_once_each_and_never_premature", basics::graceful),
         Trial::test("ipv6_linger0_close_is_local_reset_for_server_and_peer_reset_for_client", basics::linger0_close_v6),
@@ -53,18 +60,48 @@ fn main() {
         Trial::test("a_process_in_a_container_cgroup_gets_its_container_label", intelligence::container_label),
         Trial::test("a_received_reset_names_the_sending_process_and_its_reason", intelligence::cause_pairing),
         Trial::test("close_wait_leak_shows_in_connection_gauges_and_oldest_age", intelligence::close_wait_leak),
-        Trial::test("connections_open_before_start_are_seeded_from_the_socket_table", intelligence::connections_open_before_start),
+        Trial::test(
+            "connections_open_before_start_are_seeded_from_the_socket_table",
+            intelligence::connections_open_before_start,
+        ),
         Trial::test("status_api_healthz_and_info_metrics_list_every_probe", lifecycle::status_lists_every_probe),
         Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", lifecycle::status_command),
         Trial::test("probes_flag_forces_a_back_end_for_every_hook", lifecycle::forced_back_end),
         Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", lifecycle::bad_listen_address),
         Trial::test("sigterm_detaches_every_program_and_link_and_exits_zero", lifecycle::sigterm_detaches),
-        Trial::test("full_ring_buffer_is_counted_seen_plus_lost_is_exact_and_daemon_recovers", reliability::overflow_accounting),
-        Trial::test("cardinality_attack_10000_peers_and_port_scan_stays_within_caps_with_exact_totals", reliability::cardinality_attack),
-        Trial::test("sigterm_during_a_reset_storm_exits_zero_and_leaves_no_program_or_link", reliability::sigterm_during_storm),
-        Trial::test("sigkill_leaves_no_program_or_link_and_the_next_start_counts_exactly", reliability::sigkill_then_restart),
+        Trial::test(
+            "every_program_of_every_back_end_passes_the_verifier",
+            kernel::every_program_of_every_back_end_passes_the_verifier,
+        ),
+        Trial::test(
+            "auto_picks_the_tracepoints_where_the_kernel_has_them",
+            kernel::auto_picks_the_tracepoints_where_the_kernel_has_them,
+        ),
+        Trial::test(
+            "a_real_cgroup_resolves_by_its_id_without_walking",
+            kernel::a_real_cgroup_resolves_by_its_id_without_walking,
+        ),
+        Trial::test(
+            "full_ring_buffer_is_counted_seen_plus_lost_is_exact_and_daemon_recovers",
+            reliability::overflow_accounting,
+        ),
+        Trial::test(
+            "cardinality_attack_10000_peers_and_port_scan_stays_within_caps_with_exact_totals",
+            reliability::cardinality_attack,
+        ),
+        Trial::test(
+            "sigterm_during_a_reset_storm_exits_zero_and_leaves_no_program_or_link",
+            reliability::sigterm_during_storm,
+        ),
+        Trial::test(
+            "sigkill_leaves_no_program_or_link_and_the_next_start_counts_exactly",
+            reliability::sigkill_then_restart,
+        ),
         Trial::test("two_daemons_at_once_both_count_exactly", reliability::two_daemons_count_independently),
-        Trial::test("slow_oversized_concurrent_and_malformed_http_requests_do_not_stop_serving_or_counting", reliability::hostile_http_peers),
+        Trial::test(
+            "slow_oversized_concurrent_and_malformed_http_requests_do_not_stop_serving_or_counting",
+            reliability::hostile_http_peers,
+        ),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     // Stop the shared daemon before exiting: statics are never dropped.

@@ -77,7 +77,8 @@ pub fn cardinality_attack() -> Result<(), Failed> {
     let n = s.connections as u64;
     // The daemon sees only this namespace: every series must settle.
     let m = daemon.settled_metrics(&[], |m| {
-        m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= n && m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]) >= 1000
+        m.sum("observer_tcp_closes_total", &[("comm", srv)]) >= n
+            && m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]) >= 1000
     })?;
     // Totals stay exact.
     check("server closes", m.sum("observer_tcp_closes_total", &[("comm", srv)]), n)?;
@@ -86,8 +87,12 @@ pub fn cardinality_attack() -> Result<(), Failed> {
     // Folded series keep their reason but not their comm ("other").
     // Traced by the tracepoint since 6.10, by the kprobe back end on every kernel.
     match (kernel_version() >= (6, 10), expected_probes().0 == "kprobe") {
-        (true, _) => check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "no_socket")]), 1000)?,
-        (false, false) => check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "not_specified")]), 0)?,
+        (true, _) => {
+            check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "no_socket")]), 1000)?
+        }
+        (false, false) => {
+            check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "not_specified")]), 0)?
+        }
         (false, true) => {
             // Without reasons (before 6.10) the kprobes' other passive resets (segments that hit
             // a TIME_WAIT socket, ...) cannot be told apart from the scan's: at least 1000.
@@ -107,12 +112,14 @@ pub fn cardinality_attack() -> Result<(), Failed> {
         "observer_tcp_premature_closes_total",
         "observer_tcp_retransmits_total",
     ]
-        .iter()
-        .map(|name| m.matching(name, &[]).count() as u64)
-        .sum();
+    .iter()
+    .map(|name| m.matching(name, &[]).count() as u64)
+    .sum();
     // Beyond --max-series, one overflow series per metric and reason/kind.
     if exported > max_series + 10 {
-        return Err(format!("{exported} per-connection series exported, cap is {max_series} (+ overflow series)").into());
+        return Err(
+            format!("{exported} per-connection series exported, cap is {max_series} (+ overflow series)").into()
+        );
     }
     check("observer_series gauge", m.sum("observer_series", &[]), exported)?;
     if m.sum("observer_series_folded_total", &[]) == 0 {
@@ -146,10 +153,19 @@ pub fn sigterm_during_storm() -> Result<(), Failed> {
 fn check_linger0(daemon: &Daemon, s: &Scenario, connections: u64) -> Result<(), Failed> {
     let (client, server) = (s.client_labels(), s.server_labels());
     let m = daemon.settled_metrics(&s.peers(), |m| {
-        m.sum("observer_tcp_closes_total", &client) >= connections && m.sum("observer_tcp_closes_total", &server) >= connections
+        m.sum("observer_tcp_closes_total", &client) >= connections
+            && m.sum("observer_tcp_closes_total", &server) >= connections
     })?;
-    check("client peer_reset", m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))), connections)?;
-    check("server local_reset", m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))), connections)?;
+    check(
+        "client peer_reset",
+        m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))),
+        connections,
+    )?;
+    check(
+        "server local_reset",
+        m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))),
+        connections,
+    )?;
     check("server resets sent", m.sum("observer_tcp_resets_sent_total", &server), connections)?;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), connections)?;
     check("events lost", m.events_lost(), 0)?;
@@ -190,10 +206,10 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     let daemon = &start_daemon(&["--netns", &ns.path])?;
     let addr = daemon.addr;
     // A slow client that never finishes its request, held open throughout.
-    let mut slow = TcpStream::connect(&addr).map_err(|e| e.to_string())?;
+    let mut slow = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     slow.write_all(b"GET /metr").map_err(|e| e.to_string())?;
     // Oversized headers: refused, and the daemon goes on.
-    let mut big = TcpStream::connect(&addr).map_err(|e| e.to_string())?;
+    let mut big = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     big.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
     let header = format!("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20));
     let _ = big.write_all(header.as_bytes());
@@ -203,7 +219,14 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
         return Err("a 1 MiB header was accepted".into());
     }
     // Bad query strings and paths.
-    for path in ["/api/v1/status?%%%", "/metrics?x=%ff%fe", "/api/v1/status?a=1&a=2&&=", "/healthz?\u{7f}", "/nope", "/api/v1/status/../../etc/passwd"] {
+    for path in [
+        "/api/v1/status?%%%",
+        "/metrics?x=%ff%fe",
+        "/api/v1/status?a=1&a=2&&=",
+        "/healthz?\u{7f}",
+        "/nope",
+        "/api/v1/status/../../etc/passwd",
+    ] {
         let code = raw_get_status(addr, path, PATIENCE).map_err(|e| format!("{path}: {e}"))?;
         if code >= 500 {
             return Err(format!("{path} answered {code}").into());
@@ -211,9 +234,7 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     }
     // 500 concurrent scrapes all answered.
     let scrapes: Vec<_> = (0..500)
-        .map(|_| {
-            std::thread::spawn(move || raw_get_status(addr, "/metrics", Duration::from_secs(120)))
-        })
+        .map(|_| std::thread::spawn(move || raw_get_status(addr, "/metrics", Duration::from_secs(120))))
         .collect();
     let mut ok = 0;
     let mut failures = std::collections::BTreeMap::new();

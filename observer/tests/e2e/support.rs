@@ -21,7 +21,11 @@ pub const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Starts `observer run --listen 127.0.0.1:0 EXTRA...` and waits for it to be ready.
 pub fn start_daemon(extra: &[&str]) -> anyhow::Result<Daemon> {
-    Daemon::start(Path::new(OBSERVER), extra, &Options { ready_within: PATIENCE, http_timeout: PATIENCE, ..Options::default() })
+    Daemon::start(
+        Path::new(OBSERVER),
+        extra,
+        &Options { ready_within: PATIENCE, http_timeout: PATIENCE, ..Options::default() },
+    )
 }
 
 pub trait Settle {
@@ -93,7 +97,8 @@ pub fn scenario_v6(mode: Mode, tag: u8, server_comm: &'static str, client_comm: 
 /// Every connection of the scenario has been closed on both ends.
 pub fn both_closed(m: &Metrics, s: &Scenario) -> bool {
     let n = s.connections as u64;
-    m.sum("observer_tcp_closes_total", &[("comm", s.client_comm)]) >= n && m.sum("observer_tcp_closes_total", &[("comm", s.server_comm)]) >= n
+    m.sum("observer_tcp_closes_total", &[("comm", s.client_comm)]) >= n
+        && m.sum("observer_tcp_closes_total", &[("comm", s.server_comm)]) >= n
 }
 
 pub const TRACEPOINT_PROBES: [(&str, &str); 6] = [

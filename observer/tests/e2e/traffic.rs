@@ -141,12 +141,22 @@ impl Scenario {
 
     /// Labels of the client's connections: its comm, role, the server as peer, the service port.
     pub fn client_labels(&self) -> [(&'static str, &'static str); 4] {
-        [("comm", self.client_comm), ("role", "client"), ("peer", leak(self.server_ip.to_string())), ("port", leak(self.port.to_string()))]
+        [
+            ("comm", self.client_comm),
+            ("role", "client"),
+            ("peer", leak(self.server_ip.to_string())),
+            ("port", leak(self.port.to_string())),
+        ]
     }
 
     /// Labels of the server's connections.
     pub fn server_labels(&self) -> [(&'static str, &'static str); 4] {
-        [("comm", self.server_comm), ("role", "server"), ("peer", leak(self.client_ip.to_string())), ("port", leak(self.port.to_string()))]
+        [
+            ("comm", self.server_comm),
+            ("role", "server"),
+            ("peer", leak(self.client_ip.to_string())),
+            ("port", leak(self.port.to_string())),
+        ]
     }
 
     fn args(&self) -> Vec<String> {
@@ -203,7 +213,10 @@ impl HeldNetns {
         let mut line = String::new();
         self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         if line.trim() != "done" {
-            return Err(format!("round {mode:?} x{connections} failed: {line}{}", self.release().err().unwrap_or_default()));
+            return Err(format!(
+                "round {mode:?} x{connections} failed: {line}{}",
+                self.release().err().unwrap_or_default()
+            ));
         }
         Ok(())
     }
@@ -271,7 +284,9 @@ pub fn worker_main(role: &str) -> ! {
     let result = match role {
         "netns" => netns_worker(&scenario),
         "server" => set_comm(scenario.server_comm).and_then(|()| server(&scenario)),
-        "client" => set_comm(scenario.client_comm).and_then(|()| join_container_cgroup(&scenario)).and_then(|()| client(&scenario)),
+        "client" => set_comm(scenario.client_comm)
+            .and_then(|()| join_container_cgroup(&scenario))
+            .and_then(|()| client(&scenario)),
         other => Err(io::Error::other(format!("unknown worker role {other}"))),
     };
     match result {
@@ -320,7 +335,10 @@ fn netns_round(s: &Scenario) -> io::Result<()> {
         server_out.read_line(&mut line)?;
         if line.trim() != "netns" {
             let _ = server.kill();
-            return Err(io::Error::other(format!("server did not make its namespace: {line:?} ({:?})", server.wait()?)));
+            return Err(io::Error::other(format!(
+                "server did not make its namespace: {line:?} ({:?})",
+                server.wait()?
+            )));
         }
         link_to(server.id(), s)?;
         writeln!(server_in, "veth")?;
@@ -385,7 +403,8 @@ fn server_veth(s: &Scenario) -> io::Result<()> {
 /// The cgroup directory of the scenario's client container.
 fn container_cgroup_dir(id: &str) -> io::Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let root = observer::container::cgroup2_mount(&mountinfo).ok_or_else(|| io::Error::other("no cgroup2 mount on this machine"))?;
+    let root = observer::container::cgroup2_mount(&mountinfo)
+        .ok_or_else(|| io::Error::other("no cgroup2 mount on this machine"))?;
     Ok(root.join("observer-e2e.slice").join(format!("docker-{id}.scope")))
 }
 
@@ -475,7 +494,9 @@ fn server(s: &Scenario) -> io::Result<()> {
                 conn.read_to_end(&mut rest)?;
                 drop(conn);
             }
-            Mode::Refused | Mode::PortScan | Mode::Timeout | Mode::ConnectTimeout | Mode::LeakCloseWait => unreachable!(),
+            Mode::Refused | Mode::PortScan | Mode::Timeout | Mode::ConnectTimeout | Mode::LeakCloseWait => {
+                unreachable!()
+            }
         }
     }
     Ok(())
@@ -498,7 +519,9 @@ fn client(s: &Scenario) -> io::Result<()> {
                 let port = if s.mode == Mode::PortScan { s.port + 1 + i as u16 } else { s.port + 1 };
                 match connect(socket, SocketAddr::from((s.server_ip, port))) {
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                    other => return Err(io::Error::other(format!("connection {i}: expected ECONNREFUSED, got {other:?}"))),
+                    other => {
+                        return Err(io::Error::other(format!("connection {i}: expected ECONNREFUSED, got {other:?}")));
+                    }
                 }
             }
             Mode::Abandon | Mode::LeakCloseWait => {
@@ -517,7 +540,9 @@ fn client(s: &Scenario) -> io::Result<()> {
                     (Mode::NoResponse, Ok(0)) => {} // EOF before any response
                     (Mode::Linger0 | Mode::Unread, Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
                     (mode, other) => {
-                        return Err(io::Error::other(format!("connection {i} ({mode:?}): unexpected read result {other:?}")));
+                        return Err(io::Error::other(format!(
+                            "connection {i} ({mode:?}): unexpected read result {other:?}"
+                        )));
                     }
                 }
             }
@@ -579,5 +604,9 @@ fn client_connect_timeout(s: &Scenario) -> io::Result<()> {
 }
 
 fn wait_readable(conn: &TcpStream) -> io::Result<()> {
-    if net::wait_readable(conn, Duration::from_secs(10))? { Ok(()) } else { Err(io::Error::other("request never arrived")) }
+    if net::wait_readable(conn, Duration::from_secs(10))? {
+        Ok(())
+    } else {
+        Err(io::Error::other("request never arrived"))
+    }
 }
