@@ -16,6 +16,7 @@ mod churn;
 mod daemon;
 mod diagnose;
 mod footprint;
+mod micro;
 mod net;
 mod procfs;
 mod report;
@@ -67,6 +68,14 @@ pub struct Args {
     /// The command line the report names (default: how this binary was invoked).
     #[arg(long, value_name = "COMMAND")]
     pub command: Option<String>,
+    /// Criterion's output directory after `cargo bench -p observer --bench pipeline` (what
+    /// `cargo xtask bench` runs first): its results go into the report. Without it the report
+    /// has no in-process section.
+    #[arg(long, value_name = "DIR")]
+    pub criterion_dir: Option<PathBuf>,
+    /// The command that ran those in-process benchmarks, for the report.
+    #[arg(long, value_name = "COMMAND", default_value = "cargo bench -p observer --bench pipeline")]
+    pub micro_command: String,
     /// Internal: run as the load generator process named NAME.
     #[arg(long, hide = true, value_name = "NAME")]
     pub worker: Option<String>,
@@ -184,6 +193,9 @@ pub struct Results {
     pub storm: storm::Storm,
     pub soak: soak::Soak,
     pub footprint: footprint::Footprint,
+    /// The in-process benchmarks of the userspace hot path (criterion).
+    #[serde(default)]
+    pub micro: micro::Micro,
     /// Where the cost goes (measured after everything else, not part of any number above).
     #[serde(default)]
     pub diagnostics: diagnose::Diagnostics,
@@ -248,9 +260,15 @@ fn bench(args: Args) -> Result<ExitCode> {
     fs::copy(&built, &staging)
         .and_then(|_| fs::rename(&staging, &observer))
         .with_context(|| format!("copying {} to {}", built.display(), observer.display()))?;
+    // Read first: a missing criterion result should fail now, not after 25 minutes.
+    let micro = match &args.criterion_dir {
+        Some(dir) => micro::read(&root.join(dir), args.micro_command.clone())?,
+        None => micro::Micro::default(),
+    };
     let setup = Setup { observer, tcplife, build_command };
     let plan = Plan::new(args.quick);
-    let results = run(&setup, &plan, &root, args.quick, command)?;
+    let mut results = run(&setup, &plan, &root, args.quick, command)?;
+    results.micro = micro;
 
     let path = dir.join(results_name);
     fs::write(&path, serde_json::to_string_pretty(&results)?).with_context(|| format!("writing {}", path.display()))?;
@@ -354,6 +372,7 @@ fn run(setup: &Setup, plan: &Plan, root: &Path, quick: bool, command: String) ->
         storm,
         soak,
         footprint,
+        micro: micro::Micro::default(),
         diagnostics,
         daemon_log,
         other_bpf,

@@ -170,6 +170,7 @@ pub fn markdown(r: &Results) -> String {
     scrape(&mut o, r);
     footprint(&mut o, r);
     soak(&mut o, r);
+    micro(&mut o, r);
     diagnostics(&mut o, r);
     let _ = writeln!(o, "## Analysis\n");
     let _ = writeln!(o, "{}", ANALYSIS.trim());
@@ -547,6 +548,34 @@ fn soak(o: &mut String, r: &Results) {
         .collect();
     let _ = writeln!(o, "RSS (KiB) over time: {}.\n", per_minute.join(", "));
     checks(o, &format!("Counts against what was made ({} connections)", s.total.connections()), &s.checks);
+}
+
+/// The in-process benchmarks of the userspace hot path (criterion), when they ran.
+fn micro(o: &mut String, r: &Results) {
+    let m = &r.micro;
+    if m.benches.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "## The userspace hot path, in process\n");
+    let _ = writeln!(
+        o,
+        "`{}` (criterion) on the same machine, just before the benchmarks above: records built with the \
+         kernel's layout, no kernel and no I/O. The event benchmarks feed 10,000 records of a proxy-like mix (70 % \
+         graceful closes, 10 % each resets received, resets sent and peer-reset closes; 40 peers on 8 ports); the \
+         render benchmarks write `/metrics` with 50 peers per port. Medians with their 95 % confidence interval.\n",
+        m.command
+    );
+    let _ = writeln!(o, "| benchmark | what | median | 95 % CI |\n|---|---|---|---|");
+    for b in &m.benches {
+        let (value, low, high, unit) = if b.unit == "event" {
+            let n = b.elements.max(1) as f64;
+            (b.ns_per_unit(), b.median_low_ns / n, b.median_high_ns / n, "ns per event")
+        } else {
+            (b.median_ns / 1e6, b.median_low_ns / 1e6, b.median_high_ns / 1e6, "ms per render")
+        };
+        let _ = writeln!(o, "| `{}` | {} | {value:.1} {unit} | {low:.1} – {high:.1} |", b.id, b.what);
+    }
+    let _ = writeln!(o);
 }
 
 fn diagnostics(o: &mut String, r: &Results) {

@@ -57,6 +57,10 @@ pub fn bench(args: Args) -> Result<ExitCode> {
             let (exe, display) = build_observer(&ready)?;
             if let Some(target) = exe.parent().and_then(Path::parent) {
                 bench.push(format!("--target-dir={}", target.display()));
+                // The in-process benchmarks of the same source, first (about a minute).
+                let micro = run_micro(&ready, args.quick)?;
+                bench.push(format!("--criterion-dir={}", target.join("criterion").display()));
+                bench.push(format!("--micro-command={micro}"));
             }
             bench.push(format!("--observer={}", exe.display()));
             bench.push(format!("--build-command={display}"));
@@ -73,6 +77,20 @@ fn run_bench(root: &Path, path: &std::ffi::OsStr, args: &[String]) -> Result<Exi
     println!("observer bench: {}", cmd::display(&cargo));
     let status = cmd::status(&mut cargo)?;
     Ok(ExitCode::from(u8::try_from(cmd::exit_code(status)).unwrap_or(1)))
+}
+
+/// `cargo bench -p observer --bench pipeline` (criterion; shorter with --quick); returns the
+/// command as run.
+fn run_micro(ready: &setup::Ready, quick: bool) -> Result<String> {
+    let mut cargo = cmd::cargo_command(&ready.root, &ready.path);
+    cargo.args(["bench", "-p", "observer", "--bench", "pipeline"]);
+    if quick {
+        cargo.args(["--", "--warm-up-time", "1", "--measurement-time", "2"]);
+    }
+    let display = cmd::display(&cargo);
+    println!("observer bench: {display}");
+    cmd::run(&mut cargo)?;
+    Ok(display)
 }
 
 /// `cargo build --release -p observer`, with the toolchain `setup` found; the binary's path
