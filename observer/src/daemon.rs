@@ -54,7 +54,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let netns = options.probes.netns;
     let loaded =
         tokio::task::spawn_blocking(move || probes::load(options.probes)).await.context("probe loader panicked")??;
-    let probes::LoadedProbes { statuses, reasons, degraded, events, counters, sockets, mut seeds, logger, ebpf } =
+    let probes::LoadedProbes { statuses, reasons, degraded, ring_buffer, counters, sockets, mut seeds, logger, ebpf } =
         loaded;
     // Connections opened before now: their owners, for the programs to adopt and the gauges to
     // count from the first scrape.
@@ -106,7 +106,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver), state.clone());
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which only happens through this AsyncFd.
-    let mut ring = unsafe { AsyncFd::register(events) }
+    let mut ring = unsafe { AsyncFd::register(ring_buffer) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
     let outcome = loop {
         tokio::select! {

@@ -27,9 +27,9 @@ pub struct Metrics {
     reasons: Arc<OnceLock<ResetReasons>>,
     /// `observer_events_total`, one series per probe, created when the probe is attached (or
     /// first emits): probes of the back end not chosen do not show.
-    events_vec: prometheus::IntCounterVec,
+    events_total: prometheus::IntCounterVec,
     /// Indexed by `ProbeId as usize`.
-    events: Vec<OnceLock<IntCounter>>,
+    events_by_probe: Vec<OnceLock<IntCounter>>,
     events_lost: IntCounter,
     events_unattributed: IntCounter,
     events_malformed: IntCounter,
@@ -53,7 +53,7 @@ impl Metrics {
         let registry = Registry::new();
         let connections = Arc::new(Mutex::new(Aggregator::with_limits(limits)));
         let reasons = Arc::new(OnceLock::new());
-        let events_vec = register(
+        let events_total = register(
             &registry,
             prometheus::IntCounterVec::new(
                 Opts::new("observer_events_total", "Events received from the kernel, by the probe that emitted them."),
@@ -62,8 +62,8 @@ impl Metrics {
             .expect("valid metric definition"),
         );
         let metrics = Self {
-            events: ALL_PROBES.iter().map(|_| OnceLock::new()).collect(),
-            events_vec,
+            events_by_probe: ALL_PROBES.iter().map(|_| OnceLock::new()).collect(),
+            events_total,
             events_lost: register(
                 &registry,
                 counter("observer_events_lost_total", "Events the kernel dropped because the ring buffer was full."),
@@ -189,14 +189,14 @@ impl Metrics {
 
     /// `observer_events_total{probe}` for `probe`, created on first use.
     fn probe_events(&self, probe: crate::ProbeId) -> &IntCounter {
-        self.events[probe as usize].get_or_init(|| self.events_vec.with_label_values(&[probe.name()]))
+        self.events_by_probe[probe as usize].get_or_init(|| self.events_total.with_label_values(&[probe.name()]))
     }
 
     /// Events seen per attached (or emitting) probe.
     pub fn events_seen(&self) -> Vec<(String, u64)> {
         ALL_PROBES
             .iter()
-            .filter_map(|p| self.events[*p as usize].get().map(|c| (p.name().to_string(), c.get())))
+            .filter_map(|p| self.events_by_probe[*p as usize].get().map(|c| (p.name().to_string(), c.get())))
             .collect()
     }
 

@@ -126,7 +126,7 @@ pub struct LoadedProbes {
     pub reasons: ResetReasons,
     /// Things the running kernel lacks that cost precision (missing BTF members, ...).
     pub degraded: Vec<String>,
-    pub events: RingBuf<MapData>,
+    pub ring_buffer: RingBuf<MapData>,
     pub counters: KernelCounters,
     /// The programs' per-socket map (owner, role, state): read for the connection-state gauges.
     pub sockets: BpfHashMap<MapData, u64, observer_common::SocketInfo>,
@@ -385,8 +385,8 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
         log::warn!("{d}");
     }
 
-    let events = ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?;
-    let events = RingBuf::try_from(events).map_err(|source| LoadError::Map { name: "EVENTS", source })?;
+    let ring_buffer = ebpf.take_map("EVENTS").ok_or(LoadError::MissingMap("EVENTS"))?;
+    let ring_buffer = RingBuf::try_from(ring_buffer).map_err(|source| LoadError::Map { name: "EVENTS", source })?;
     let counters = ebpf.take_map("COUNTERS").ok_or(LoadError::MissingMap("COUNTERS"))?;
     let counters = PerCpuArray::try_from(counters).map_err(|source| LoadError::Map { name: "COUNTERS", source })?;
     let sockets = ebpf.take_map("SOCKETS").ok_or(LoadError::MissingMap("SOCKETS"))?;
@@ -397,7 +397,7 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
         statuses,
         reasons,
         degraded,
-        events,
+        ring_buffer,
         counters: KernelCounters { map: counters },
         sockets,
         seeds,
