@@ -72,7 +72,7 @@ pub struct Cause {
     pub container: String,
     /// The kernel's reason on the sending side.
     pub reason: String,
-    /// "reset by backend[4711]: tcp_abort_on_close".
+    /// `reset by backend[4711]: tcp_abort_on_close`.
     pub summary: String,
 }
 

@@ -1,5 +1,6 @@
-//! The event log, fed by the daemon beside the metrics: recent resets and premature closes, one record each, with who owned the socket
-//! and, when both ends of the connection live on this node, who caused it (cause pairing).
+//! The event log, fed by the pipeline beside the metrics: recent resets and premature closes,
+//! one record each, with who owned the socket and, when both ends of the connection live on this
+//! node, who caused it (cause pairing).
 //!
 //! Pairing works because a reset crosses this node twice: the sender's `tcp_send_reset` names the
 //! segment's endpoints (its local address and port, then the peer's), and the receiver's
@@ -9,8 +10,8 @@
 //! without a cause by the flow of the reset they received; whichever arrives second completes
 //! the pair, updating records already logged.
 //!
-//! Bounded: at most [`RECENT_SENDS`] remembered sends and waiting flows (each kept
-//! [`PAIRING_WINDOW_NS`]), at most [`PENDING_CAUSES`] causes waiting for their close, and the
+//! Bounded: at most `RECENT_SENDS` remembered sends and waiting flows (each kept
+//! `PAIRING_WINDOW_NS`), at most `PENDING_CAUSES` causes waiting for their close, and the
 //! last [`LOG_CAPACITY`] records.
 
 use std::{collections::VecDeque, sync::Arc};
