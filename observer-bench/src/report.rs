@@ -427,7 +427,7 @@ fn scrape(o: &mut String, r: &Results) {
         o,
         "`GET /metrics` on a new connection, timed from connect to the last byte, every {} ms while `bench-scrape` \
          keeps making graceful connections at {} per second over the same (port, client address) pairs, so events \
-         flow but no series are added. The series are made on purpose: one connection from each of 99 client \
+         flow and normally add no series. The series are made on purpose: one connection from each of 99 client \
          addresses to each of P server ports gives 99 P server-side and P client-side series (the daemon's \
          `observer_series` gauge is checked, and shown). Daemon: `{}`.\n",
         s.interval_ms, s.background_rate, s.daemon_command
@@ -451,6 +451,15 @@ fn scrape(o: &mut String, r: &Results) {
             l.events_per_second,
             l.events_lost,
             l.cpu_ms_per_scrape
+        );
+    }
+    for l in s.levels.iter().filter(|l| !l.extra_series.is_empty()) {
+        let _ = writeln!(
+            o,
+            "\nAt {} series the background traffic added series: {} (connections that did not end \
+             gracefully on the busy loopback, counted where they belong).",
+            l.series,
+            l.extra_series.join(", ")
         );
     }
     if let [small, big] = s.levels.as_slice() {

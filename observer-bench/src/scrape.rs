@@ -4,7 +4,11 @@
 //! The series are made on purpose: one graceful connection from each of C client addresses
 //! (127.1.x.y) to each of P server ports gives P × C server-side `observer_tcp_closes_total`
 //! series (peer = client address) and P client-side ones (peer = 127.0.0.1). The background
-//! traffic cycles over the same pairs, so it adds events but no series.
+//! traffic cycles over the same pairs, so it adds events and, normally, no series. On a busy
+//! loopback the odd connection ends otherwise than gracefully (a SYN retransmitted when the
+//! listen queue overflows, a SYN meeting a TIME_WAIT socket of the same four addresses), which
+//! the daemon rightly counts in a series of another family: those are reported by family, and
+//! only more than 10 % of extra series stops the benchmark (the level would be another).
 use std::{
     thread,
     time::{Duration, Instant},
@@ -30,6 +34,9 @@ pub struct Level {
     /// What the daemon's `observer_series` gauge said after the scrapes.
     #[serde(default)]
     pub series_exported: u64,
+    /// Series the background traffic added, by family (`observer_tcp_retransmits_total +3`).
+    #[serde(default)]
+    pub extra_series: Vec<String>,
     pub ports: u16,
     pub clients: u16,
     pub scrapes: usize,
@@ -73,7 +80,7 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
         // A few more are tolerated (and reported): the odd connection can end otherwise than
         // gracefully on a busy loopback (a SYN meeting a TIME_WAIT socket of the same four
         // addresses), which adds a series of another family.
-        if gauge < series || gauge > series + series / 100 {
+        if gauge < series || gauge > series + series / 10 {
             bail!("after {ports} ports × {CLIENTS} clients the daemon exports {gauge} series, not {series}");
         }
         let mut level = measure(plan, &daemon, &mut worker, ports, series)
@@ -93,6 +100,15 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
         background_rate: plan.scrape_background_rate,
         levels,
     })
+}
+
+/// Per-connection series by family (`observer_tcp_*_total`).
+fn series_by_family(m: &daemon::Metrics) -> std::collections::BTreeMap<String, u64> {
+    let mut families = std::collections::BTreeMap::new();
+    for (name, _, _) in m.samples.iter().filter(|(n, _, _)| n.starts_with("observer_tcp_") && n.ends_with("_total")) {
+        *families.entry(name.clone()).or_insert(0) += 1;
+    }
+    families
 }
 
 fn measure(plan: &Plan, daemon: &Daemon, worker: &mut Worker, ports: u16, series: u64) -> Result<Level> {
@@ -124,14 +140,23 @@ fn measure(plan: &Plan, daemon: &Daemon, worker: &mut Worker, ports: u16, series
     })?;
     let after = daemon.settled()?;
     let series_after = after.sum("observer_series", &[]);
-    if series_after > series + series / 100 {
-        bail!("the background traffic added series ({series_after} instead of {series})");
+    let (families_before, families_after) = (series_by_family(&before), series_by_family(&after));
+    let extra_series: Vec<String> = families_after
+        .iter()
+        .filter_map(|(family, n)| {
+            let added = n.saturating_sub(families_before.get(family).copied().unwrap_or(0));
+            (added > 0).then(|| format!("{family} +{added}"))
+        })
+        .collect();
+    if series_after > series + series / 10 {
+        bail!("the background traffic added series ({series_after} instead of {series}: {})", extra_series.join(", "));
     }
     let mut sorted = latencies.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(Level {
         series,
         series_exported: series_after,
+        extra_series,
         ports,
         clients: CLIENTS,
         scrapes: sorted.len(),

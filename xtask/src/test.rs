@@ -1,7 +1,7 @@
 //! `cargo xtask test [--kernel DEB] [-- ARGS...]`: the workspace's tests, as root.
-use std::{process::ExitCode, time::Duration};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, process::ExitCode, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use crate::{cmd, setup, vm};
 
@@ -73,24 +73,38 @@ fn unit_tests_unprivileged(ready: &setup::Ready) -> Result<()> {
     if executables.is_empty() {
         anyhow::bail!("`{}` built no unit-test binary", cmd::display(&build));
     }
-    for exe in executables {
-        let mut unit = std::process::Command::new("setpriv");
-        unit.args([
-            "--reuid",
-            UNPRIVILEGED,
-            "--regid",
-            UNPRIVILEGED,
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-            "--",
-            &exe,
-        ]);
-        // Somewhere nobody may write (the tests' temporary trees go to the temp dir).
-        unit.current_dir(std::env::temp_dir());
-        println!("observer: unit tests unprivileged: {}", cmd::display(&unit));
-        cmd::run(&mut unit)
-            .map_err(|e| e.context("a unit test needs privileges: root-only tests belong in the e2e suite"))?;
-    }
-    Ok(())
+    // The checkout may sit where `nobody` cannot enter (under /root): run copies of the test
+    // binaries from a directory of their own that it can read. They need nothing beside them
+    // (the eBPF object is compiled in).
+    let dir = std::env::temp_dir().join(format!("observer-unit-tests-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} readable", dir.display()))?;
+        for exe in executables {
+            let name = Path::new(&exe).file_name().with_context(|| format!("test binary {exe} has no file name"))?;
+            let copy = dir.join(name);
+            std::fs::copy(&exe, &copy).with_context(|| format!("copying {exe} to {}", dir.display()))?;
+            let mut unit = std::process::Command::new("setpriv");
+            unit.args([
+                "--reuid",
+                UNPRIVILEGED,
+                "--regid",
+                UNPRIVILEGED,
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ]);
+            unit.arg(&copy);
+            // Somewhere nobody may write (the tests' temporary trees go to the temp dir).
+            unit.current_dir(std::env::temp_dir());
+            println!("observer: unit tests unprivileged ({exe}): {}", cmd::display(&unit));
+            cmd::run(&mut unit)
+                .map_err(|e| e.context("a unit test needs privileges: root-only tests belong in the e2e suite"))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
