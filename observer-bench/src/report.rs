@@ -228,7 +228,7 @@ fn churn(o: &mut String, r: &Results) {
     let _ = writeln!(o, "## 1. Connection churn\n");
     let _ = writeln!(
         o,
-        "A load generator (`bench-churn`, Rust, in xtask) opens loopback connections as fast as {} client threads \
+        "A load generator (`bench-churn`, Rust, in observer-bench) opens loopback connections as fast as {} client threads \
          can, each sending a small request, reading the response and closing after the server ({} accepting threads, \
          SO_REUSEPORT listeners, server closes first); {:.0} s measured after {:.0} s of warm-up, in a fresh network \
          namespace per run. Arms: **none**; **observer** (`observer run --netns` on that namespace); **bpftrace** \
@@ -582,7 +582,7 @@ fn micro(o: &mut String, r: &Results) {
         } else {
             (b.median_ns / 1e6, b.median_low_ns / 1e6, b.median_high_ns / 1e6, "ms per render")
         };
-        let _ = writeln!(o, "| `{}` | {} | {value:.1} {unit} | {low:.1} – {high:.1} |", b.id, b.what);
+        let _ = writeln!(o, "| `{}` | {} | {value:.2} {unit} | {low:.2} – {high:.2} |", b.id, b.what);
     }
     let _ = writeln!(o);
 }

@@ -87,10 +87,11 @@ fn run_micro(ready: &setup::Ready, quick: bool) -> Result<String> {
     if quick {
         cargo.args(["--", "--warm-up-time", "1", "--measurement-time", "2"]);
     }
-    let display = cmd::display(&cargo);
-    println!("observer bench: {display}");
+    println!("observer bench: {}", cmd::display(&cargo));
     cmd::run(&mut cargo)?;
-    Ok(display)
+    // As a reader would type it (cargo's own path is of no interest in the report).
+    let quick = if quick { " -- --warm-up-time 1 --measurement-time 2" } else { "" };
+    Ok(format!("cargo bench -p observer --bench pipeline{quick}"))
 }
 
 /// `cargo build --release -p observer`, with the toolchain `setup` found; the binary's path
