@@ -71,9 +71,8 @@ pub struct ProbeOptions {
     pub mode: ProbeMode,
 }
 
-/// What became of one probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Whether a probe is attached and, if not, why not, in a word (the `error` says the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeState {
     /// Loaded and attached: its events count.
     Attached,
