@@ -135,7 +135,7 @@ fn scrape(c: &mut Criterion) {
         assert_eq!(state.metrics.series(), (series as usize, 0), "one series per close, none folded");
         group.throughput(Throughput::Elements(u64::from(series)));
         group.bench_with_input(BenchmarkId::from_parameter(series), &state, |b, state| {
-            b.iter(|| black_box(exposition::render(&state.metrics)));
+            b.iter(|| black_box(exposition::render(&state.metrics, &[])));
         });
     }
     group.finish();

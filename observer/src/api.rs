@@ -45,6 +45,13 @@ pub struct ProbeReport {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Runs of the program since it was loaded, while the kernel counts them (`--probe-stats`
+    /// or `kernel.bpf_stats_enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<u64>,
+    /// Mean nanoseconds per run over those runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ns_per_run: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

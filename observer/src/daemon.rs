@@ -33,6 +33,9 @@ pub struct DaemonOptions {
     pub listen: SocketAddr,
     pub probes: ProbeOptions,
     pub limits: Limits,
+    /// `--probe-stats`: have the kernel count the programs' runs and run time while the daemon
+    /// runs, for `observer_probe_run*` and `observer status`.
+    pub probe_stats: bool,
 }
 
 /// Runs until SIGINT or SIGTERM, then detaches every probe and returns.
@@ -77,6 +80,19 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         log::warn!("{why}");
         degraded.push(why);
     }
+    // Held until the daemon exits: the kernel counts while this descriptor is open.
+    let probe_stats = match options.probe_stats.then(probes::stats::enable) {
+        Some(Ok(fd)) => {
+            log::info!("--probe-stats: the kernel counts the programs' runs and run time");
+            Some(fd)
+        }
+        Some(Err(why)) => {
+            log::warn!("{why}");
+            degraded.push(why);
+            None
+        }
+        None => None,
+    };
     // Parsing the kernel's BTF (megabytes of type information) and walking /proc left freed
     // memory in the allocator's per-thread arenas; give it back to the system: an agent on every
     // node should not keep tens of megabytes it used once.
@@ -98,6 +114,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         table
     })?;
     let attached = statuses.iter().filter(|s| s.state == ProbeState::Attached).count();
+    state.set_counting_runs(probe_stats.is_some());
     state.set_probes(statuses, degraded, counters, reasons.clone());
     log::info!("observer {} ready: {attached} probes attached", crate::VERSION);
 

@@ -15,6 +15,7 @@ use crate::{
     aggregate::{Aggregator, Family},
     classify::PrematureClose,
     metrics::Metrics,
+    probes::stats::ProgramRuns,
     reasons::ResetReasons,
     series::{Label, SeriesKey, role_text},
 };
@@ -22,10 +23,12 @@ use crate::{
 /// `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Everything `/metrics` serves: the per-connection families, then the daemon's own metrics.
-pub fn render(metrics: &Metrics) -> Vec<u8> {
+/// Everything `/metrics` serves: the per-connection families, the kernel programs' own cost when
+/// the kernel counts it (`runs`, empty otherwise), then the daemon's own metrics.
+pub fn render(metrics: &Metrics, runs: &[ProgramRuns]) -> Vec<u8> {
     let mut text = String::with_capacity(64 * 1024);
     write_connections(&mut text, &metrics.aggregator(), metrics.reasons());
+    write_program_runs(&mut text, runs);
     let mut out = text.into_bytes();
     if let Err(e) = TextEncoder::new().encode(&metrics.gather(), &mut out) {
         log::error!("encoding metrics: {e}");
@@ -99,6 +102,31 @@ pub fn write_connections(out: &mut String, agg: &Aggregator, reasons: Option<&Re
     let _ = writeln!(out, "{} {}", SERIES_FOLDED.0, agg.folded());
     header(out, SERIES.0, SERIES.1, "gauge");
     let _ = writeln!(out, "{} {}", SERIES.0, agg.series());
+}
+
+const PROBE_RUNS: (&str, &str) = (
+    "observer_probe_runs_total",
+    "Runs of each of observer's kernel programs since it was loaded, counted while the kernel's BPF statistics are on (--probe-stats or kernel.bpf_stats_enabled).",
+);
+const PROBE_RUN_SECONDS: (&str, &str) = (
+    "observer_probe_run_seconds_total",
+    "Time each of observer's kernel programs ran since it was loaded, counted while the kernel's BPF statistics are on (--probe-stats or kernel.bpf_stats_enabled).",
+);
+
+/// `observer_probe_runs_total{probe}` and `observer_probe_run_seconds_total{probe}`; nothing
+/// when the kernel is not counting.
+fn write_program_runs(out: &mut String, runs: &[ProgramRuns]) {
+    if runs.is_empty() {
+        return;
+    }
+    header(out, PROBE_RUNS.0, PROBE_RUNS.1, "counter");
+    for r in runs {
+        let _ = writeln!(out, "{}{{probe=\"{}\"}} {}", PROBE_RUNS.0, r.probe, r.runs);
+    }
+    header(out, PROBE_RUN_SECONDS.0, PROBE_RUN_SECONDS.1, "counter");
+    for r in runs {
+        let _ = writeln!(out, "{}{{probe=\"{}\"}} {}", PROBE_RUN_SECONDS.0, r.probe, r.run_ns as f64 / 1e9);
+    }
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: &str) {
@@ -196,6 +224,24 @@ mod tests {
             "observer_series 3",
         ];
         assert_eq!(out.lines().collect::<Vec<_>>(), expected);
+    }
+
+    #[test]
+    fn program_runs_are_counters_by_probe_and_absent_when_not_counted() {
+        let mut out = String::new();
+        write_program_runs(&mut out, &[]);
+        assert_eq!(out, "");
+        let runs = [ProgramRuns { probe: "inet_sock_set_state", runs: 10, run_ns: 4_810 }];
+        write_program_runs(&mut out, &runs);
+        let samples: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                "observer_probe_runs_total{probe=\"inet_sock_set_state\"} 10",
+                "observer_probe_run_seconds_total{probe=\"inet_sock_set_state\"} 0.00000481"
+            ]
+        );
+        assert!(out.contains("# TYPE observer_probe_run_seconds_total counter\n"), "{out}");
     }
 
     #[test]

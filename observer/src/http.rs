@@ -39,7 +39,7 @@ pub async fn serve(
 
 async fn metrics(State(state): State<Arc<DaemonState>>) -> impl IntoResponse {
     state.sync_kernel_counters();
-    ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], exposition::render(&state.metrics))
+    ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], exposition::render(&state.metrics, &state.program_runs()))
 }
 
 async fn healthz(State(state): State<Arc<DaemonState>>) -> impl IntoResponse {

@@ -68,7 +68,7 @@ mod properties {
             let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver), state.clone());
             pipeline.handle(&bytes);
             prop_assert!(state.event_log().page(0, 10).events.len() <= 1);
-            prop_assert!(!exposition::render(&state.metrics).is_empty());
+            prop_assert!(!exposition::render(&state.metrics, &[]).is_empty());
             prop_assert_eq!(state.metrics.events_seen().iter().map(|(_, n)| n).sum::<u64>(), 1);
         }
     }

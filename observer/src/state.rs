@@ -6,7 +6,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Mutex, MutexGuard, OnceLock},
+    sync::{
+        Mutex, MutexGuard, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -16,7 +19,10 @@ use crate::{
     api::{EventsReport, ProbeReport, StatusReport},
     event_log::EventLog,
     metrics::Metrics,
-    probes::{KernelCounters, ProbeStatus},
+    probes::{
+        KernelCounters, ProbeStatus,
+        stats::{self, ProgramRuns},
+    },
     reasons::ResetReasons,
 };
 
@@ -39,6 +45,8 @@ pub struct DaemonState {
     /// The programs' per-CPU counters; taken away before the programs are unloaded.
     kernel_counters: Mutex<Option<KernelCounters>>,
     event_log: Mutex<EventLog>,
+    /// The daemon holds the kernel's BPF statistics on (`--probe-stats`).
+    counting_runs: AtomicBool,
 }
 
 impl DaemonState {
@@ -50,6 +58,7 @@ impl DaemonState {
             probes: OnceLock::new(),
             kernel_counters: Mutex::new(None),
             event_log: Mutex::new(EventLog::default()),
+            counting_runs: AtomicBool::new(false),
         }
     }
 
@@ -89,8 +98,25 @@ impl DaemonState {
         }
     }
 
+    /// The daemon turned the kernel's BPF statistics on (`--probe-stats`) and holds them on.
+    pub fn set_counting_runs(&self, on: bool) {
+        self.counting_runs.store(on, Ordering::Relaxed);
+    }
+
+    /// The attached programs' run counters, while the kernel counts them: `--probe-stats`, or the
+    /// sysctl `kernel.bpf_stats_enabled` (empty otherwise).
+    pub fn program_runs(&self) -> Vec<ProgramRuns> {
+        match self.probes.get() {
+            Some(probes) if self.counting_runs.load(Ordering::Relaxed) || stats::sysctl_on() => {
+                stats::read(&probes.statuses)
+            }
+            _ => Vec::new(),
+        }
+    }
+
     pub fn status(&self) -> StatusReport {
         self.sync_kernel_counters();
+        let runs = self.program_runs();
         let Probes { statuses, degraded } = self.probes.get().cloned().unwrap_or_default();
         let seen_by_probe: BTreeMap<String, u64> = self.metrics.events_seen().into_iter().collect();
         let (series, series_folded) = self.metrics.series();
@@ -106,13 +132,18 @@ impl DaemonState {
             ready: self.ready(),
             probes: statuses
                 .into_iter()
-                .map(|p| ProbeReport {
-                    probe: p.probe.into(),
-                    hook: p.hook.into(),
-                    backend: p.backend.into(),
-                    attach: p.attach,
-                    state: p.state.name().into(),
-                    error: p.error,
+                .map(|p| {
+                    let counted = runs.iter().find(|r| r.probe == p.probe);
+                    ProbeReport {
+                        probe: p.probe.into(),
+                        hook: p.hook.into(),
+                        backend: p.backend.into(),
+                        attach: p.attach,
+                        state: p.state.name().into(),
+                        error: p.error,
+                        runs: counted.map(|r| r.runs),
+                        ns_per_run: counted.and_then(ProgramRuns::ns_per_run),
+                    }
                 })
                 .collect(),
             degraded,

@@ -36,6 +36,12 @@ pub struct RunArgs {
     /// (auto), or one back end for every hook.
     #[arg(long, value_name = "BACKEND", value_enum, default_value_t = ProbeMode::Auto, env = "OBSERVER_PROBES")]
     pub probes: ProbeMode,
+    /// Have the kernel count each program's runs and run time (BPF_ENABLE_STATS; adds two clock
+    /// reads per run) and export them as observer_probe_runs_total and
+    /// observer_probe_run_seconds_total. Also exported, without the flag, while the sysctl
+    /// kernel.bpf_stats_enabled is 1.
+    #[arg(long)]
+    pub probe_stats: bool,
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -85,6 +91,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             mode: args.probes,
         },
         limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },
+        probe_stats: args.probe_stats,
     })
     .await
 }

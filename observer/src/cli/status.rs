@@ -38,16 +38,22 @@ fn render(s: &StatusReport) -> String {
         s.uptime_seconds,
         if s.ready { "ready" } else { "starting" }
     );
-    let _ = writeln!(out, "\nPROBE                 STATE        ATTACH");
+    // The kernel's cost per run, when it counts (`--probe-stats`, `kernel.bpf_stats_enabled`).
+    let counted = s.probes.iter().any(|p| p.runs.is_some());
+    if counted {
+        let _ = writeln!(out, "\nPROBE                 STATE                RUNS   NS/RUN  ATTACH");
+    } else {
+        let _ = writeln!(out, "\nPROBE                 STATE        ATTACH");
+    }
     for p in &s.probes {
-        let _ = writeln!(
-            out,
-            "{:<21} {:<12} {}{}",
-            p.probe,
-            p.state,
-            p.attach,
-            p.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default()
-        );
+        let error = p.error.as_ref().map(|e| format!("  ({e})")).unwrap_or_default();
+        if counted {
+            let runs = p.runs.map_or_else(|| "-".to_string(), |n| n.to_string());
+            let ns = p.ns_per_run.map_or_else(|| "-".to_string(), |ns| format!("{ns:.0}"));
+            let _ = writeln!(out, "{:<21} {:<12} {runs:>12} {ns:>8}  {}{error}", p.probe, p.state, p.attach);
+        } else {
+            let _ = writeln!(out, "{:<21} {:<12} {}{error}", p.probe, p.state, p.attach);
+        }
     }
     let _ = writeln!(
         out,

@@ -9,6 +9,7 @@
 
 pub mod btf;
 pub mod select;
+pub mod stats;
 pub mod tracefs;
 
 use std::{
@@ -117,6 +118,8 @@ pub struct ProbeStatus {
     pub attach: String,
     pub state: ProbeState,
     pub error: Option<String>,
+    /// The kernel's id of the attached program (`bpftool prog show id N`).
+    pub program_id: Option<u32>,
 }
 
 /// Attached programs and the maps the daemon reads. Dropping it detaches and unloads everything.
@@ -352,27 +355,30 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
         log::info!("hook {}: {} ({}; {})", choice.hook.name(), choice.backend.name(), labels.join(", "), choice.why);
         for &probe in &choice.programs {
             let attach = select::attach_label(probe);
-            let status = |state, error| ProbeStatus {
+            let status = |state, error, program_id| ProbeStatus {
                 probe: probe.name(),
                 hook: choice.hook.name(),
                 backend: choice.backend.name(),
                 attach: attach.clone(),
                 state,
                 error,
+                program_id,
             };
             if let Some(why) = unavailable.get(&probe) {
                 log::warn!("probe {} not attached: {why}", probe.name());
-                statuses.push(status(ProbeState::Unavailable, Some(why.clone())));
+                statuses.push(status(ProbeState::Unavailable, Some(why.clone()), None));
                 continue;
             }
             match attach_program(&mut ebpf, probe) {
                 Ok(()) => {
                     log::info!("probe {} attached to {attach}", probe.name());
-                    statuses.push(status(ProbeState::Attached, None));
+                    // The kernel's id of the loaded program: its run counters are read by it.
+                    let id = ebpf.program(probe.name()).and_then(|p| p.info().ok()).map(|info| info.id());
+                    statuses.push(status(ProbeState::Attached, None, id));
                 }
                 Err(e) => {
                     log::warn!("probe {} failed to attach to {attach}: {e}", probe.name());
-                    statuses.push(status(ProbeState::Failed, Some(e.to_string())));
+                    statuses.push(status(ProbeState::Failed, Some(e.to_string()), None));
                 }
             }
         }

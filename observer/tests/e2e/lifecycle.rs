@@ -4,11 +4,15 @@
 use std::{path::Path, process::Command};
 
 use libtest_mimic::Failed;
-use observer_testkit::{kernel_version, process::Signal};
+use observer_testkit::{Metrics, kernel_version, process::Signal};
 
 use crate::{
     shared_daemon,
-    support::{KPROBE_PROBES, OBSERVER, PATIENCE, TRACEPOINT_PROBES, check, expected_probes, start_daemon},
+    support::{
+        KPROBE_PROBES, N, OBSERVER, PATIENCE, Settle as _, TRACEPOINT_PROBES, both_closed, check, expected_probes,
+        scenario, start_daemon,
+    },
+    traffic::Mode,
 };
 
 pub fn status_lists_every_probe() -> Result<(), Failed> {
@@ -230,4 +234,74 @@ pub fn sigterm_detaches() -> Result<(), Failed> {
         return Err(format!("exit status after SIGTERM: {status}\n{}", daemon.log().join("\n")).into());
     }
     nothing_left(&held)
+}
+
+/// `--probe-stats`: the kernel counts every attached program's runs and run time, exported per
+/// probe and shown per run in the status. The programs run for every socket on the host (the
+/// namespace filter is inside them), so the scenario's own events are a lower bound.
+pub fn probe_stats_count_each_programs_runs_and_time() -> Result<(), Failed> {
+    let s = scenario(Mode::Linger0, 41, "t41-pst-srv", "t41-pst-cli");
+    let mut ns = s.prepare()?;
+    let daemon = start_daemon(&["--probe-stats", "--netns", &ns.path])?;
+    let before = daemon.metrics()?;
+    ns.round()?;
+    ns.release()?;
+    let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let (set_state, receive_reset) = if expected_probes().0 == "kprobe" {
+        ("tcp_set_state", "tcp_reset")
+    } else {
+        ("inet_sock_set_state", "tcp_receive_reset")
+    };
+    let runs = |m: &Metrics, probe: &str| m.sum("observer_probe_runs_total", &[("probe", probe)]);
+    let n = N as u64;
+    check(
+        "resets the scenario's clients received",
+        m.sum("observer_tcp_resets_received_total", &[("comm", s.client_comm)]),
+        n,
+    )?;
+    let received_runs = runs(&m, receive_reset) - runs(&before, receive_reset);
+    if received_runs < n {
+        return Err(format!("{receive_reset} ran {received_runs} times for {n} resets received").into());
+    }
+    // Each connection changes state at least twice on each end (SYN, then CLOSE).
+    let state_runs = runs(&m, set_state) - runs(&before, set_state);
+    if state_runs < 4 * n {
+        return Err(format!("{set_state} ran {state_runs} times for {n} connections").into());
+    }
+    let seconds: f64 = m.matching("observer_probe_run_seconds_total", &[("probe", set_state)]).map(|(_, v)| v).sum();
+    if seconds <= 0.0 {
+        return Err(format!("observer_probe_run_seconds_total{{probe=\"{set_state}\"}} is {seconds}").into());
+    }
+    let (code, body) = daemon.get("/api/v1/status")?;
+    check("/api/v1/status status", code as u64, 200)?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+    let probe = status["probes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["probe"] == set_state))
+        .ok_or_else(|| format!("{set_state} missing from status: {body}"))?;
+    let (status_runs, ns_per_run) = (probe["runs"].as_u64(), probe["ns_per_run"].as_f64());
+    if status_runs.is_none_or(|r| r < runs(&m, set_state)) || ns_per_run.is_none_or(|ns| ns <= 0.0) {
+        return Err(format!("status of {set_state} lacks its cost: {probe}").into());
+    }
+    let out = Command::new(OBSERVER)
+        .args(["status", "--endpoint", &format!("http://{}", daemon.addr)])
+        .output()
+        .map_err(|e| format!("running observer status: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains("NS/RUN") || !text.lines().any(|l| l.starts_with(set_state) && l.contains("attached")) {
+        return Err(format!("observer status shows no cost per run:\n{text}").into());
+    }
+    // A daemon without the flag exports no run counters while the sysctl is off (another
+    // daemon's --probe-stats does not count: it only holds the kernel's statistics on).
+    let sysctl = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let unflagged = shared_daemon()?.metrics()?;
+    let exported = unflagged.matching("observer_probe_runs_total", &[]).count();
+    match (sysctl.trim(), exported) {
+        ("0", 0) => Ok(()),
+        ("1", n) if n > 0 => Ok(()),
+        (sysctl, n) => Err(format!(
+            "kernel.bpf_stats_enabled={sysctl}, yet a daemon without --probe-stats exports {n} run counters"
+        )
+        .into()),
+    }
 }

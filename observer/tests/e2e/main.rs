@@ -70,6 +70,10 @@ fn main() {
         Trial::test("listen_address_in_use_or_invalid_is_a_clear_error", lifecycle::bad_listen_address),
         Trial::test("sigterm_detaches_every_program_and_link_and_exits_zero", lifecycle::sigterm_detaches),
         Trial::test(
+            "probe_stats_count_each_programs_runs_and_time",
+            lifecycle::probe_stats_count_each_programs_runs_and_time,
+        ),
+        Trial::test(
             "every_program_of_every_back_end_passes_the_verifier",
             kernel::every_program_of_every_back_end_passes_the_verifier,
         ),
