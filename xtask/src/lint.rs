@@ -7,6 +7,16 @@ pub fn lint() -> Result<()> {
     // observer's build script builds the eBPF programs, so clippy needs the same set-up as a
     // build.
     let ready = setup::setup()?;
+    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        let mut version = cmd::cargo_command(&ready.root, &ready.path);
+        version.args([tool, "--version"]);
+        if !cmd::output(&mut version)?.status.success() {
+            anyhow::bail!(
+                "`cargo {tool}` is not installed with this toolchain: `rustup component add {component}` \
+                 (rustup's stable toolchain ships it where the Rust project's servers can be reached)"
+            );
+        }
+    }
     let mut fmt = cmd::cargo_command(&ready.root, &ready.path);
     // Every workspace member, the eBPF crate included (rustfmt does not compile).
     fmt.args(["fmt", "--all", "--check"]);
