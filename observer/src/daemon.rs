@@ -114,8 +114,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         table
     })?;
     let attached = statuses.iter().filter(|s| s.state == ProbeState::Attached).count();
-    state.set_counting_runs(probe_stats.is_some());
-    state.set_probes(statuses, degraded, counters, reasons.clone());
+    state.set_probes(statuses, degraded, counters, reasons.clone(), probe_stats.is_some());
     log::info!("observer {} ready: {attached} probes attached", crate::VERSION);
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;

@@ -6,10 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        Mutex, MutexGuard, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Mutex, MutexGuard, OnceLock},
     time::Instant,
 };
 
@@ -34,6 +31,8 @@ const RECENT_IN_STATUS: usize = 20;
 struct Probes {
     statuses: Vec<ProbeStatus>,
     degraded: Vec<String>,
+    /// The daemon holds the kernel's BPF statistics on (`--probe-stats`).
+    counting_runs: bool,
 }
 
 pub struct DaemonState {
@@ -45,8 +44,6 @@ pub struct DaemonState {
     /// The programs' per-CPU counters; taken away before the programs are unloaded.
     kernel_counters: Mutex<Option<KernelCounters>>,
     event_log: Mutex<EventLog>,
-    /// The daemon holds the kernel's BPF statistics on (`--probe-stats`).
-    counting_runs: AtomicBool,
 }
 
 impl DaemonState {
@@ -58,7 +55,6 @@ impl DaemonState {
             probes: OnceLock::new(),
             kernel_counters: Mutex::new(None),
             event_log: Mutex::new(EventLog::default()),
-            counting_runs: AtomicBool::new(false),
         }
     }
 
@@ -67,17 +63,19 @@ impl DaemonState {
         self.event_log.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks the daemon ready: probes attached.
+    /// Marks the daemon ready: probes attached. `counting_runs`: the daemon holds the kernel's
+    /// BPF statistics on (`--probe-stats`).
     pub fn set_probes(
         &self,
         statuses: Vec<ProbeStatus>,
         degraded: Vec<String>,
         counters: KernelCounters,
         reasons: ResetReasons,
+        counting_runs: bool,
     ) {
         self.metrics.set_probes(&statuses, reasons);
         *self.kernel_counters.lock().unwrap_or_else(|e| e.into_inner()) = Some(counters);
-        let _ = self.probes.set(Probes { statuses, degraded });
+        let _ = self.probes.set(Probes { statuses, degraded, counting_runs });
     }
 
     /// True once the probes are attached (what `/healthz` reports).
@@ -98,18 +96,11 @@ impl DaemonState {
         }
     }
 
-    /// The daemon turned the kernel's BPF statistics on (`--probe-stats`) and holds them on.
-    pub fn set_counting_runs(&self, on: bool) {
-        self.counting_runs.store(on, Ordering::Relaxed);
-    }
-
     /// The attached programs' run counters, while the kernel counts them: `--probe-stats`, or the
     /// sysctl `kernel.bpf_stats_enabled` (empty otherwise).
     pub fn program_runs(&self) -> Vec<ProgramRuns> {
         match self.probes.get() {
-            Some(probes) if self.counting_runs.load(Ordering::Relaxed) || stats::sysctl_on() => {
-                stats::read(&probes.statuses)
-            }
+            Some(probes) if probes.counting_runs || stats::sysctl_on() => stats::read(&probes.statuses),
             _ => Vec::new(),
         }
     }
@@ -117,7 +108,7 @@ impl DaemonState {
     pub fn status(&self) -> StatusReport {
         self.sync_kernel_counters();
         let runs = self.program_runs();
-        let Probes { statuses, degraded } = self.probes.get().cloned().unwrap_or_default();
+        let Probes { statuses, degraded, .. } = self.probes.get().cloned().unwrap_or_default();
         let seen_by_probe: BTreeMap<String, u64> = self.metrics.events_seen().into_iter().collect();
         let (series, series_folded) = self.metrics.series();
         let (paired, recent) = {

@@ -284,7 +284,7 @@ pub fn probe_stats_count_each_programs_runs_and_time() -> Result<(), Failed> {
         return Err(format!("status of {set_state} lacks its cost: {probe}").into());
     }
     let out = Command::new(OBSERVER)
-        .args(["status", "--endpoint", &format!("http://{}", daemon.addr)])
+        .args(["status", "--endpoint", &daemon.endpoint()])
         .output()
         .map_err(|e| format!("running observer status: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
