@@ -24,8 +24,16 @@ use crate::cmd;
 const COMPILER_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf"];
 /// LLVM 22 and its link dependencies, to build bpf-linker.
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev"];
+/// `protoc`: the CRI client (`k8s-cri`) compiles the kubelet's gRPC proto at build time.
+const BUILD_PACKAGES: &[&str] = &["protobuf-compiler"];
 /// Used by the tests.
 const TEST_PACKAGES: &[&str] = &["bpftool", "iproute2"];
+/// Only `cargo xtask test` installs these (`cargo xtask run` does not need them): real container
+/// runtimes (containerd with its CRI plugin, runc, Docker), the busybox the test images are made
+/// of, Prometheus (`promtool` and a real server), nginx and Go (real peers), and a Python venv
+/// (schema validation of the Kubernetes manifests).
+pub const SUITE_PACKAGES: &[&str] =
+    &["containerd", "runc", "docker.io", "busybox-static", "prometheus", "nginx-light", "golang-go", "python3-venv"];
 
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const TOOLCHAIN: &str = "debian-web";
@@ -59,7 +67,7 @@ pub fn setup() -> Result<Ready> {
     }
 
     // 1. Debian packages.
-    let wanted: Vec<&str> = [COMPILER_PACKAGES, LLVM_PACKAGES, TEST_PACKAGES].concat();
+    let wanted: Vec<&str> = [COMPILER_PACKAGES, LLVM_PACKAGES, BUILD_PACKAGES, TEST_PACKAGES].concat();
     let installed = installed_packages(&wanted)?;
     let mut missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed.contains(*p)).collect();
     let compiler = if COMPILER_PACKAGES.iter().any(|p| missing.contains(p)) && nightly_has_rust_src(&path) {

@@ -38,6 +38,12 @@ pub fn test(args: Args) -> Result<ExitCode> {
             vm::Options { kernel, test_args: &args.args, timeout: Duration::from_secs(args.vm_timeout) },
         );
     }
+    // The suite's real peers and runtimes (not needed by `cargo xtask run`, so not in `setup`).
+    setup::install_missing(
+        setup::SUITE_PACKAGES,
+        "cargo xtask test",
+        "the test suite runs real containers, Prometheus, nginx and Go peers",
+    )?;
     let mut cargo = cmd::cargo_command(&ready.root, &ready.path);
     // observer-ebpf only builds for the BPF target; observer's build.rs builds it.
     cargo.args(["test", "--workspace", "--exclude", "observer-ebpf"]);
