@@ -152,12 +152,13 @@ mod tests {
     #[test]
     fn unlabelled_float_and_infinite_values() {
         let m = Metrics::parse(
-            "observer_tcp_close_wait_oldest_seconds{comm=\"s\",container=\"\"} 4.097333625\n\
+            "observer_tcp_close_wait_oldest_seconds{comm=\"s\",container_id=\"\"} 4.097333625\n\
              h_bucket{le=\"+Inf\"} 9\nobserver_build_info{revision=\"3686deecce73\",version=\"0.1.0\"} 1\n\
              g +Inf\n",
         )
         .unwrap();
-        let age: f64 = m.matching("observer_tcp_close_wait_oldest_seconds", &[("container", "")]).map(|(_, v)| v).sum();
+        let age: f64 =
+            m.matching("observer_tcp_close_wait_oldest_seconds", &[("container_id", "")]).map(|(_, v)| v).sum();
         assert_eq!(age, 4.097333625);
         assert_eq!(m.sum("h_bucket", &[("le", "+Inf")]), 9);
         assert_eq!(m.revision().as_deref(), Some("3686deecce73"));

@@ -32,7 +32,7 @@ fn reasons() -> ResetReasons {
 
 fn attribution() -> Attribution {
     // No cgroup ids in the records: the resolver is never asked.
-    Attribution::new(32768..=60999, Arc::new(Mutex::new(CgroupResolver::without_mount())))
+    Attribution::new(32768..=60999, Arc::new(Mutex::new(CgroupResolver::without_mount())), Default::default())
 }
 
 fn v4(a: [u8; 4]) -> [u8; 16] {
@@ -99,7 +99,7 @@ fn per_event(c: &mut Criterion) {
     let mut group = c.benchmark_group("event");
     group.throughput(Throughput::Elements(records.len() as u64));
     group.bench_function("pipeline", |b| {
-        let state = Arc::new(DaemonState::new("bench".into(), Limits::default()));
+        let state = Arc::new(DaemonState::new("bench".into(), Limits::default(), Default::default()));
         let pipeline = Pipeline::new(reasons(), attribution(), state);
         b.iter(|| {
             for r in &records {
@@ -126,7 +126,7 @@ fn per_event(c: &mut Criterion) {
 fn scrape(c: &mut Criterion) {
     let mut group = c.benchmark_group("render_metrics");
     for series in [1_000u32, 10_000] {
-        let state = Arc::new(DaemonState::new("bench".into(), Limits::default()));
+        let state = Arc::new(DaemonState::new("bench".into(), Limits::default(), Default::default()));
         let pipeline = Pipeline::new(reasons(), attribution(), state.clone());
         // Graceful closes only, one series each: 50 peers (the default --max-peers) per port.
         for i in 0..series {
@@ -135,7 +135,7 @@ fn scrape(c: &mut Criterion) {
         assert_eq!(state.metrics.series(), (series as usize, 0), "one series per close, none folded");
         group.throughput(Throughput::Elements(u64::from(series)));
         group.bench_with_input(BenchmarkId::from_parameter(series), &state, |b, state| {
-            b.iter(|| black_box(exposition::render(&state.metrics, &[])));
+            b.iter(|| black_box(exposition::render(&state.metrics, &Default::default(), &[])));
         });
     }
     group.finish();

@@ -18,7 +18,7 @@ use observer_common::ConnectionFacts;
 use crate::{
     HashMap,
     classify::Outcome,
-    series::{COMM_OTHER, Peer, Port, SeriesKey},
+    series::{COMM_OTHER, ContainerKey, Peer, Port, SeriesKey},
 };
 
 /// Cardinality caps (README "Bounded cardinality"): `--max-peers`, `--max-series`.
@@ -72,11 +72,21 @@ pub struct Aggregator {
     series: usize,
     tick: u64,
     folded: u64,
+    /// Series removed because their container was gone for longer than the expiry.
+    expired: u64,
 }
 
 impl Aggregator {
     pub fn new(max_peers: usize, max_series: usize) -> Self {
-        Self { families: Default::default(), max_peers: max_peers.max(1), max_series, series: 0, tick: 0, folded: 0 }
+        Self {
+            families: Default::default(),
+            max_peers: max_peers.max(1),
+            max_series,
+            series: 0,
+            tick: 0,
+            folded: 0,
+            expired: 0,
+        }
     }
 
     pub fn with_limits(limits: Limits) -> Self {
@@ -140,6 +150,33 @@ impl Aggregator {
             }
         }
         add_value(f, &mut self.series, self.max_series, &mut self.folded, key, n);
+    }
+
+    /// Removes every series of a container that is gone (its pod deleted): Prometheus keeps
+    /// what it scraped, and the daemon does not keep the series of dead pods forever. Returns
+    /// how many series went.
+    pub fn expire_container(&mut self, container: ContainerKey) -> usize {
+        let mut removed = 0;
+        for f in &mut self.families {
+            let before = f.values.len();
+            f.values.retain(|k, _| k.container != container);
+            removed += before - f.values.len();
+            for group in f.groups.values_mut() {
+                group.retain(|_, slot| {
+                    slot.keys.retain(|k| k.container != container);
+                    !slot.keys.is_empty()
+                });
+            }
+            f.groups.retain(|_, group| !group.is_empty());
+        }
+        self.series -= removed;
+        self.expired += removed as u64;
+        removed
+    }
+
+    /// Series removed by [`Self::expire_container`] so far.
+    pub fn expired(&self) -> u64 {
+        self.expired
     }
 
     /// Counts that were put in an `other` series instead of their own.
@@ -242,6 +279,20 @@ mod tests {
         assert!(a.series() <= 101);
         assert_eq!(a.total(Family::ResetsSent), 1000);
         assert_eq!(a.folded(), 900);
+    }
+
+    #[test]
+    fn a_gone_containers_series_expire_and_the_others_stay() {
+        let mut a = Aggregator::new(2, 10_000);
+        let gone = crate::series::container_key("3f2a9c1b7d4e");
+        a.add(Family::Closes, SeriesKey { container: gone, ..key(1, 80) }, 2);
+        a.add(Family::PrematureCloses, SeriesKey { container: gone, detail: 1, ..key(1, 80) }, 1);
+        a.add(Family::Closes, key(2, 80), 5);
+        assert_eq!(a.expire_container(gone), 2);
+        assert_eq!((a.series(), a.expired(), a.total(Family::Closes)), (1, 2, 5));
+        // Its peer slot went with it: two new peers fit without folding.
+        a.add(Family::Closes, key(3, 80), 1);
+        assert_eq!(a.folded(), 0);
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct StatusReport {
     /// The latest premature closes, newest last, with their cause where it was found.
     #[serde(default)]
     pub recent_premature: Vec<EventRecord>,
+    /// The container runtime observer names pods through.
+    #[serde(default)]
+    pub container_runtime: RuntimeReport,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -68,6 +71,25 @@ pub struct EventsReport {
     pub paired: u64,
 }
 
+/// The runtime's state, for `/api/v1/status` and `observer status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeReport {
+    /// `connected`, `unreachable` (configured, not answering) or `none` (no socket found).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub socket: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runtime: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// The latest error, while unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Containers seen in socket owners' cgroups, and how many of them the runtime named.
+    pub containers: u64,
+    pub pods_named: u64,
+}
+
 /// Who caused a reset or premature close: the other end of the connection, on this node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Cause {
@@ -75,6 +97,13 @@ pub struct Cause {
     /// socket (nothing listens: `reason` `no_socket`).
     pub comm: String,
     pub pid: u32,
+    /// The sender's container and pod, as on [`EventRecord`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub container: String,
     /// The kernel's reason on the sending side.
@@ -101,6 +130,16 @@ pub struct EventRecord {
     pub comm: String,
     pub pid: u32,
     pub role: String,
+    /// The owner's container: the runtime's short id (12 hex digits) from its cgroup; empty on
+    /// the host.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    /// The container's pod and its name in the pod, from the container runtime (the kubelet's
+    /// labels); empty when the runtime did not name it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub container: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]

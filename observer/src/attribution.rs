@@ -10,6 +10,7 @@ use observer_common::{Role, SocketEvent};
 use crate::{
     container::{Container, SharedResolver},
     decode::Event,
+    pods::Pods,
     series::{ContainerKey, NO_CONTAINER, Peer, Port, SeriesKey, container_key},
 };
 
@@ -33,16 +34,18 @@ pub struct Attributed {
 pub struct Attribution {
     ephemeral: RangeInclusive<u16>,
     resolver: SharedResolver,
+    /// Told of every container an event comes from, so that its pod gets named.
+    pods: Arc<Pods>,
 }
 
 impl Attribution {
-    pub fn new(ephemeral: RangeInclusive<u16>, resolver: SharedResolver) -> Self {
-        Self { ephemeral, resolver }
+    pub fn new(ephemeral: RangeInclusive<u16>, resolver: SharedResolver, pods: Arc<Pods>) -> Self {
+        Self { ephemeral, resolver, pods }
     }
 
     /// With this host's ephemeral port range (`net.ipv4.ip_local_port_range`).
-    pub fn for_host(resolver: SharedResolver) -> Self {
-        Self::new(Self::read_ephemeral_range().unwrap_or(32768..=60999), resolver)
+    pub fn for_host(resolver: SharedResolver, pods: Arc<Pods>) -> Self {
+        Self::new(Self::read_ephemeral_range().unwrap_or(32768..=60999), resolver, pods)
     }
 
     /// `net.ipv4.ip_local_port_range` of this host.
@@ -61,7 +64,14 @@ impl Attribution {
             0 => None,
             id => self.resolver.lock().unwrap_or_else(|e| e.into_inner()).resolve(id),
         };
-        let container_key = container.as_ref().map_or(NO_CONTAINER, |c| container_key(c.short_id()));
+        let container_key = match &container {
+            Some(c) if c.id.is_some() => {
+                let key = container_key(c.short_id());
+                self.pods.note(key, c);
+                key
+            }
+            _ => NO_CONTAINER,
+        };
         Attributed { key: self.key(raw, container_key), container, unattributed: raw.owner.tgid == 0 && raw.sk != 0 }
     }
 
@@ -101,7 +111,11 @@ mod tests {
     }
 
     fn attribution() -> Attribution {
-        Attribution::new(32768..=60999, Arc::new(Mutex::new(CgroupResolver::without_mount())))
+        Attribution::new(
+            32768..=60999,
+            Arc::new(Mutex::new(CgroupResolver::without_mount())),
+            Arc::new(Pods::new(std::time::Duration::from_secs(60), None)),
+        )
     }
 
     fn event(role: Role, local_port: u16, remote_port: u16) -> SocketEvent {

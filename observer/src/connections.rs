@@ -9,14 +9,15 @@
 //! Connections opened before the daemon started are in the `SEEDS` map (see [`crate::seed`])
 //! until their next event moves them into `SOCKETS`; both are counted, each connection once.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use observer_common::{SocketInfo, tcp_state};
 
 use crate::{
     container::SharedResolver,
-    series::{comm_text, role_text, tcp_state_label},
+    pods::Pods,
+    series::{comm_text, role_text, tcp_state_value},
 };
 
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -32,6 +33,9 @@ pub struct SocketTable {
     seeds: BpfHashMap<MapData, u64, SocketInfo>,
     /// The daemon's one cgroup resolver, shared with the event path.
     resolver: SharedResolver,
+    /// Told of the containers the open connections belong to: a pod whose connections only
+    /// pile up (a CLOSE-WAIT leak) gets named before any of them closes.
+    pods: Arc<Pods>,
 }
 
 impl SocketTable {
@@ -39,8 +43,9 @@ impl SocketTable {
         sockets: BpfHashMap<MapData, u64, SocketInfo>,
         seeds: BpfHashMap<MapData, u64, SocketInfo>,
         resolver: SharedResolver,
+        pods: Arc<Pods>,
     ) -> Self {
-        Self { sockets, seeds, resolver }
+        Self { sockets, seeds, resolver, pods }
     }
 
     /// One pass over both maps. Entries that vanish while we iterate are skipped.
@@ -54,7 +59,13 @@ impl SocketTable {
         infos.extend(values(&self.seeds).into_iter().filter(|i| !known.contains(&endpoints_key(i))));
         // Locked per lookup, not for the whole scan: the event path resolves through it too.
         let resolve = |cgroup_id| self.resolver.lock().unwrap_or_else(|e| e.into_inner()).resolve(cgroup_id);
-        summarize(&infos, now, |cgroup_id| resolve(cgroup_id).map(|c| c.short_id().to_string()).unwrap_or_default())
+        summarize(&infos, now, |cgroup_id| match resolve(cgroup_id) {
+            Some(c) if c.id.is_some() => {
+                self.pods.note(Pods::key_of(&c), &c);
+                c.short_id().to_string()
+            }
+            _ => String::new(),
+        })
     }
 }
 
@@ -94,7 +105,7 @@ pub fn summarize(
             let slot = oldest.entry((comm.clone(), container.clone())).or_insert(0.0);
             *slot = slot.max(age);
         }
-        *by_state.entry((comm, role_text(info.role), tcp_state_label(info.state), container)).or_insert(0) += 1;
+        *by_state.entry((comm, role_text(info.role), tcp_state_value(info.state), container)).or_insert(0) += 1;
     }
     (by_state, oldest)
 }
@@ -136,9 +147,9 @@ mod tests {
             info(b"", Role::Unknown, 0, 0, 0),
         ];
         let (by_state, oldest) = summarize(&infos, 11_000_000_000, |id| format!("ctr{id}"));
-        assert_eq!(by_state[&("leaky".into(), "server", "CLOSE-WAIT", String::new())], 2);
-        assert_eq!(by_state[&("leaky".into(), "server", "ESTAB", String::new())], 1);
-        assert_eq!(by_state[&("client".into(), "client", "FIN-WAIT-2", "ctr7".into())], 1);
+        assert_eq!(by_state[&("leaky".into(), "server", "close_wait", String::new())], 2);
+        assert_eq!(by_state[&("leaky".into(), "server", "established", String::new())], 1);
+        assert_eq!(by_state[&("client".into(), "client", "fin_wait2", "ctr7".into())], 1);
         assert_eq!(by_state.len(), 3, "closed and unknown-state sockets are not open connections");
         assert_eq!(oldest[&("leaky".into(), String::new())], 10.0);
         assert_eq!(oldest.len(), 1);

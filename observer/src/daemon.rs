@@ -1,7 +1,12 @@
 //! `observer run`: loads the probes, serves the HTTP endpoint, and drains the ring buffer into
 //! the [`Pipeline`] until SIGINT or SIGTERM.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -18,8 +23,10 @@ use crate::{
     container::{self, SharedResolver},
     http,
     pipeline::Pipeline,
+    pods::{self, CriClient, Pods},
     probes::{self, ProbeOptions, ProbeState},
     seed,
+    series::container_key,
     state::DaemonState,
 };
 
@@ -36,6 +43,34 @@ pub struct DaemonOptions {
     /// `--probe-stats`: have the kernel count the programs' runs and run time while the daemon
     /// runs, for `observer_probe_run*` and `observer status`.
     pub probe_stats: bool,
+    pub pods: PodOptions,
+    /// `--log-events`: every event-log record as a JSON line on stdout.
+    pub log_events: bool,
+}
+
+/// Where pod names come from.
+#[derive(Debug, Clone)]
+pub enum CriSocket {
+    /// The first of [`pods::cri::DEFAULT_SOCKETS`] that exists.
+    Discover,
+    Path(PathBuf),
+    /// `--cri-socket none`.
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodOptions {
+    pub socket: CriSocket,
+    /// Deadline of each CRI call.
+    pub timeout: Duration,
+    /// How long the series of a gone container stay.
+    pub expire_after: Duration,
+}
+
+impl Default for PodOptions {
+    fn default() -> Self {
+        Self { socket: CriSocket::Discover, timeout: Duration::from_secs(2), expire_after: pods::DEFAULT_EXPIRY }
+    }
 }
 
 /// Runs until SIGINT or SIGTERM, then detaches every probe and returns.
@@ -47,7 +82,11 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let state = Arc::new(DaemonState::new(probes::kernel_release(), options.limits));
+    // One cgroup resolver (and cache) for the event path and the connection-state scans.
+    let resolver: SharedResolver = container::shared_resolver();
+    let cgroup_root = resolver.lock().unwrap_or_else(|e| e.into_inner()).root().map(|p| p.to_path_buf());
+    let pods = Arc::new(Pods::new(options.pods.expire_after, cgroup_root));
+    let state = Arc::new(DaemonState::new(probes::kernel_release(), options.limits, pods));
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, state.clone(), async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
@@ -98,19 +137,18 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     // node should not keep tens of megabytes it used once.
     // SAFETY: malloc_trim only releases free memory.
     unsafe { libc::malloc_trim(0) };
-    // One cgroup resolver (and cache) for the event path and the connection-state scans.
-    let resolver: SharedResolver = container::shared_resolver();
     // The first scan before going ready, so the first scrape already has the gauges.
     let scan_resolver = resolver.clone();
+    let scan_pods = state.pods.clone();
     let table = tokio::task::spawn_blocking(move || {
-        let mut table = SocketTable::new(sockets, seeds, scan_resolver);
+        let mut table = SocketTable::new(sockets, seeds, scan_resolver, scan_pods);
         let (by_state, oldest) = table.scan();
         (table, by_state, oldest)
     })
     .await
     .context("scanning the socket map panicked")
     .map(|(table, by_state, oldest)| {
-        state.metrics.set_connections(&by_state, &oldest);
+        state.metrics.set_connections(&by_state, &oldest, &state.pods.snapshot());
         table
     })?;
     let attached = statuses.iter().filter(|s| s.state == ProbeState::Attached).count();
@@ -119,7 +157,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;
     let scanner = spawn_socket_scanner(table, state.clone());
-    let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver), state.clone());
+    let pod_names = spawn_pod_names(&options.pods, state.clone())?;
+    let event_writer = options.log_events.then(|| spawn_event_writer(state.clone()));
+    let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver, state.pods.clone()), state.clone());
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which only happens through this AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring_buffer) }
@@ -163,6 +203,15 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     state.clear_kernel_counters();
     scanner.abort();
     let _ = scanner.await;
+    pod_names.abort();
+    let _ = pod_names.await;
+    if let Some((writer, stop)) = event_writer {
+        // The writer writes the records of the last moments, then ends.
+        let _ = stop.send(true);
+        if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+            log::warn!("--log-events: stdout did not take the last records within 2 s");
+        }
+    }
     drop(ring);
     if let Some(task) = kernel_log {
         task.abort();
@@ -195,7 +244,7 @@ fn spawn_socket_scanner(table: SocketTable, state: Arc<DaemonState>) -> tokio::t
             // A map of tens of thousands of sockets takes a syscall per entry: off the runtime.
             let scanned = tokio::task::spawn_blocking(move || {
                 let (by_state, oldest) = table.lock().unwrap_or_else(|e| e.into_inner()).scan();
-                state.metrics.set_connections(&by_state, &oldest);
+                state.metrics.set_connections(&by_state, &oldest, &state.pods.snapshot());
             })
             .await;
             if let Err(e) = scanned {
@@ -203,6 +252,140 @@ fn spawn_socket_scanner(table: SocketTable, state: Arc<DaemonState>) -> tokio::t
             }
         }
     })
+}
+
+/// How often the container runtime is asked again without being woken by a new container, and
+/// how often gone containers are looked for: never less often than a quarter of the expiry.
+fn pod_refresh_interval(expire_after: Duration) -> Duration {
+    (expire_after / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// At most one refresh per this long, however many new containers appear (a burst of pod
+/// starts is one `ListContainers`).
+const POD_REFRESH_MIN_GAP: Duration = Duration::from_millis(500);
+
+/// Names containers' pods through the runtime's CRI socket until aborted, and removes the series
+/// of containers gone longer than the expiry. A runtime that is down or slow only delays names:
+/// its errors are counted and logged once until it answers again.
+fn spawn_pod_names(options: &PodOptions, state: Arc<DaemonState>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let socket = match &options.socket {
+        CriSocket::Off => {
+            log::info!("--cri-socket none: series carry container ids only, no pod names");
+            None
+        }
+        CriSocket::Path(p) => Some(p.clone()),
+        CriSocket::Discover => {
+            let found = pods::cri::find_socket();
+            if found.is_none() {
+                log::info!(
+                    "no container runtime socket found (tried {}): series carry container ids only; give --cri-socket PATH to name pods",
+                    pods::cri::DEFAULT_SOCKETS.join(", ")
+                );
+            }
+            found
+        }
+    };
+    state.pods.set_socket(socket.as_deref());
+    let mut client = socket.as_deref().map(|s| CriClient::new(s, options.timeout)).transpose()?;
+    let interval = pod_refresh_interval(options.expire_after);
+    Ok(tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            let started = Instant::now();
+            let refreshed = state.pods.refresh(client.as_mut(), started).await;
+            if let Some(v) = &refreshed.connected {
+                let socket = client.as_ref().map(|c| c.socket().display().to_string()).unwrap_or_default();
+                log::info!("container runtime {} {} on {socket}: naming pods", v.name, v.version);
+                state.metrics.set_runtime(Some((&v.name, &v.version, &socket)));
+                failing = false;
+            }
+            if let Some(e) = &refreshed.error {
+                state.metrics.record_runtime_error(e.operation);
+                if !failing {
+                    log::warn!("{e}; series carry container ids only until the runtime answers (retrying)");
+                    state.metrics.set_runtime(None);
+                    failing = true;
+                }
+            }
+            if !refreshed.expired.is_empty() {
+                let mut agg = state.metrics.aggregator();
+                let removed: usize = refreshed.expired.iter().map(|key| agg.expire_container(*key)).sum();
+                drop(agg);
+                log::debug!("{} gone containers expired with {removed} series", refreshed.expired.len());
+            }
+            tokio::time::sleep_until((started + POD_REFRESH_MIN_GAP).into()).await;
+            let _ = tokio::time::timeout(interval, state.pods.unknown_seen.notified()).await;
+        }
+    }))
+}
+
+/// How often `--log-events` looks for new records.
+const EVENT_WRITE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a record of a container the runtime has not named yet waits for its pod name.
+const NAME_WAIT: Duration = Duration::from_secs(1);
+
+/// `--log-events`: follows the event log and writes each record as one JSON line on stdout,
+/// until told to stop (then it writes what is left).
+fn spawn_event_writer(state: Arc<DaemonState>) -> (tokio::task::JoinHandle<()>, watch::Sender<bool>) {
+    let (stop_tx, mut stop) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut next = 0;
+        loop {
+            let stopping = tokio::select! {
+                _ = tokio::time::sleep(EVENT_WRITE_INTERVAL) => false,
+                _ = stop.changed() => true,
+            };
+            write_events(&state, &mut next, stopping).await;
+            if stopping {
+                break;
+            }
+        }
+    });
+    (task, stop_tx)
+}
+
+/// Writes the records after `next` as JSON lines, waiting up to [`NAME_WAIT`] for pod names of
+/// new containers unless `last` (shutting down).
+async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut page = state.event_log().page(*next, crate::event_log::LOG_CAPACITY);
+    if page.events.is_empty() {
+        return;
+    }
+    let pending = || {
+        state
+            .pods
+            .pending(page.events.iter().filter(|r| !r.container_id.is_empty()).map(|r| container_key(&r.container_id)))
+    };
+    if !last && pending() {
+        let _ = tokio::time::timeout(NAME_WAIT, state.pods.refreshed.notified()).await;
+        page = state.event_log().page(*next, crate::event_log::LOG_CAPACITY);
+    }
+    if let Some(first) = page.events.first()
+        && first.seq > *next + 1
+        && *next > 0
+    {
+        log::warn!(
+            "--log-events: {} event-log records were overwritten before they were written",
+            first.seq - *next - 1
+        );
+    }
+    let mut out = Vec::with_capacity(page.events.len() * 512);
+    for record in &page.events {
+        if serde_json::to_writer(&mut out, record).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    let mut stdout = tokio::io::stdout();
+    if let Err(e) = async {
+        stdout.write_all(&out).await?;
+        stdout.flush().await
+    }
+    .await
+    {
+        log::warn!("--log-events: writing to stdout: {e}");
+    }
+    *next = page.next;
 }
 
 /// Forwards the kernel programs' aya-log records to the daemon's log until aborted.

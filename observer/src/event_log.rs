@@ -24,6 +24,7 @@ use crate::{
     classify::{Outcome, PrematureClose},
     container::Container,
     decode::Event,
+    pods::{PodIdentity, Pods},
     reasons::ResetReasons,
     series::{comm_text, ip_text, role_text, tcp_state_label},
 };
@@ -59,6 +60,16 @@ struct Sender {
     container: Option<Arc<Container>>,
 }
 
+/// Container identity as a record shows it: the runtime's short id and, once the runtime named
+/// it, the pod (looked up again when read if it was not known yet when logged).
+#[derive(Debug, Clone, Default)]
+struct Owned {
+    container_id: String,
+    namespace: String,
+    pod: String,
+    container: String,
+}
+
 /// One logged event, kept raw: the event path only copies it; `/api/v1/events` renders it.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -71,6 +82,8 @@ struct Entry {
 
 #[derive(Debug, Default)]
 pub struct EventLog {
+    /// Names the pods of the containers records come from.
+    pods: Arc<Pods>,
     entries: VecDeque<Entry>,
     next_seq: u64,
     /// The kernel's reset reason names, for rendering (set by the first record).
@@ -89,6 +102,11 @@ pub struct EventLog {
 }
 
 impl EventLog {
+    /// An empty log whose records name their pods from `pods`.
+    pub fn new(pods: Arc<Pods>) -> Self {
+        Self { pods, ..Self::default() }
+    }
+
     /// Records one event (resets and premature closes; graceful closes are only counted).
     /// Allocation-free but for the tables' growth: rendering happens when the log is read.
     pub fn record(
@@ -275,6 +293,7 @@ impl EventLog {
         };
         let e = &raw.endpoints;
         let facts = (event == "closed").then(|| facts(raw, kind.as_deref()));
+        let owner = self.owned(entry.container.as_ref());
         EventRecord {
             seq: entry.seq,
             timestamp_ns: raw.timestamp_ns,
@@ -284,7 +303,10 @@ impl EventLog {
             comm: comm_text(&raw.owner.comm),
             pid: raw.owner.tgid,
             role: role_text(raw.role).to_string(),
-            container: entry.container.as_ref().map(|c| c.short_id().to_string()).unwrap_or_default(),
+            container_id: owner.container_id,
+            namespace: owner.namespace,
+            pod: owner.pod,
+            container: owner.container,
             cgroup: entry.container.as_ref().map(|c| c.cgroup_path.clone()).unwrap_or_default(),
             local: endpoint_text(&e.local_addr, e.local_port),
             remote: endpoint_text(&e.remote_addr, e.remote_port),
@@ -296,20 +318,33 @@ impl EventLog {
     fn render_cause(&self, s: &Sender) -> Cause {
         let comm = comm_text(&s.comm);
         let reason = self.reason_label(s.reason);
+        let owner = self.owned(s.container.as_ref());
+        let pod =
+            if owner.pod.is_empty() { String::new() } else { format!(" (pod {}/{})", owner.namespace, owner.pod) };
         let summary = if s.no_socket {
             format!("reset by the kernel, nothing listening: {reason}")
         } else if comm.is_empty() {
             format!("reset by an unknown process: {reason}")
         } else {
-            format!("reset by {comm}[{}]: {reason}", s.pid)
+            format!("reset by {comm}[{}]{pod}: {reason}", s.pid)
         };
         Cause {
             comm,
             pid: s.pid,
-            container: s.container.as_ref().map(|c| c.short_id().to_string()).unwrap_or_default(),
+            container_id: owner.container_id,
+            namespace: owner.namespace,
+            pod: owner.pod,
+            container: owner.container,
             reason,
             summary,
         }
+    }
+
+    fn owned(&self, container: Option<&Arc<Container>>) -> Owned {
+        let Some(c) = container.filter(|c| c.id.is_some()) else { return Owned::default() };
+        let pod = self.pods.identity(&Pods::key_of(c));
+        let PodIdentity { namespace, pod, container, .. } = pod.as_deref().cloned().unwrap_or_default();
+        Owned { container_id: c.short_id().to_string(), namespace, pod, container }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::{
     aggregate::{Aggregator, Family},
     classify::PrematureClose,
     metrics::Metrics,
+    pods::{PodIdentity, PodNames},
     probes::stats::ProgramRuns,
     reasons::ResetReasons,
     series::{Label, SeriesKey, role_text},
@@ -24,10 +25,11 @@ use crate::{
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Everything `/metrics` serves: the per-connection families, the kernel programs' own cost when
-/// the kernel counts it (`runs`, empty otherwise), then the daemon's own metrics.
-pub fn render(metrics: &Metrics, runs: &[ProgramRuns]) -> Vec<u8> {
+/// the kernel counts it (`runs`, empty otherwise), then the daemon's own metrics. `pods` names
+/// the containers' pods.
+pub fn render(metrics: &Metrics, pods: &PodNames, runs: &[ProgramRuns]) -> Vec<u8> {
     let mut text = String::with_capacity(64 * 1024);
-    write_connections(&mut text, &metrics.aggregator(), metrics.reasons());
+    write_connections(&mut text, &metrics.aggregator(), metrics.reasons(), pods);
     write_program_runs(&mut text, runs);
     let mut out = text.into_bytes();
     if let Err(e) = TextEncoder::new().encode(&metrics.gather(), &mut out) {
@@ -73,9 +75,13 @@ const SERIES_FOLDED: (&str, &str) = (
     "Counts put in a peer=\"other\" (or overflow) series instead of their own because of --max-peers / --max-series.",
 );
 const SERIES: (&str, &str) = ("observer_series", "Per-connection series currently exported.");
+const SERIES_EXPIRED: (&str, &str) = (
+    "observer_series_expired_total",
+    "Per-connection series removed because their container had been gone longer than --expire-gone-after.",
+);
 
 /// Appends every per-connection family, `observer_series_folded_total` and `observer_series`.
-pub fn write_connections(out: &mut String, agg: &Aggregator, reasons: Option<&ResetReasons>) {
+pub fn write_connections(out: &mut String, agg: &Aggregator, reasons: Option<&ResetReasons>, pods: &PodNames) {
     for (family, name, help, extra) in FAMILIES {
         let mut series = agg.iter(family).peekable();
         if series.peek().is_none() {
@@ -84,7 +90,7 @@ pub fn write_connections(out: &mut String, agg: &Aggregator, reasons: Option<&Re
         header(out, name, help, "counter");
         for (key, value) in series {
             out.push_str(name);
-            labels(out, key);
+            labels(out, key, pods.get(&key.container).map(|p| &**p));
             if let Some(extra) = extra {
                 out.push(',');
                 out.push_str(extra);
@@ -102,6 +108,8 @@ pub fn write_connections(out: &mut String, agg: &Aggregator, reasons: Option<&Re
     let _ = writeln!(out, "{} {}", SERIES_FOLDED.0, agg.folded());
     header(out, SERIES.0, SERIES.1, "gauge");
     let _ = writeln!(out, "{} {}", SERIES.0, agg.series());
+    header(out, SERIES_EXPIRED.0, SERIES_EXPIRED.1, "counter");
+    let _ = writeln!(out, "{} {}", SERIES_EXPIRED.0, agg.expired());
 }
 
 const PROBE_RUNS: (&str, &str) = (
@@ -141,21 +149,28 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "\n# TYPE {name} {kind}");
 }
 
-/// `{comm="..",container="..",peer="..",port="..",role=".."` (no closing brace: an extra label
-/// may follow).
-fn labels(out: &mut String, key: &SeriesKey) {
+/// `{comm="..",container="..",container_id="..",namespace="..",peer="..",pod="..",port="..",role=".."`
+/// (no closing brace: an extra label may follow). `container` is the container's name in its pod,
+/// `container_id` the runtime's short id, as kube-state-metrics and cAdvisor name them.
+fn labels(out: &mut String, key: &SeriesKey, pod: Option<&PodIdentity>) {
     out.push_str("{comm=\"");
     escaped(out, Label::Comm(&key.comm));
     out.push_str("\",container=\"");
+    if let Some(pod) = pod {
+        escaped(out, &pod.container);
+    }
+    out.push_str("\",container_id=\"");
     escaped(out, Label::Container(&key.container));
-    // Addresses and ports need no escaping.
-    let _ = write!(
-        out,
-        "\",peer=\"{}\",port=\"{}\",role=\"{}\"",
-        Label::Peer(&key.peer),
-        Label::Port(&key.port),
-        role_text(key.role)
-    );
+    out.push_str("\",namespace=\"");
+    if let Some(pod) = pod {
+        escaped(out, &pod.namespace);
+    }
+    // Addresses need no escaping.
+    let _ = write!(out, "\",peer=\"{}\",pod=\"", Label::Peer(&key.peer));
+    if let Some(pod) = pod {
+        escaped(out, &pod.pod);
+    }
+    let _ = write!(out, "\",port=\"{}\",role=\"{}\"", Label::Port(&key.port), role_text(key.role));
 }
 
 /// A label value as the text format wants it: backslash, double quote and newline escaped.
@@ -179,6 +194,8 @@ fn escaped(out: &mut String, value: impl std::fmt::Display) {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv6Addr;
+
+    use std::sync::Arc;
 
     use super::*;
     use crate::series::{NO_CONTAINER, Peer, Port};
@@ -205,23 +222,26 @@ mod tests {
         agg.add(Family::ResetsSent, key(b"", v4([10, 0, 0, 2]), Port::Num(80), 7), 2);
         let reasons = ResetReasons::from_pairs([(7, "SK_RST_REASON_NO_SOCKET")]);
         let mut out = String::new();
-        write_connections(&mut out, &agg, Some(&reasons));
+        write_connections(&mut out, &agg, Some(&reasons), &PodNames::default());
         let expected = [
             "# HELP observer_tcp_resets_sent_total RST segments this host sent, by the socket's owner (comm=\"\" for segments that matched no socket) and the kernel's reason.",
             "# TYPE observer_tcp_resets_sent_total counter",
-            "observer_tcp_resets_sent_total{comm=\"\",container=\"\",peer=\"10.0.0.2\",port=\"80\",role=\"client\",reason=\"no_socket\"} 2",
+            "observer_tcp_resets_sent_total{comm=\"\",container=\"\",container_id=\"\",namespace=\"\",peer=\"10.0.0.2\",pod=\"\",port=\"80\",role=\"client\",reason=\"no_socket\"} 2",
             "# HELP observer_tcp_closes_total Connections that reached CLOSE, each counted once.",
             "# TYPE observer_tcp_closes_total counter",
-            "observer_tcp_closes_total{comm=\"nginx\",container=\"\",peer=\"10.0.0.1\",port=\"443\",role=\"client\"} 3",
+            "observer_tcp_closes_total{comm=\"nginx\",container=\"\",container_id=\"\",namespace=\"\",peer=\"10.0.0.1\",pod=\"\",port=\"443\",role=\"client\"} 3",
             "# HELP observer_tcp_premature_closes_total Connections that ended prematurely, each counted once, by how they ended.",
             "# TYPE observer_tcp_premature_closes_total counter",
-            "observer_tcp_premature_closes_total{comm=\"a\\\"b\\\\c\\nd\",container=\"\",peer=\"::1\",port=\"\",role=\"client\",kind=\"eof_before_response\"} 1",
+            "observer_tcp_premature_closes_total{comm=\"a\\\"b\\\\c\\nd\",container=\"\",container_id=\"\",namespace=\"\",peer=\"::1\",pod=\"\",port=\"\",role=\"client\",kind=\"eof_before_response\"} 1",
             "# HELP observer_series_folded_total Counts put in a peer=\"other\" (or overflow) series instead of their own because of --max-peers / --max-series.",
             "# TYPE observer_series_folded_total counter",
             "observer_series_folded_total 0",
             "# HELP observer_series Per-connection series currently exported.",
             "# TYPE observer_series gauge",
             "observer_series 3",
+            "# HELP observer_series_expired_total Per-connection series removed because their container had been gone longer than --expire-gone-after.",
+            "# TYPE observer_series_expired_total counter",
+            "observer_series_expired_total 0",
         ];
         assert_eq!(out.lines().collect::<Vec<_>>(), expected);
     }
@@ -245,15 +265,41 @@ mod tests {
     }
 
     #[test]
+    fn a_named_containers_series_carry_its_pod_and_its_id() {
+        let id = crate::series::container_key("3f2a9c1b7d4e");
+        let mut agg = Aggregator::new(50, 1000);
+        agg.add(Family::Closes, SeriesKey { container: id, ..key(b"app", v4([10, 0, 0, 1]), Port::Num(80), 0) }, 1);
+        let mut pods = PodNames::default();
+        let pod = PodIdentity {
+            namespace: "shop".into(),
+            pod: "orders-0".into(),
+            pod_uid: "u".into(),
+            container: "app".into(),
+        };
+        pods.insert(id, Arc::new(pod));
+        let mut out = String::new();
+        write_connections(&mut out, &agg, None, &pods);
+        assert!(
+            out.contains(
+                "observer_tcp_closes_total{comm=\"app\",container=\"app\",container_id=\"3f2a9c1b7d4e\",namespace=\"shop\",peer=\"10.0.0.1\",pod=\"orders-0\",port=\"80\",role=\"client\"} 1\n"
+            ),
+            "{out}"
+        );
+        let mut unnamed = String::new();
+        write_connections(&mut unnamed, &agg, None, &PodNames::default());
+        assert!(unnamed.contains("container=\"\",container_id=\"3f2a9c1b7d4e\",namespace=\"\""), "{unnamed}");
+    }
+
+    #[test]
     fn folded_series_render_as_other() {
         let mut agg = Aggregator::new(1, 1000);
         agg.add(Family::Closes, key(b"srv", v4([1, 1, 1, 1]), Port::Num(80), 0), 1);
         agg.add(Family::Closes, key(b"srv", v4([1, 1, 1, 2]), Port::Num(80), 0), 1);
         let mut out = String::new();
-        write_connections(&mut out, &agg, None);
+        write_connections(&mut out, &agg, None, &PodNames::default());
         assert!(
             out.contains(
-                "observer_tcp_closes_total{comm=\"srv\",container=\"\",peer=\"other\",port=\"80\",role=\"client\"} 1\n"
+                "observer_tcp_closes_total{comm=\"srv\",container=\"\",container_id=\"\",namespace=\"\",peer=\"other\",pod=\"\",port=\"80\",role=\"client\"} 1\n"
             ),
             "{out}"
         );

@@ -39,7 +39,10 @@ pub async fn serve(
 
 async fn metrics(State(state): State<Arc<DaemonState>>) -> impl IntoResponse {
     state.sync_kernel_counters();
-    ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], exposition::render(&state.metrics, &state.program_runs()))
+    (
+        [(header::CONTENT_TYPE, exposition::CONTENT_TYPE)],
+        exposition::render(&state.metrics, &state.pods.snapshot(), &state.program_runs()),
+    )
 }
 
 async fn healthz(State(state): State<Arc<DaemonState>>) -> impl IntoResponse {
@@ -78,7 +81,7 @@ mod tests {
     use crate::aggregate::Limits;
 
     fn state() -> Arc<DaemonState> {
-        Arc::new(DaemonState::new("test".into(), Limits::default()))
+        Arc::new(DaemonState::new("test".into(), Limits::default(), Default::default()))
     }
 
     async fn get(router: Router, uri: &str) -> StatusCode {

@@ -7,7 +7,8 @@
 //!    `SocketEvent`s into a ring buffer; [`daemon`] drains it into the [`pipeline`];
 //! 2. [`decode`] checks a record's bytes;
 //! 3. [`classify`] decides how the connection ended;
-//! 4. [`attribution`] names owner, role, peer, port and container: the series key;
+//! 4. [`attribution`] names owner, role, peer, port and container: the series key (and tells
+//!    [`pods`] of each container, which asks the container runtime for its pod);
 //! 5. [`aggregate`] counts it under bounded cardinality (inside [`metrics`], which also holds
 //!    the daemon's own counters), and [`event_log`] logs it, paired with its cause;
 //! 6. [`exposition`] renders `/metrics`; [`http`] serves it and the JSON of [`api`] from the
@@ -16,7 +17,8 @@
 //! Beside the event path: [`connections`] reads the kernel's socket map for the state gauges,
 //! [`seed`] takes the connections open at start-up from the socket table. Shared vocabulary:
 //! [`series`] (series keys and label values), [`reasons`] (reset reason names), [`container`]
-//! (cgroup id → cgroup path → container id).
+//! (cgroup id → cgroup path → container id), [`pods`] (container id → namespace, pod and
+//! container name, from the runtime's CRI API).
 
 pub mod aggregate;
 pub mod api;
@@ -31,6 +33,7 @@ pub mod exposition;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod pods;
 pub mod probes;
 pub mod reasons;
 pub mod seed;

@@ -15,9 +15,10 @@ use crate::{
     classify::Outcome,
     connections::{ByState, OldestCloseWait},
     decode::Event,
+    pods::PodNames,
     probes::{ProbeState, ProbeStatus},
     reasons::ResetReasons,
-    series::role_text,
+    series::{container_key, role_text},
 };
 
 /// Every metric observer exports. Names and labels are a contract (README "Metrics").
@@ -40,6 +41,10 @@ pub struct Metrics {
     durations: [[prometheus::Histogram; 2]; 3],
     connections_by_state: IntGaugeVec,
     close_wait_oldest: prometheus::GaugeVec,
+    /// `observer_container_runtime_info{runtime,version,socket}`.
+    runtime_info: IntGaugeVec,
+    /// `observer_container_runtime_errors_total{operation}`.
+    runtime_errors: prometheus::IntCounterVec,
     /// Held while the gauges are replaced, so a scrape never sees half a snapshot.
     gauges_lock: Mutex<()>,
 }
@@ -96,8 +101,8 @@ impl Metrics {
                 &registry,
                 gauge_vec(
                     "observer_tcp_connections",
-                    "Open TCP connections by owning process, role and state (as ss names states).",
-                    &["comm", "role", "state", "container"],
+                    "Open TCP connections by owning process, role and state (established, close_wait, ...).",
+                    &["comm", "role", "state", "namespace", "pod", "container", "container_id"],
                 ),
             ),
             close_wait_oldest: register(
@@ -107,7 +112,26 @@ impl Metrics {
                         "observer_tcp_close_wait_oldest_seconds",
                         "How long the process's oldest CLOSE-WAIT socket has waited for it to close it.",
                     ),
-                    &["comm", "container"],
+                    &["comm", "namespace", "pod", "container", "container_id"],
+                )
+                .expect("valid metric definition"),
+            ),
+            runtime_info: register(
+                &registry,
+                gauge_vec(
+                    "observer_container_runtime_info",
+                    "The container runtime that names pods through its CRI socket (1 while it answers).",
+                    &["runtime", "version", "socket"],
+                ),
+            ),
+            runtime_errors: register(
+                &registry,
+                prometheus::IntCounterVec::new(
+                    Opts::new(
+                        "observer_container_runtime_errors_total",
+                        "Calls to the container runtime's CRI API that failed (series then carry container ids only).",
+                    ),
+                    &["operation"],
                 )
                 .expect("valid metric definition"),
             ),
@@ -121,6 +145,10 @@ impl Metrics {
             gauge_vec("observer_build_info", "observer's version and source revision.", &["version", "revision"]),
         );
         build.with_label_values(&[VERSION, REVISION]).set(1);
+        // Zero from the start, so that rate() and alerts see the first error.
+        for operation in ["version", "list_containers"] {
+            metrics.runtime_errors.with_label_values(&[operation]);
+        }
         metrics
     }
 
@@ -160,17 +188,43 @@ impl Metrics {
         }
     }
 
-    /// Replaces the connection-state gauges with a new scan of the socket map.
-    pub fn set_connections(&self, by_state: &ByState, oldest: &OldestCloseWait) {
+    /// Replaces the connection-state gauges with a new scan of the socket map; `pods` names the
+    /// containers' pods.
+    pub fn set_connections(&self, by_state: &ByState, oldest: &OldestCloseWait, pods: &PodNames) {
+        // namespace, pod, container name of a short container id.
+        let pod_of = |id: &str| match pods.get(&container_key(id)) {
+            Some(p) if !id.is_empty() => [p.namespace.clone(), p.pod.clone(), p.container.clone()],
+            _ => Default::default(),
+        };
         let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.connections_by_state.reset();
         for ((comm, role, state, container), n) in by_state {
-            self.connections_by_state.with_label_values(&[comm.as_str(), role, state, container.as_str()]).set(*n);
+            let [namespace, pod, name] = pod_of(container);
+            self.connections_by_state
+                .with_label_values(&[comm.as_str(), role, state, &namespace, &pod, &name, container.as_str()])
+                .set(*n);
         }
         self.close_wait_oldest.reset();
         for ((comm, container), age) in oldest {
-            self.close_wait_oldest.with_label_values(&[comm.as_str(), container.as_str()]).set(*age);
+            let [namespace, pod, name] = pod_of(container);
+            self.close_wait_oldest
+                .with_label_values(&[comm.as_str(), &namespace, &pod, &name, container.as_str()])
+                .set(*age);
         }
+    }
+
+    /// `observer_container_runtime_info`: which runtime names the pods (one series while it
+    /// answers; none while it does not).
+    pub fn set_runtime(&self, runtime: Option<(&str, &str, &str)>) {
+        self.runtime_info.reset();
+        if let Some((name, version, socket)) = runtime {
+            self.runtime_info.with_label_values(&[name, version, socket]).set(1);
+        }
+    }
+
+    /// A call to the container runtime failed (`operation`: `version`, `list_containers`).
+    pub fn record_runtime_error(&self, operation: &str) {
+        self.runtime_errors.with_label_values(&[operation]).inc();
     }
 
     pub fn record_malformed(&self) {

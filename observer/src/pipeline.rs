@@ -62,13 +62,13 @@ mod properties {
         ) {
             bytes[0..2].copy_from_slice(&kind.to_ne_bytes());
             bytes[2..4].copy_from_slice(&probe.to_ne_bytes());
-            let state = Arc::new(DaemonState::new("test".into(), Limits { max_peers: 2, max_series: 4 }));
+            let state = Arc::new(DaemonState::new("test".into(), Limits { max_peers: 2, max_series: 4 }, Default::default()));
             let reasons = ResetReasons::from_pairs([(1, "no_socket"), (2, "tcp_abort_on_close")]);
             let resolver = Arc::new(Mutex::new(CgroupResolver::without_mount()));
-            let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver), state.clone());
+            let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver, state.pods.clone()), state.clone());
             pipeline.handle(&bytes);
             prop_assert!(state.event_log().page(0, 10).events.len() <= 1);
-            prop_assert!(!exposition::render(&state.metrics, &[]).is_empty());
+            prop_assert!(!exposition::render(&state.metrics, &state.pods.snapshot(), &[]).is_empty());
             prop_assert_eq!(state.metrics.events_seen().iter().map(|(_, n)| n).sum::<u64>(), 1);
         }
     }

@@ -142,7 +142,28 @@ pub fn ip_text(addr: &[u8; 16]) -> String {
     Label::Peer(&Peer::Addr(*addr)).to_string()
 }
 
-/// TCP state names as `ss` prints them.
+/// TCP state names as label values, as node_exporter's `node_tcp_connection_states` writes them
+/// (`state="close_wait"`): the kernel's names, lower case.
+pub fn tcp_state_value(state: u8) -> &'static str {
+    use observer_common::tcp_state::*;
+    match state {
+        ESTABLISHED => "established",
+        SYN_SENT => "syn_sent",
+        SYN_RECV => "syn_recv",
+        FIN_WAIT1 => "fin_wait1",
+        FIN_WAIT2 => "fin_wait2",
+        TIME_WAIT => "time_wait",
+        CLOSE => "close",
+        CLOSE_WAIT => "close_wait",
+        LAST_ACK => "last_ack",
+        LISTEN => "listen",
+        CLOSING => "closing",
+        NEW_SYN_RECV => "new_syn_recv",
+        _ => "unknown",
+    }
+}
+
+/// TCP state names as `ss` prints them (for people: the CLI and the event log).
 pub fn tcp_state_label(state: u8) -> &'static str {
     use observer_common::tcp_state::*;
     match state {

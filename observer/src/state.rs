@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Mutex, MutexGuard, OnceLock},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
     time::Instant,
 };
 
@@ -16,6 +16,7 @@ use crate::{
     api::{EventsReport, ProbeReport, StatusReport},
     event_log::EventLog,
     metrics::Metrics,
+    pods::Pods,
     probes::{
         KernelCounters, ProbeStatus,
         stats::{self, ProgramRuns},
@@ -37,6 +38,8 @@ struct Probes {
 
 pub struct DaemonState {
     pub metrics: Metrics,
+    /// Container id → pod, for the series, the gauges and the event log.
+    pub pods: Arc<Pods>,
     started: Instant,
     kernel: String,
     /// Set once, when the programs are attached: the daemon is ready from then on.
@@ -47,14 +50,15 @@ pub struct DaemonState {
 }
 
 impl DaemonState {
-    pub fn new(kernel: String, limits: Limits) -> Self {
+    pub fn new(kernel: String, limits: Limits, pods: Arc<Pods>) -> Self {
         Self {
             metrics: Metrics::new(limits),
+            event_log: Mutex::new(EventLog::new(pods.clone())),
+            pods,
             started: Instant::now(),
             kernel,
             probes: OnceLock::new(),
             kernel_counters: Mutex::new(None),
-            event_log: Mutex::new(EventLog::default()),
         }
     }
 
@@ -148,6 +152,7 @@ impl DaemonState {
                 paired,
             },
             recent_premature: recent,
+            container_runtime: self.pods.report(),
         }
     }
 }

@@ -66,8 +66,11 @@ pub fn render(r: &EventRecord) -> String {
         r.local,
         r.remote
     );
-    if !r.container.is_empty() {
-        line.push_str(&format!(" container={}", r.container));
+    if !r.pod.is_empty() {
+        line.push_str(&format!(" pod={}/{} container={}", r.namespace, r.pod, r.container));
+    }
+    if !r.container_id.is_empty() {
+        line.push_str(&format!(" container_id={}", r.container_id));
     }
     if let Some(f) = &r.facts {
         let duration = if f.duration_seconds < 1.0 {

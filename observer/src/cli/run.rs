@@ -1,11 +1,11 @@
 //! `observer run`.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 use observer::{
     aggregate::Limits,
-    daemon::{self, DaemonOptions},
+    daemon::{self, CriSocket, DaemonOptions, PodOptions},
     probes::{ProbeMode, ProbeOptions},
 };
 
@@ -42,6 +42,29 @@ pub struct RunArgs {
     /// kernel.bpf_stats_enabled is 1.
     #[arg(long)]
     pub probe_stats: bool,
+    /// The container runtime's CRI socket, asked which pod each container belongs to (the
+    /// namespace, pod and container labels). By default the usual sockets of containerd, CRI-O,
+    /// k3s and cri-dockerd are tried (also under /host); `none` turns pod names off.
+    #[arg(long, value_name = "PATH", env = "OBSERVER_CRI_SOCKET")]
+    pub cri_socket: Option<PathBuf>,
+    /// Deadline of each call to the container runtime: a slow runtime delays pod names, never
+    /// the event path.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub cri_timeout: Duration,
+    /// How long the series of a container that is gone (its cgroup removed: the pod deleted or
+    /// the container restarted) are still exported, so that every scrape collects their final
+    /// counts; then they are removed (observer_series_expired_total).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub expire_gone_after: Duration,
+    /// Write each event-log record (resets and premature closes) as one JSON line on stdout,
+    /// in the schema of /api/v1/events, for the cluster's log pipeline (Fluent Bit, Vector,
+    /// Loki). The daemon's own log stays on stderr.
+    #[arg(long)]
+    pub log_events: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 500ms, 2s, 5m"))
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -92,6 +115,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },
         probe_stats: args.probe_stats,
+        pods: PodOptions {
+            socket: match args.cri_socket {
+                None => CriSocket::Discover,
+                Some(p) if p.as_os_str() == "none" => CriSocket::Off,
+                Some(p) => CriSocket::Path(p),
+            },
+            timeout: args.cri_timeout,
+            expire_after: args.expire_gone_after,
+        },
+        log_events: args.log_events,
     })
     .await
 }

@@ -63,6 +63,15 @@ fn render(s: &StatusReport) -> String {
     for (probe, n) in &s.events.seen_by_probe {
         let _ = writeln!(out, "  {probe:<21} {n}");
     }
+    let rt = &s.container_runtime;
+    let runtime = match rt.state.as_str() {
+        "connected" => format!("{} {} on {}", rt.runtime, rt.version, rt.socket),
+        "unreachable" => {
+            format!("unreachable on {} ({})", rt.socket, rt.error.as_deref().unwrap_or("not answered yet"))
+        }
+        _ => "none found (container ids only; --cri-socket)".to_string(),
+    };
+    let _ = writeln!(out, "\nCONTAINER RUNTIME  {runtime}; {} containers seen, {} named", rt.containers, rt.pods_named);
     for d in &s.degraded {
         let _ = writeln!(out, "degraded: {d}");
     }

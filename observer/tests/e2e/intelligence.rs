@@ -175,17 +175,17 @@ pub fn container_label() -> Result<(), Failed> {
     let n = N as u64;
     check(
         "client resets received in its container",
-        m.sum("observer_tcp_resets_received_total", &with(&client, ("container", &ID[..12]))),
+        m.sum("observer_tcp_resets_received_total", &with(&client, ("container_id", &ID[..12]))),
         n,
     )?;
-    check("client peer_reset in its container", m.sum(PREMATURE, &with(&client, ("container", &ID[..12]))), n)?;
+    check("client peer_reset in its container", m.sum(PREMATURE, &with(&client, ("container_id", &ID[..12]))), n)?;
     check(
         "server (on the host) resets sent",
-        m.sum("observer_tcp_resets_sent_total", &with(&server, ("container", ""))),
+        m.sum("observer_tcp_resets_sent_total", &with(&server, ("container_id", ""))),
         n,
     )?;
     for e in events_of(daemon, s.client_comm)? {
-        if e["container"] != ID[..12]
+        if e["container_id"] != ID[..12]
             || !e["cgroup"].as_str().is_some_and(|c| c.ends_with(&format!("/docker-{ID}.scope")))
         {
             return Err(format!("event without its container and cgroup: {e}").into());
@@ -252,7 +252,7 @@ pub fn close_wait_leak() -> Result<(), Failed> {
     let mut ns = s.prepare()?;
     ns.start_leak(N)?;
     let n = N as f64;
-    let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "CLOSE-WAIT")];
+    let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "close_wait")];
     let m = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) >= n)?;
     let got = gauge(&m, "observer_tcp_connections", &leaking);
     if got != n {
@@ -282,7 +282,7 @@ pub fn connections_open_before_start() -> Result<(), Failed> {
     let daemon = start_daemon(&["--netns", &ns.path])?;
     let n = N as u64;
     let first = daemon.metrics()?;
-    let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "CLOSE-WAIT")];
+    let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "close_wait")];
     let got = gauge(&first, "observer_tcp_connections", &leaking);
     if got != n as f64 {
         return Err(format!("CLOSE-WAIT sockets of the server at the first scrape: got {got}, want {n}").into());
