@@ -55,6 +55,8 @@ pub struct Daemon {
     pub ready_logged: Option<Duration>,
     http_timeout: Duration,
     log: Arc<Mutex<Vec<String>>>,
+    /// Its standard output, line by line (`--log-events` writes there).
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Daemon {
@@ -65,7 +67,7 @@ impl Daemon {
         let mut command = Command::new(observer);
         command.args(["run", "--listen", &listen]).args(extra).env("RUST_LOG", "info");
         let display = process::display(&command);
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let spawned = Instant::now();
         let mut child = command.spawn().map_err(|e| anyhow!("starting `{display}`: {e}"))?;
         let pid = child.id();
@@ -73,6 +75,16 @@ impl Daemon {
         let ready_at = Arc::new(Mutex::new(None));
         let (serving_tx, serving) = mpsc::channel();
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("the daemon's stderr is not piped"))?;
+        let stdout_pipe = child.stdout.take().ok_or_else(|| anyhow!("the daemon's stdout is not piped"))?;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        {
+            let stdout = stdout.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stdout_pipe).lines().map_while(Result::ok) {
+                    stdout.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+        }
         {
             let (log, ready_at) = (log.clone(), ready_at.clone());
             thread::spawn(move || {
@@ -96,6 +108,7 @@ impl Daemon {
             ready_logged: None,
             http_timeout: options.http_timeout,
             log,
+            stdout,
         };
         let deadline = spawned + options.ready_within;
         if options.listen.is_none() {
@@ -132,6 +145,11 @@ impl Daemon {
         // Let the reader thread take the last lines.
         thread::sleep(Duration::from_millis(100));
         anyhow!("`{}` {what} ({status}); its output:\n{}", self.command, self.log().join("\n"))
+    }
+
+    /// What it wrote on standard output so far, line by line.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// `http://ADDR`, for `observer status --endpoint`.

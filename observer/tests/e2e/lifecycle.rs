@@ -1,7 +1,7 @@
 //! The daemon as an operator meets it: its status API and command, its flags and their errors,
 //! and how it leaves the kernel when it stops (no program, no link).
 
-use std::{path::Path, process::Command};
+use std::{path::Path, process::Command, time::Duration};
 
 use libtest_mimic::Failed;
 use observer_testkit::{Metrics, kernel_version, process::Signal};
@@ -304,4 +304,44 @@ pub fn probe_stats_count_each_programs_runs_and_time() -> Result<(), Failed> {
         )
         .into()),
     }
+}
+
+/// `--log-events`: every event-log record of the scenario is one JSON line on stdout, the same
+/// record `/api/v1/events` serves, and nothing else is on stdout.
+pub fn log_events_writes_each_record_as_one_json_line() -> Result<(), Failed> {
+    let s = scenario(Mode::Linger0, 42, "t42-log-srv", "t42-log-cli");
+    let mut ns = s.prepare()?;
+    let daemon = start_daemon(&["--log-events", "--netns", &ns.path])?;
+    ns.round()?;
+    ns.release()?;
+    daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
+    let (code, body) = daemon.get("/api/v1/events?since=0&limit=4096")?;
+    check("/api/v1/events status", code as u64, 200)?;
+    let page: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("events JSON: {e}: {body}"))?;
+    let served = page["events"].as_array().cloned().unwrap_or_default();
+    // Linger0: the server sends a reset and closes (local_reset), the client receives it and
+    // closes (peer_reset): four records per connection.
+    check("records served for the scenario", served.len() as u64, 4 * N as u64)?;
+    // The writer looks every 100 ms; a record waits at most 1 s for its pod's name.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines = daemon.stdout();
+        if lines.len() >= served.len() || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let written: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("stdout line is not JSON ({e}): {l}")))
+        .collect::<Result<_, _>>()?;
+    if written != served {
+        return Err(format!(
+            "stdout has {} records, /api/v1/events {}; they differ:\nstdout: {written:?}\nserved: {served:?}",
+            written.len(),
+            served.len()
+        )
+        .into());
+    }
+    Ok(())
 }

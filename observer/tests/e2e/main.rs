@@ -58,6 +58,10 @@ fn main() {
         Trial::test("timeout_when_the_link_goes_down_under_tcp_user_timeout_is_the_clients", intelligence::timeout),
         Trial::test("connect_timeout_when_syn_retries_run_out", intelligence::connect_timeout),
         Trial::test("a_process_in_a_container_cgroup_gets_its_container_label", intelligence::container_label),
+        Trial::test(
+            "log_events_writes_each_record_as_one_json_line",
+            lifecycle::log_events_writes_each_record_as_one_json_line,
+        ),
         Trial::test("a_received_reset_names_the_sending_process_and_its_reason", intelligence::cause_pairing),
         Trial::test("close_wait_leak_shows_in_connection_gauges_and_oldest_age", intelligence::close_wait_leak),
         Trial::test(
