@@ -23,6 +23,7 @@ use observer_testkit::{
         },
         docker::{Dockerd, RunSpec},
         host::{self, Footprint},
+        image::OciImage,
         scratch_dir,
     },
 };
@@ -39,6 +40,7 @@ fn main() {
             "cri_security_settings_take_effect_caps_privileged_readonly_rootfs_host_pid_mounts_user",
             cri_security_settings,
         ),
+        trial("an_image_of_a_dynamically_linked_host_binary_and_its_libraries_runs_under_cri", host_binary_image),
     ];
     libtest_mimic::run(&args, trials).exit();
 }
@@ -376,4 +378,37 @@ fn cri_security_settings() -> Result<()> {
     let cgroups: Vec<&str> = cgroups.iter().map(String::as_str).collect();
     check_nothing_left(&footprint, &[locked_pid, privileged_pid], &cgroups)?;
     Ok(())
+}
+
+/// The generic image builder: a dynamically linked host binary (`/bin/ls`) with the libraries
+/// `ldd` names, imported and run as its entrypoint (how observer's own image is made).
+fn host_binary_image() -> Result<()> {
+    require_root()?;
+    let containerd = Containerd::start(&scratch_dir("cri-image"))?;
+    let name = "localhost/observer-testkit/ls:test";
+    let archive = containerd.dir.join("ls.tar");
+    let written = OciImage::builder(name)
+        .host_file("/bin/ls", "/bin/ls", 0o755)
+        .with_shared_libraries("/bin/ls")?
+        .entrypoint(["/bin/ls"])
+        .cmd(["-1", "/"])
+        .write(&archive)?;
+    containerd.import(&archive)?;
+    let listed = containerd.ctr(&["image", "ls"])?;
+    ensure!(
+        listed.lines().any(|l| l.starts_with(name) && l.contains(&written.manifest_digest)),
+        "`ctr image ls` lacks {name} at {}: {listed}",
+        written.manifest_digest
+    );
+    let cri = containerd.cri()?;
+    let pod = cri.run_pod(&PodSpec::new("lister", "default", "2f7a8b9c-0d1e-4f2a-9b3c-6d7e8f9a0b1c"))?;
+    let id = cri.create_container(&pod, &ContainerSpec::new("ls", name))?;
+    ensure!(cri.wait_exit(&id, Duration::from_secs(10))? == 0, "ls exited non-zero: {}", cri.logs(&pod, "ls")?);
+    let log = cri.logs(&pod, "ls")?;
+    for entry in ["bin", "etc", "proc", "tmp"] {
+        ensure!(log.lines().any(|l| l == entry), "`ls -1 /` in the image did not list {entry}: {log:?}");
+    }
+    let status = cri.container_status(&id)?;
+    ensure!(status.image == name, "the container runs image {:?}, want {name}", status.image);
+    containerd.shutdown()
 }
