@@ -11,13 +11,16 @@
 //! | [`metrics`] | the Prometheus text format the daemon serves, parsed and summed by labels |
 //! | [`net`] | network namespaces (unshare, `lo` up, interface flags, veth pairs) and socket knobs (SO_LINGER 0, TCP_USER_TIMEOUT, TCP_SYNCNT, bind before connect, poll) |
 //! | [`process`] | naming a process (PR_SET_NAME), signals, and running commands with failures that name them |
+//! | [`runtime`] | real container runtimes: containerd driven through CRI as the kubelet does, dockerd, registry-less OCI images |
 //!
 //! System calls go through `socket2` and `rustix` where those crates have them; the few they
 //! lack (TCP_SYNCNT, IP_BIND_ADDRESS_NO_PORT, the interface-flags ioctls, `unshare`, which
 //! rustix marks unsafe) are small `unsafe` blocks in [`net`], each with its reason.
 //!
 //! Nothing here needs a file at run time beyond what the tests already use (`ip`, `bpftool`): the
-//! e2e test binary keeps working inside the initramfs of `cargo xtask test --kernel`.
+//! e2e test binary keeps working inside the initramfs of `cargo xtask test --kernel`. The one
+//! exception is [`runtime`], which runs the host's containerd, runc and dockerd: only the
+//! host-only `runtime` test target uses it.
 //!
 //! ```no_run
 //! use std::{path::Path, time::Duration};
@@ -34,6 +37,7 @@ pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod process;
+pub mod runtime;
 
 pub use daemon::Daemon;
 pub use metrics::Metrics;
