@@ -28,7 +28,13 @@ use observer_testkit::{
     },
 };
 
+mod pods;
+mod worker;
+
 fn main() {
+    if let Ok(role) = std::env::var(worker::WORKER_ENV) {
+        worker::worker_main(&role);
+    }
     let args = Arguments::from_args();
     let trials = vec![
         trial(
@@ -41,6 +47,14 @@ fn main() {
             cri_security_settings,
         ),
         trial("an_image_of_a_dynamically_linked_host_binary_and_its_libraries_runs_under_cri", host_binary_image),
+        trial(
+            "cri_pods_are_counted_exactly_by_namespace_pod_and_container_and_deleted_pods_expire",
+            pods::cri_pods_are_counted_by_namespace_pod_and_container,
+        ),
+        trial(
+            "docker_containers_are_counted_exactly_by_container_id",
+            pods::docker_containers_are_counted_by_container_id,
+        ),
     ];
     libtest_mimic::run(&args, trials).exit();
 }
