@@ -2,6 +2,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod image;
 mod lint;
 mod run;
 mod setup;
@@ -40,6 +41,10 @@ enum Task {
     /// Set up, build the daemon (release), then run the benchmarks (as root) and write
     /// BENCHMARKS.md; `--quick` for a short trial run.
     Bench(bench::Args),
+    /// Set up, build the daemon (release), then write its container image as an OCI image
+    /// archive (also a `docker save` archive) without a registry or a container engine:
+    /// the binary and exactly what it links, reproducibly.
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
         Task::Test(args) => test::test(args),
         Task::Lint => lint::lint().map(|()| ExitCode::SUCCESS),
         Task::Bench(args) => bench::bench(args),
+        Task::Image(args) => image::image(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Cargo's target directory: `cargo metadata`'s `target_directory` (which honours
 /// CARGO_TARGET_DIR and `build.target-dir`), else CARGO_TARGET_DIR, else `<workspace>/target`.
-fn target_dir(ready: &setup::Ready) -> Result<PathBuf> {
+pub fn target_dir(ready: &setup::Ready) -> Result<PathBuf> {
     let mut metadata = cmd::cargo_command(&ready.root, &ready.path);
     metadata.args(["metadata", "--format-version", "1", "--no-deps"]);
     match cmd::stdout(&mut metadata).and_then(|json| {
