@@ -1,5 +1,5 @@
 //! `cargo xtask test [--kernel DEB] [-- ARGS...]`: the workspace's tests, as root.
-use std::{os::unix::fs::PermissionsExt as _, path::Path, process::ExitCode, time::Duration};
+use std::{env, os::unix::fs::PermissionsExt as _, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 
@@ -44,6 +44,15 @@ pub fn test(args: Args) -> Result<ExitCode> {
         "cargo xtask test",
         "the test suite runs real containers, Prometheus, nginx and Go peers",
     )?;
+    // The deploy test renders the Kubernetes manifests with kubectl. Where the machine has none,
+    // Debian's kubernetes-client (kubectl 1.20, kustomize v2, which the kustomizations support).
+    if !env::split_paths(&ready.path).any(|dir| dir.join("kubectl").is_file()) {
+        setup::install_missing(
+            &["kubernetes-client"],
+            "cargo xtask test",
+            "the deploy test renders the Kubernetes manifests with kubectl kustomize",
+        )?;
+    }
     let mut cargo = cmd::cargo_command(&ready.root, &ready.path);
     // observer-ebpf only builds for the BPF target; observer's build.rs builds it.
     cargo.args(["test", "--workspace", "--exclude", "observer-ebpf"]);
