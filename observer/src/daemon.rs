@@ -286,6 +286,7 @@ fn spawn_pod_names(options: &PodOptions, state: Arc<DaemonState>) -> anyhow::Res
         }
     };
     state.pods.set_socket(socket.as_deref());
+    state.metrics.set_runtime(&state.pods.report());
     let mut client = socket.as_deref().map(|s| CriClient::new(s, options.timeout)).transpose()?;
     let interval = pod_refresh_interval(options.expire_after);
     Ok(tokio::spawn(async move {
@@ -296,14 +297,14 @@ fn spawn_pod_names(options: &PodOptions, state: Arc<DaemonState>) -> anyhow::Res
             if let Some(v) = &refreshed.connected {
                 let socket = client.as_ref().map(|c| c.socket().display().to_string()).unwrap_or_default();
                 log::info!("container runtime {} {} on {socket}: naming pods", v.name, v.version);
-                state.metrics.set_runtime(Some((&v.name, &v.version, &socket)));
+                state.metrics.set_runtime(&state.pods.report());
                 failing = false;
             }
             if let Some(e) = &refreshed.error {
                 state.metrics.record_runtime_error(e.operation);
                 if !failing {
                     log::warn!("{e}; series carry container ids only until the runtime answers (retrying)");
-                    state.metrics.set_runtime(None);
+                    state.metrics.set_runtime(&state.pods.report());
                     failing = true;
                 }
             }

@@ -11,6 +11,7 @@ use observer_common::Role;
 use crate::{
     ALL_PROBES, REVISION, VERSION,
     aggregate::{Aggregator, Limits},
+    api::RuntimeReport,
     attribution::Attributed,
     classify::Outcome,
     connections::{ByState, OldestCloseWait},
@@ -120,8 +121,8 @@ impl Metrics {
                 &registry,
                 gauge_vec(
                     "observer_container_runtime_info",
-                    "The container runtime that names pods through its CRI socket (1 while it answers).",
-                    &["runtime", "version", "socket"],
+                    "The container runtime observer names pods through (its CRI socket): state is connected, unreachable or none.",
+                    &["state", "runtime", "version", "socket"],
                 ),
             ),
             runtime_errors: register(
@@ -145,6 +146,7 @@ impl Metrics {
             gauge_vec("observer_build_info", "observer's version and source revision.", &["version", "revision"]),
         );
         build.with_label_values(&[VERSION, REVISION]).set(1);
+        metrics.set_runtime(&RuntimeReport { state: "none".into(), ..RuntimeReport::default() });
         // Zero from the start, so that rate() and alerts see the first error.
         for operation in ["version", "list_containers"] {
             metrics.runtime_errors.with_label_values(&[operation]);
@@ -213,13 +215,14 @@ impl Metrics {
         }
     }
 
-    /// `observer_container_runtime_info`: which runtime names the pods (one series while it
-    /// answers; none while it does not).
-    pub fn set_runtime(&self, runtime: Option<(&str, &str, &str)>) {
+    /// `observer_container_runtime_info`: one series, with the runtime's state (`connected`,
+    /// `unreachable`, `none`), name, version and socket.
+    pub fn set_runtime(&self, report: &RuntimeReport) {
+        let _guard = self.gauges_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.runtime_info.reset();
-        if let Some((name, version, socket)) = runtime {
-            self.runtime_info.with_label_values(&[name, version, socket]).set(1);
-        }
+        self.runtime_info
+            .with_label_values(&[report.state.as_str(), &report.runtime, &report.version, &report.socket])
+            .set(1);
     }
 
     /// A call to the container runtime failed (`operation`: `version`, `list_containers`).
