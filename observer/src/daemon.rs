@@ -111,11 +111,22 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     );
     let mut degraded = degraded;
     if let Some(first) = seeded.failures.first() {
+        // Entering another network namespace (setns) needs CAP_SYS_ADMIN; a missing sock_diag
+        // module fails otherwise.
+        let hint = if first.contains("Operation not permitted") {
+            "setns() into them needs CAP_SYS_ADMIN, and finding their owners in /proc CAP_SYS_PTRACE (deploy/README.md, \"Capabilities\")"
+        } else {
+            "sock_diag; is the tcp_diag module available?"
+        };
         let why = format!(
-            "connections open before start-up could not be listed in {} network namespaces (sock_diag; is the tcp_diag module \
-             available?): they belong to no process (comm=\"\") and reach observer_tcp_connections only at their next state change. First: {first}",
+            "connections open before start-up could not be listed in {} network namespaces ({hint}): they belong to no process \
+             (comm=\"\") and reach observer_tcp_connections only at their next state change. First: {first}",
             seeded.failures.len()
         );
+        log::warn!("{why}");
+        degraded.push(why);
+    }
+    if let Err(why) = resolver.lock().unwrap_or_else(|e| e.into_inner()).check_handles() {
         log::warn!("{why}");
         degraded.push(why);
     }

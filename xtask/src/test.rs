@@ -3,7 +3,7 @@ use std::{env, os::unix::fs::PermissionsExt as _, path::Path, process::ExitCode,
 
 use anyhow::{Context as _, Result};
 
-use crate::{cmd, setup, vm};
+use crate::{cmd, image, run, setup, vm};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,6 +21,9 @@ pub struct Args {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
     pub args: Vec<String>,
 }
+
+/// Tells the runtime tests where `cargo xtask image` wrote the image archive.
+const IMAGE_ARCHIVE_ENV: &str = "OBSERVER_IMAGE_ARCHIVE";
 
 pub fn test(args: Args) -> Result<ExitCode> {
     // Privileged tests must never silently pass (or skip) as an ordinary user.
@@ -53,7 +56,12 @@ pub fn test(args: Args) -> Result<ExitCode> {
             "the deploy test renders the Kubernetes manifests with kubectl kustomize",
         )?;
     }
+    // The image the DaemonSet runs, for the runtime tests that run it as the DaemonSet does.
+    image::image(image::Args { output: None, tag: None, source: None, print_name: false, print_path: false })
+        .context("building observer's image (cargo xtask image) for the runtime tests")?;
+    let archive = image::default_output(&run::target_dir(&ready)?, env!("CARGO_PKG_VERSION"));
     let mut cargo = cmd::cargo_command(&ready.root, &ready.path);
+    cargo.env(IMAGE_ARCHIVE_ENV, &archive);
     // observer-ebpf only builds for the BPF target; observer's build.rs builds it.
     cargo.args(["test", "--workspace", "--exclude", "observer-ebpf"]);
     cargo.args(&args.args);

@@ -202,6 +202,11 @@ pub struct ContainerSpec {
     /// `None`: the runtime's default set.
     pub capabilities: Option<Capabilities>,
     pub readonly_rootfs: bool,
+    /// `seccompProfile: RuntimeDefault`: the runtime's default seccomp profile (unconfined
+    /// otherwise, as the kubelet leaves it without the setting).
+    pub seccomp_runtime_default: bool,
+    /// `allowPrivilegeEscalation: false` (the kubelet's `no_new_privs`).
+    pub no_new_privs: bool,
     /// The host's PID namespace (also implied by [`PodSpec::host_pid`]).
     pub host_pid: bool,
     pub run_as_user: Option<i64>,
@@ -602,6 +607,9 @@ fn container_config(pod: &Pod, spec: &ContainerSpec) -> ContainerConfig {
         labels,
         annotations,
         log_path: container_log_path(&spec.name),
+        // `seccomp_profile_path` is deprecated, and still what runtimes before the `seccomp`
+        // field read.
+        #[allow(deprecated)]
         linux: Some(LinuxContainerConfig {
             resources: None,
             security_context: Some(LinuxContainerSecurityContext {
@@ -614,6 +622,18 @@ fn container_config(pod: &Pod, spec: &ContainerSpec) -> ContainerConfig {
                 namespace_options: Some(namespaces(spec.host_pid || pod.spec.host_pid)),
                 run_as_user: spec.run_as_user.map(|value| Int64Value { value }),
                 readonly_rootfs: spec.readonly_rootfs,
+                no_new_privs: spec.no_new_privs,
+                // Both fields, as the kubelet sends them: runtimes before CRI's `seccomp` field
+                // read the deprecated path.
+                seccomp: spec.seccomp_runtime_default.then(|| k8s_cri::v1::SecurityProfile {
+                    profile_type: k8s_cri::v1::security_profile::ProfileType::RuntimeDefault as i32,
+                    localhost_ref: String::new(),
+                }),
+                seccomp_profile_path: if spec.seccomp_runtime_default {
+                    "runtime/default".into()
+                } else {
+                    String::new()
+                },
                 masked_paths: masked,
                 readonly_paths: readonly,
                 ..Default::default()

@@ -148,6 +148,24 @@ impl CgroupResolver {
         self.root.as_deref()
     }
 
+    /// Whether cgroup ids open as file handles here; if not, why (then every new cgroup is found
+    /// by a rate-limited walk of the tree, and a container that lives less than a walk interval
+    /// can lose its id). Tried on the cgroup2 root, whose id is its inode number.
+    pub fn check_handles(&self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(root) = self.root.as_deref() else { return Ok(()) };
+        let id = fs::metadata(root).map_err(|e| format!("reading {}: {e}", root.display()))?.ino();
+        if path_by_handle(root, id).is_some() {
+            return Ok(());
+        }
+        let why = std::io::Error::last_os_error();
+        Err(format!(
+            "cgroup ids are resolved by walking {} (rate-limited), not by open_by_handle_at ({why}; it needs CAP_DAC_READ_SEARCH): \
+             a container whose cgroup lives less than a walk may be counted without its container id",
+            root.display()
+        ))
+    }
+
     /// The cgroup (and container) with this id. `None` for 0 (what the kernel reports when it
     /// has no cgroup to give), without a cgroup2 mount, for ids no walk has found, and for
     /// unknown ids while walks are rate-limited.

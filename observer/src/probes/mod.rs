@@ -41,10 +41,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub enum LoadError {
     #[error(
         "observer needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) to load its kernel programs, \
-         and this process has neither: run it as root (`sudo observer run`) or, in Kubernetes, as \
-         the privileged DaemonSet in deploy/"
+         and this process lacks {missing}: run it as root (`sudo observer run`) or, in Kubernetes, \
+         with deploy/kubernetes/overlays/least-privilege (or privileged)"
     )]
-    Permission,
+    Permission { missing: String },
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
     #[error("loading the kernel programs: {0}")]
@@ -163,7 +163,10 @@ impl KernelCounters {
 
 /// Fails early, with what to do, when this process cannot load BPF programs at all.
 pub fn check_permissions() -> Result<(), LoadError> {
-    if has_bpf_capabilities() { Ok(()) } else { Err(LoadError::Permission) }
+    match missing_bpf_capabilities() {
+        None => Ok(()),
+        Some(missing) => Err(LoadError::Permission { missing }),
+    }
 }
 
 /// What the running kernel offers, read before anything is loaded.
@@ -319,7 +322,16 @@ pub fn load_object(config: &ProbeConfig, ring_buffer_bytes: u32, max_sockets: u3
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .map_max_entries("SOCKETS", max_sockets)
         .load(EBPF_OBJECT)
-        .map_err(|e| if is_permission_error(&e) { LoadError::Permission } else { LoadError::Load(e) })
+        .map_err(|e| {
+            if is_permission_error(&e) {
+                LoadError::Permission {
+                    missing: missing_bpf_capabilities()
+                        .unwrap_or_else(|| "a permission the kernel wants (a BPF LSM, a seccomp profile?)".into()),
+                }
+            } else {
+                LoadError::Load(e)
+            }
+        })
 }
 
 /// Loads and attaches, per hook, the back end the running kernel offers (or `--probes` forces).
@@ -478,17 +490,28 @@ fn attach_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), ProgramError> {
 
 /// CAP_SYS_ADMIN, or CAP_BPF together with CAP_PERFMON, in the effective set.
 pub fn has_bpf_capabilities() -> bool {
+    missing_bpf_capabilities().is_none()
+}
+
+/// Which of CAP_BPF and CAP_PERFMON the process lacks (`None`: it has both, or CAP_SYS_ADMIN,
+/// or its capabilities cannot be read, in which case the kernel decides).
+pub fn missing_bpf_capabilities() -> Option<String> {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
-    let Ok(status) = fs::read_to_string("/proc/self/status") else { return true };
-    let Some(eff) =
-        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-    else {
-        return true;
-    };
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let eff =
+        status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
     let has = |cap: u32| eff & (1u64 << cap) != 0;
-    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+    if has(CAP_SYS_ADMIN) {
+        return None;
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(c, _)| !has(*c))
+        .map(|(_, n)| n)
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(" and "))
 }
 
 fn is_permission_error(e: &aya::EbpfError) -> bool {

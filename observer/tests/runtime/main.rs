@@ -28,8 +28,13 @@ use observer_testkit::{
     },
 };
 
+mod daemonset;
 mod pods;
 mod worker;
+// The deploy suite's YAML reader (the rendered overlays); it uses all of it, this suite part.
+#[path = "../deploy/yaml.rs"]
+#[allow(dead_code)]
+mod yaml;
 
 fn main() {
     if let Ok(role) = std::env::var(worker::WORKER_ENV) {
@@ -54,6 +59,14 @@ fn main() {
         trial(
             "docker_containers_are_counted_exactly_by_container_id",
             pods::docker_containers_are_counted_by_container_id,
+        ),
+        trial(
+            "the_image_run_as_the_privileged_daemonset_counts_exactly",
+            daemonset::privileged_daemonset_counts_exactly,
+        ),
+        trial(
+            "the_image_run_as_the_least_privilege_daemonset_counts_exactly_and_needs_each_capability",
+            daemonset::least_privilege_daemonset_counts_exactly_and_needs_each_capability,
         ),
     ];
     libtest_mimic::run(&args, trials).exit();
