@@ -90,6 +90,23 @@ pub struct RuntimeReport {
     pub pods_named: u64,
 }
 
+/// A socket owner's container and pod, as the series' labels name them; every field is empty
+/// on the host, and the pod's when the container runtime did not name it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PodLabels {
+    /// The runtime's short container id (12 hex digits), from the owner's cgroup.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    /// From the container runtime (the kubelet's labels).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
+    /// The container's name in its pod.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub container: String,
+}
+
 /// Who caused a reset or premature close: the other end of the connection, on this node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Cause {
@@ -97,15 +114,9 @@ pub struct Cause {
     /// socket (nothing listens: `reason` `no_socket`).
     pub comm: String,
     pub pid: u32,
-    /// The sender's container and pod, as on [`EventRecord`].
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub container_id: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub pod: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub container: String,
+    /// The sender's container and pod.
+    #[serde(flatten)]
+    pub owner: PodLabels,
     /// The kernel's reason on the sending side.
     pub reason: String,
     /// `reset by backend[4711]: tcp_abort_on_close`.
@@ -130,18 +141,9 @@ pub struct EventRecord {
     pub comm: String,
     pub pid: u32,
     pub role: String,
-    /// The owner's container: the runtime's short id (12 hex digits) from its cgroup; empty on
-    /// the host.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub container_id: String,
-    /// The container's pod and its name in the pod, from the container runtime (the kubelet's
-    /// labels); empty when the runtime did not name it.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub pod: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub container: String,
+    /// The owner's container and pod.
+    #[serde(flatten)]
+    pub owner: PodLabels,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cgroup: String,
     pub local: String,

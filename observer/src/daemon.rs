@@ -365,9 +365,12 @@ async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
         return;
     }
     let pending = || {
-        state
-            .pods
-            .pending(page.events.iter().filter(|r| !r.container_id.is_empty()).map(|r| container_key(&r.container_id)))
+        state.pods.pending(
+            page.events
+                .iter()
+                .filter(|r| !r.owner.container_id.is_empty())
+                .map(|r| container_key(&r.owner.container_id)),
+        )
     };
     if !last && pending() {
         let _ = tokio::time::timeout(NAME_WAIT, state.pods.refreshed.notified()).await;

@@ -20,7 +20,7 @@ use observer_common::{Endpoints, SocketEvent};
 
 use crate::{
     HashMap,
-    api::{Cause, EventRecord, EventsPage, Facts},
+    api::{Cause, EventRecord, EventsPage, Facts, PodLabels},
     classify::{Outcome, PrematureClose},
     container::Container,
     decode::Event,
@@ -58,16 +58,6 @@ struct Sender {
     no_socket: bool,
     reason: u32,
     container: Option<Arc<Container>>,
-}
-
-/// Container identity as a record shows it: the runtime's short id and, once the runtime named
-/// it, the pod (looked up again when read if it was not known yet when logged).
-#[derive(Debug, Clone, Default)]
-struct Owned {
-    container_id: String,
-    namespace: String,
-    pod: String,
-    container: String,
 }
 
 /// One logged event, kept raw: the event path only copies it; `/api/v1/events` renders it.
@@ -293,7 +283,6 @@ impl EventLog {
         };
         let e = &raw.endpoints;
         let facts = (event == "closed").then(|| facts(raw, kind.as_deref()));
-        let owner = self.owned(entry.container.as_ref());
         EventRecord {
             seq: entry.seq,
             timestamp_ns: raw.timestamp_ns,
@@ -303,10 +292,7 @@ impl EventLog {
             comm: comm_text(&raw.owner.comm),
             pid: raw.owner.tgid,
             role: role_text(raw.role).to_string(),
-            container_id: owner.container_id,
-            namespace: owner.namespace,
-            pod: owner.pod,
-            container: owner.container,
+            owner: self.owned(entry.container.as_ref()),
             cgroup: entry.container.as_ref().map(|c| c.cgroup_path.clone()).unwrap_or_default(),
             local: endpoint_text(&e.local_addr, e.local_port),
             remote: endpoint_text(&e.remote_addr, e.remote_port),
@@ -328,23 +314,16 @@ impl EventLog {
         } else {
             format!("reset by {comm}[{}]{pod}: {reason}", s.pid)
         };
-        Cause {
-            comm,
-            pid: s.pid,
-            container_id: owner.container_id,
-            namespace: owner.namespace,
-            pod: owner.pod,
-            container: owner.container,
-            reason,
-            summary,
-        }
+        Cause { comm, pid: s.pid, owner, reason, summary }
     }
 
-    fn owned(&self, container: Option<&Arc<Container>>) -> Owned {
-        let Some(c) = container.filter(|c| c.id.is_some()) else { return Owned::default() };
+    /// A record's container identity: the runtime's short id and, once the runtime named it,
+    /// the pod (looked up when the record is read, so a name that came late is there).
+    fn owned(&self, container: Option<&Arc<Container>>) -> PodLabels {
+        let Some(c) = container.filter(|c| c.id.is_some()) else { return PodLabels::default() };
         let pod = self.pods.identity(&Pods::key_of(c));
         let PodIdentity { namespace, pod, container, .. } = pod.as_deref().cloned().unwrap_or_default();
-        Owned { container_id: c.short_id().to_string(), namespace, pod, container }
+        PodLabels { container_id: c.short_id().to_string(), namespace, pod, container }
     }
 }
 

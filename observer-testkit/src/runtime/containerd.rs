@@ -190,16 +190,7 @@ impl Containerd {
             problems.push(format!("removing the pods through CRI: {e:#}"));
         }
         host::stop_child(&mut child, Duration::from_secs(10));
-        host::kill_all(&procs);
-        host::wait_gone(&procs, Duration::from_secs(10));
-        if let Err(e) = host::remove_dir(&self.dir) {
-            problems.push(format!("{e:#}"));
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!("stopping containerd in {}: {}", self.dir.display(), problems.join("; "))
-        }
+        host::finish_teardown("containerd", &procs, &self.dir, problems)
     }
 }
 

@@ -287,16 +287,7 @@ impl Dockerd {
         {
             problems.push(format!("{e:#}"));
         }
-        host::kill_all(&procs);
-        host::wait_gone(&procs, Duration::from_secs(10));
-        if let Err(e) = host::remove_dir(&self.dir) {
-            problems.push(format!("{e:#}"));
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            bail!("stopping dockerd in {}: {}", self.dir.display(), problems.join("; "))
-        }
+        host::finish_teardown("dockerd", &procs, &self.dir, problems)
     }
 }
 

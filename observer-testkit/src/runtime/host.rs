@@ -76,6 +76,18 @@ pub fn processes_of(needle: &str, also: &[u32]) -> Vec<Proc> {
     all.into_iter().filter(|p| seen.contains(&p.pid)).collect()
 }
 
+/// The end of an instance's teardown, common to containerd and dockerd: kills what is left of
+/// `procs`, waits for them to be gone, removes `dir`, and reports every problem met, those of the
+/// earlier steps (`problems`) included.
+pub fn finish_teardown(what: &str, procs: &[Proc], dir: &Path, mut problems: Vec<String>) -> Result<()> {
+    kill_all(procs);
+    wait_gone(procs, Duration::from_secs(10));
+    if let Err(e) = remove_dir(dir) {
+        problems.push(format!("{e:#}"));
+    }
+    if problems.is_empty() { Ok(()) } else { bail!("stopping {what} in {}: {}", dir.display(), problems.join("; ")) }
+}
+
 /// SIGKILLs `procs` (those still alive), children first.
 pub fn kill_all(procs: &[Proc]) {
     for p in procs.iter().rev() {

@@ -66,11 +66,12 @@ pub fn render(r: &EventRecord) -> String {
         r.local,
         r.remote
     );
-    if !r.pod.is_empty() {
-        line.push_str(&format!(" pod={}/{} container={}", r.namespace, r.pod, r.container));
+    let o = &r.owner;
+    if !o.pod.is_empty() {
+        line.push_str(&format!(" pod={}/{} container={}", o.namespace, o.pod, o.container));
     }
-    if !r.container_id.is_empty() {
-        line.push_str(&format!(" container_id={}", r.container_id));
+    if !o.container_id.is_empty() {
+        line.push_str(&format!(" container_id={}", o.container_id));
     }
     if let Some(f) = &r.facts {
         let duration = if f.duration_seconds < 1.0 {
