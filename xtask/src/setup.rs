@@ -30,8 +30,8 @@ const BUILD_PACKAGES: &[&str] = &["protobuf-compiler"];
 const TEST_PACKAGES: &[&str] = &["bpftool", "iproute2"];
 /// Only `cargo xtask test` installs these (`cargo xtask run` does not need them): real container
 /// runtimes (containerd with its CRI plugin, runc, Docker), the busybox the test images are made
-/// of, Prometheus (`promtool` and a real server), nginx and Go (real peers), and a Python venv
-/// (schema validation of the Kubernetes manifests).
+/// of, Prometheus (`promtool` and a real server), and a Python venv (schema validation of the
+/// Kubernetes manifests).
 pub const SUITE_PACKAGES: &[&str] =
     &["containerd", "runc", "docker.io", "busybox-static", "prometheus", "nginx-light", "golang-go", "python3-venv"];
 
