@@ -1,0 +1,242 @@
+//! Prometheus for real: the daemon's `/metrics` through Prometheus's own tools.
+//!
+//! - `lint`: a real daemon's output, after real traffic that gives every family series (resets,
+//!   premature closes of several kinds, CLOSE-WAIT, retransmits, durations, program runs), is fed
+//!   to `promtool check metrics`, which must print nothing and exit 0.
+//! - `scrape`: a real Prometheus server scrapes a real daemon every second while traffic runs in
+//!   rounds, and PromQL answers through its HTTP API (`/api/v1/query`) are checked against the
+//!   traffic made, exactly.
+//!
+//! Each trial makes its own network namespace (`ip netns add`) and its own daemon restricted to
+//! it (`--netns`), so only its own traffic counts; the traffic comes from this test binary
+//! re-executed as workers (`worker.rs`) that join the namespace by its path and name themselves.
+//! Everything a trial starts (Prometheus, the daemon, workers, the namespace) is stopped or
+//! removed when it ends, also when it fails: each is a guard that does so when dropped.
+//!
+//! Host only: it needs root (BPF, network namespaces) and Debian's `prometheus` package
+//! (`/usr/bin/prometheus`, `/usr/bin/promtool`; `cargo xtask test` installs it). It is never
+//! packed into the QEMU kernel matrix, which runs only the `e2e` binary. Without them the trials
+//! fail, saying what to install; they never skip.
+
+mod lint;
+mod prom;
+mod scrape;
+mod worker;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use libtest_mimic::{Arguments, Failed, Trial};
+use observer_testkit::{
+    Daemon, Metrics,
+    daemon::Options as DaemonOptions,
+    net::ip,
+    process::{self, Signal},
+};
+
+pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+
+/// How long anything that must happen may take before it counts as a hang (never a latency
+/// assertion).
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+fn main() {
+    if let Ok(role) = std::env::var(worker::WORKER_ENV) {
+        worker::worker_main(&role);
+    }
+    let args = Arguments::from_args();
+    let trials = vec![
+        trial("promtool_check_metrics_finds_nothing_in_a_real_daemons_output", lint::promtool_finds_nothing),
+        trial(
+            "a_real_prometheus_scraping_every_second_answers_promql_exactly_as_the_traffic_made",
+            scrape::promql_answers_match_the_traffic,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
+
+fn trial(name: &'static str, f: fn() -> Result<()>) -> Trial {
+    Trial::test(name, move || f().map_err(|e| Failed::from(format!("{e:#}"))))
+}
+
+pub fn require_root() -> Result<()> {
+    ensure!(process::is_root(), "these tests load BPF programs and make network namespaces: run them as root");
+    Ok(())
+}
+
+/// `name` on PATH, or a failure saying how to install it.
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).with_context(|| {
+        format!(
+            "`{name}` is not installed (not on PATH): `apt-get install prometheus` (Debian's package ships \
+             prometheus and promtool; cargo xtask test installs it)"
+        )
+    })
+}
+
+/// A network namespace of the test's own (`ip netns add`), deleted when dropped.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = format!("obs-prom-{tag}-{}", std::process::id());
+        ip(&["netns", "add", &name]).with_context(|| format!("ip netns add {name}"))?;
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).context("bringing lo up")?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `Tcp: OutRsts` of the namespace: the RST segments its kernel sent.
+    pub fn out_rsts(&self) -> Result<u64> {
+        let snmp = process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"]))?;
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+            bail!("no Tcp lines in /proc/net/snmp: {snmp}")
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "OutRsts")
+            .and_then(|(_, v)| v.parse().ok())
+            .with_context(|| format!("no OutRsts in {names}"))
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A worker process (`worker.rs`), killed and reaped when dropped.
+pub struct Worker {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    what: String,
+}
+
+impl Worker {
+    /// Starts the worker `role` with `NETNS PORT N COMM`.
+    pub fn start(role: &str, netns: &TestNetns, port: u16, n: u32, comm: &str) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding the test binary")?;
+        let what = format!("worker {role} {} {port} {n} {comm}", netns.path());
+        let mut child = Command::new(exe)
+            .env(worker::WORKER_ENV, role)
+            .args([netns.path(), port.to_string(), n.to_string(), comm.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let stdout = BufReader::new(child.stdout.take().context("the worker's stdout is not piped")?);
+        Ok(Self { child, stdout, what })
+    }
+
+    /// Waits for the worker to print `line` (`ready`, `done`).
+    pub fn expect(&mut self, line: &str) -> Result<()> {
+        let mut got = String::new();
+        self.stdout.read_line(&mut got).with_context(|| format!("reading from {}", self.what))?;
+        if got.trim() != line {
+            let _ = self.child.kill();
+            let status = self.child.wait().map(process::describe).unwrap_or_default();
+            let stderr = self.stderr();
+            bail!("{} said {got:?}, not {line:?} ({status}): {stderr}", self.what);
+        }
+        Ok(())
+    }
+
+    /// Waits for the worker to exit, which it must do with status 0.
+    pub fn finish(mut self) -> Result<()> {
+        let status = self.child.wait().with_context(|| format!("waiting for {}", self.what))?;
+        let stderr = self.stderr();
+        ensure!(status.success(), "{} failed ({}): {stderr}", self.what, process::describe(status));
+        Ok(())
+    }
+
+    fn stderr(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut text);
+        }
+        text.trim().to_string()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = process::kill(self.child.id(), Signal::KILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a client worker to completion.
+pub fn run_worker(role: &str, netns: &TestNetns, port: u16, n: u32, comm: &str) -> Result<()> {
+    Worker::start(role, netns, port, n, comm)?.finish()
+}
+
+/// A server worker, listening once this returns.
+pub fn server(role: &str, netns: &TestNetns, port: u16, n: u32, comm: &str) -> Result<Worker> {
+    let mut w = Worker::start(role, netns, port, n, comm)?;
+    w.expect("ready")?;
+    Ok(w)
+}
+
+/// Starts observer restricted to `netns`, with `extra` flags.
+pub fn start_observer(netns: &TestNetns, extra: &[&str]) -> Result<Daemon> {
+    let path = netns.path();
+    let mut args = vec!["--netns", path.as_str()];
+    args.extend_from_slice(extra);
+    Daemon::start(
+        Path::new(OBSERVER),
+        &args,
+        &DaemonOptions { ready_within: PATIENCE, http_timeout: PATIENCE, ..DaemonOptions::default() },
+    )
+}
+
+/// Scrapes the daemon until `done` holds on its metrics.
+pub fn daemon_shows(daemon: &Daemon, what: &str, done: impl Fn(&Metrics) -> bool) -> Result<Metrics> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let m = daemon.metrics()?;
+        if done(&m) {
+            return Ok(m);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what} not seen within {PATIENCE:?}; the daemon's log:\n{}",
+            daemon.log().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The problems one trial found: it goes on checking after the first, and fails with all of them.
+#[derive(Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    pub fn push(&mut self, problem: impl Into<String>) {
+        self.0.push(problem.into());
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        bail!("{} problem(s):\n- {}", self.0.len(), self.0.join("\n- "))
+    }
+}
