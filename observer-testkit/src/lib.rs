@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod net;
 pub mod process;
 pub mod runtime;
+pub mod worker;
 
 pub use daemon::Daemon;
 pub use metrics::Metrics;

@@ -9,7 +9,7 @@
 //!
 //! Each trial makes its own network namespace (`ip netns add`) and its own daemon restricted to
 //! it (`--netns`), so only its own traffic counts; the traffic comes from this test binary
-//! re-executed as workers (`worker.rs`) that join the namespace by its path and name themselves.
+//! re-executed as workers (`observer_testkit::worker`) that join the namespace by its path and name themselves.
 //! Everything a trial starts (Prometheus, the daemon, workers, the namespace) is stopped or
 //! removed when it ends, also when it fails: each is a guard that does so when dropped.
 //!
@@ -21,7 +21,6 @@
 mod lint;
 mod prom;
 mod scrape;
-mod worker;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -35,7 +34,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use observer_testkit::{
     Daemon, Metrics,
     daemon::Options as DaemonOptions,
-    net::ip,
+    net::NamedNetns,
     process::{self, Signal},
 };
 
@@ -46,9 +45,7 @@ pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 pub const PATIENCE: Duration = Duration::from_secs(120);
 
 fn main() {
-    if let Ok(role) = std::env::var(worker::WORKER_ENV) {
-        worker::worker_main(&role);
-    }
+    observer_testkit::worker::run_if_worker();
     let args = Arguments::from_args();
     let trials = vec![
         trial("promtool_check_metrics_finds_nothing_in_a_real_daemons_output", lint::promtool_finds_nothing),
@@ -80,47 +77,23 @@ pub fn tool(name: &str) -> Result<PathBuf> {
     })
 }
 
-/// A network namespace of the test's own (`ip netns add`), deleted when dropped.
-pub struct TestNetns {
-    pub name: String,
-}
+/// The tests' network namespaces.
+pub struct TestNetns(NamedNetns);
 
 impl TestNetns {
     pub fn new(tag: &str) -> Result<Self> {
-        let name = format!("obs-prom-{tag}-{}", std::process::id());
-        ip(&["netns", "add", &name]).with_context(|| format!("ip netns add {name}"))?;
-        let ns = Self { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).context("bringing lo up")?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// `Tcp: OutRsts` of the namespace: the RST segments its kernel sent.
-    pub fn out_rsts(&self) -> Result<u64> {
-        let snmp = process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"]))?;
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-            bail!("no Tcp lines in /proc/net/snmp: {snmp}")
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "OutRsts")
-            .and_then(|(_, v)| v.parse().ok())
-            .with_context(|| format!("no OutRsts in {names}"))
+        NamedNetns::new("prom", tag).map(Self)
     }
 }
 
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
+impl std::ops::Deref for TestNetns {
+    type Target = NamedNetns;
+    fn deref(&self) -> &NamedNetns {
+        &self.0
     }
 }
 
-/// A worker process (`worker.rs`), killed and reaped when dropped.
+/// A worker process (`observer_testkit::worker`), killed and reaped when dropped.
 pub struct Worker {
     child: Child,
     stdout: BufReader<ChildStdout>,
@@ -133,7 +106,7 @@ impl Worker {
         let exe = std::env::current_exe().context("finding the test binary")?;
         let what = format!("worker {role} {} {port} {n} {comm}", netns.path());
         let mut child = Command::new(exe)
-            .env(worker::WORKER_ENV, role)
+            .env(observer_testkit::worker::WORKER_ENV, role)
             .args([netns.path(), port.to_string(), n.to_string(), comm.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -32,9 +32,10 @@ use observer_testkit::{
 };
 use serde_json::Value;
 
+use observer_testkit::worker::{self, WORKER_ENV};
+
 use crate::{
     pods::{TestNetns, check},
-    worker::WORKER_ENV,
     yaml,
 };
 
@@ -218,7 +219,7 @@ fn count_exactly(running: &Running, tag: &str) -> Result<()> {
     let (srv, cli) = (format!("rt-{tag}-srv"), format!("rt-{tag}-cli"));
     let before = netns.out_rsts()?;
     let exe = std::env::current_exe()?;
-    let args = |comm: &str| vec![netns.path(), "8090".to_string(), N.to_string(), comm.to_string()];
+    let args = |comm: &str| worker::args(&netns.path(), 8090, N, comm, None);
     let mut server =
         Command::new(&exe).env(WORKER_ENV, "server-linger0").args(args(&srv)).stdout(Stdio::piped()).spawn()?;
     let mut lines = BufReader::new(server.stdout.take().context("no server stdout")?).lines();

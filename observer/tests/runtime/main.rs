@@ -30,16 +30,13 @@ use observer_testkit::{
 
 mod daemonset;
 mod pods;
-mod worker;
 // The deploy suite's YAML reader (the rendered overlays); it uses all of it, this suite part.
 #[path = "../deploy/yaml.rs"]
 #[allow(dead_code)]
 mod yaml;
 
 fn main() {
-    if let Ok(role) = std::env::var(worker::WORKER_ENV) {
-        worker::worker_main(&role);
-    }
+    observer_testkit::worker::run_if_worker();
     let args = Arguments::from_args();
     let trials = vec![
         trial(

@@ -11,11 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use observer_testkit::{
     Daemon, Metrics,
     daemon::Options as DaemonOptions,
-    net::ip,
+    net::NamedNetns,
     process,
     runtime::{
         containerd::Containerd,
@@ -26,7 +26,7 @@ use observer_testkit::{
     },
 };
 
-use crate::worker::WORKER_ENV;
+use observer_testkit::worker::{self, WORKER_ENV};
 
 pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 
@@ -34,49 +34,19 @@ pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 /// assertion).
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A network namespace of the test's own (`ip netns add`), deleted when dropped.
-pub struct TestNetns {
-    pub name: String,
-}
+/// The tests' network namespaces.
+pub struct TestNetns(NamedNetns);
 
 impl TestNetns {
     pub fn new(tag: &str) -> Result<Self> {
-        let name = format!("obs-rt-{tag}-{}", std::process::id());
-        ip(&["netns", "add", &name]).with_context(|| format!("ip netns add {name}"))?;
-        let ns = Self { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).context("bringing lo up")?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// `Tcp: OutRsts` of the namespace: the RST segments its kernel sent.
-    pub fn out_rsts(&self) -> Result<u64> {
-        let snmp = process::stdout(std::process::Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.name,
-            "cat",
-            "/proc/net/snmp",
-        ]))?;
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-            bail!("no Tcp lines in /proc/net/snmp: {snmp}")
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "OutRsts")
-            .and_then(|(_, v)| v.parse().ok())
-            .with_context(|| format!("no OutRsts in {names}"))
+        NamedNetns::new("rt", tag).map(Self)
     }
 }
 
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
+impl std::ops::Deref for TestNetns {
+    type Target = NamedNetns;
+    fn deref(&self) -> &NamedNetns {
+        &self.0
     }
 }
 
@@ -90,9 +60,9 @@ pub fn worker_image(dir: &Path) -> Result<WrittenImage> {
         .write(&dir.join("worker.tar"))
 }
 
-/// The arguments of a worker: `NETNS PORT N COMM`.
-fn worker_args(netns: &TestNetns, port: u16, n: u32, comm: &str) -> Vec<String> {
-    vec![netns.path(), port.to_string(), n.to_string(), comm.to_string()]
+/// The arguments of a worker: `NETNS PORT N COMM [HOLD]`.
+fn worker_args(netns: &TestNetns, port: u16, n: u32, comm: &str, hold: Option<&str>) -> Vec<String> {
+    worker::args(&netns.path(), port, n, comm, hold)
 }
 
 /// A worker container: it may enter the namespace (CAP_SYS_ADMIN for setns) and nothing more.
@@ -190,22 +160,22 @@ pub fn cri_pods_are_counted_by_namespace_pod_and_container() -> Result<()> {
 
     let orders = cri.create_container(
         &shop,
-        &worker("orders", &image.name, "server-linger0", worker_args(&netns, 8081, N, "rt-orders")),
+        &worker("orders", &image.name, "server-linger0", worker_args(&netns, 8081, N, "rt-orders", Some("forever"))),
     )?;
     let leaky = cri.create_container(
         &shop,
-        &worker("leaky", &image.name, "server-leak", worker_args(&netns, 8082, LEAKED, "rt-leaky")),
+        &worker("leaky", &image.name, "server-leak", worker_args(&netns, 8082, LEAKED, "rt-leaky", None)),
     )?;
     wait_logged(&cri, &shop, "orders", "ready")?;
     wait_logged(&cri, &shop, "leaky", "ready")?;
     let client = cri.create_container(
         &gateway,
-        &worker("client", &image.name, "client", worker_args(&netns, 8081, N, "rt-gateway")),
+        &worker("client", &image.name, "client", worker_args(&netns, 8081, N, "rt-gateway", None)),
     )?;
     ensure!(cri.wait_exit(&client, PATIENCE)? == 0, "the client failed: {}", cri.logs(&gateway, "client")?);
     let closer = cri.create_container(
         &gateway,
-        &worker("closer", &image.name, "client-close", worker_args(&netns, 8082, LEAKED, "rt-closer")),
+        &worker("closer", &image.name, "client-close", worker_args(&netns, 8082, LEAKED, "rt-closer", Some("2"))),
     )?;
     ensure!(cri.wait_exit(&closer, PATIENCE)? == 0, "the closing client failed: {}", cri.logs(&gateway, "closer")?);
     wait_logged(&cri, &shop, "leaky", "done")?;
@@ -339,7 +309,7 @@ pub fn docker_containers_are_counted_by_container_id() -> Result<()> {
     args.push("--read-only".into());
     let server = dockerd.run(&RunSpec {
         image: image.name.clone(),
-        cmd: worker_args(&netns, 8083, N, "rt-dock-srv"),
+        cmd: worker_args(&netns, 8083, N, "rt-dock-srv", Some("forever")),
         extra: args,
         ..RunSpec::default()
     })?;
@@ -351,7 +321,7 @@ pub fn docker_containers_are_counted_by_container_id() -> Result<()> {
     // The client on the host, in the same namespace.
     let exe = std::env::current_exe()?;
     let mut client = std::process::Command::new(&exe);
-    client.env(WORKER_ENV, "client").args(worker_args(&netns, 8083, N, "rt-dock-cli"));
+    client.env(WORKER_ENV, "client").args(worker_args(&netns, 8083, N, "rt-dock-cli", None));
     process::run(&mut client)?;
 
     let id = &server.id[..12];

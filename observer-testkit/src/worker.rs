@@ -1,11 +1,12 @@
-//! The traffic of these tests: the test binary re-executes itself as a worker (`WORKER_ENV`
-//! names the role, the arguments are `NETNS PORT N COMM`). Each worker joins the test's network
-//! namespace by its path (`/run/netns/NAME`) before anything else, so no traffic touches the
-//! host's, and sets its command name, so the daemon's attribution can be asserted by `comm`.
-//! Servers print `ready` once they listen, and `done` once they have handled their N
-//! connections (those that hold their sockets then wait to be killed).
+//! Workers that make the suites' traffic: a test binary re-executes itself as one
+//! ([`WORKER_ENV`] names the role; the arguments are `NETNS PORT N COMM [HOLD]`). A worker joins
+//! the test's network namespace by its path (`/run/netns/NAME`) before anything else, so no
+//! traffic touches the host's, and sets its command name, so the daemon's attribution can be
+//! asserted by `comm`. Servers print `ready` once they listen and `done` once they have handled
+//! their N connections. `HOLD` (seconds, or `forever`) keeps the worker alive after its work, so
+//! that its sockets' owner (and its container, in a container) outlives the test's checks.
 //!
-//! The pattern of `observer/tests/runtime/worker.rs`, with the roles these tests need.
+//! The same binary runs on the host, in a container (with the namespace mounted in) or in a pod.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -14,18 +15,33 @@ use std::{
     time::Duration,
 };
 
-use observer_testkit::{
+use crate::{
     net::{self, set_linger0},
     process::set_comm,
 };
 
-/// Environment variable that turns the test binary into a worker.
-pub const WORKER_ENV: &str = "OBSERVER_PROMETHEUS_WORKER";
+/// Environment variable that turns a test binary into a worker: its value is the role.
+pub const WORKER_ENV: &str = "OBSERVER_TEST_WORKER";
+
+/// Runs the worker role named by [`WORKER_ENV`] and exits, if the variable is set; returns
+/// otherwise. The first thing a test binary's `main` calls.
+pub fn run_if_worker() {
+    if let Ok(role) = std::env::var(WORKER_ENV) {
+        worker_main(&role);
+    }
+}
+
+/// The arguments of a worker: `NETNS PORT N COMM`, and `HOLD` when given.
+pub fn args(netns: &str, port: u16, n: u32, comm: &str, hold: Option<&str>) -> Vec<String> {
+    let mut args = vec![netns.to_string(), port.to_string(), n.to_string(), comm.to_string()];
+    args.extend(hold.map(str::to_string));
+    args
+}
 
 const REQUEST: &[u8] = b"GET /orders HTTP/1.1\r\nHost: shop\r\n\r\n";
 
-/// Runs the worker role named by [`WORKER_ENV`] with the process's arguments and exits.
-pub fn worker_main(role: &str) -> ! {
+/// Runs worker `role` with the process's arguments and exits.
+fn worker_main(role: &str) -> ! {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(role, &args) {
         Ok(()) => std::process::exit(0),
@@ -37,9 +53,27 @@ pub fn worker_main(role: &str) -> ! {
 }
 
 fn run(role: &str, args: &[String]) -> io::Result<()> {
-    let [netns, port, n, comm] = args else {
-        return Err(io::Error::other("want NETNS PORT N COMM"));
+    let (netns, port, n, comm, hold) = match args {
+        [netns, port, n, comm] => (netns, port, n, comm, None),
+        [netns, port, n, comm, hold] => (netns, port, n, comm, Some(hold.as_str())),
+        _ => return Err(io::Error::other("want NETNS PORT N COMM [HOLD]")),
     };
+    let hold = match hold {
+        None => Some(Duration::ZERO),
+        Some("forever") => None,
+        Some(secs) => Some(Duration::from_secs(secs.parse().map_err(io::Error::other)?)),
+    };
+    work(role, netns, port, n, comm)?;
+    match hold {
+        Some(d) => std::thread::sleep(d),
+        None => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+    }
+    Ok(())
+}
+
+fn work(role: &str, netns: &str, port: &str, n: &str, comm: &str) -> io::Result<()> {
     let port: u16 = port.parse().map_err(io::Error::other)?;
     let n: u32 = n.parse().map_err(io::Error::other)?;
     enter_netns(netns)?;
