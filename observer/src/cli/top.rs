@@ -120,7 +120,8 @@ fn interactive(args: &TopArgs) -> anyhow::Result<()> {
     let screen = Screen::enter()?;
     let mut sort = args.sort;
     let result = (|| loop {
-        let (width, height) = terminal::size().unwrap_or((120, 40));
+        // A terminal that does not say its size (0 × 0) gets a common one.
+        let (width, height) = terminal::size().ok().filter(|&(w, h)| w > 0 && h > 0).unwrap_or((120, 40));
         // The heading, the table's header and a blank line take three lines.
         let fits = u32::from(height.saturating_sub(3)).clamp(1, args.limit);
         let report = fetch(args, sort, fits)?;
