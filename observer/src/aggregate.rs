@@ -62,6 +62,10 @@ struct FamilySeries {
     values: HashMap<SeriesKey, u64>,
     /// (comm, port) → peers that have their own series.
     groups: HashMap<([u8; 16], Port), HashMap<[u8; 16], PeerSlot>>,
+    /// Per series, the counts that moved into it when a peer was evicted (they were counted
+    /// before, under the evicted peer): [`Aggregator::counted_here`] leaves them out, so rates
+    /// ([`crate::top`]) do not see a fold as a burst. Its keys are series of `values`.
+    moved_in: HashMap<SeriesKey, u64>,
 }
 
 #[derive(Debug)]
@@ -132,7 +136,15 @@ impl Aggregator {
                         self.folded += v;
                         // Already counted as folded, wherever it lands.
                         let mut counted = 0;
-                        add_value(f, &mut self.series, self.max_series, &mut counted, old.with_peer(Peer::Other), v);
+                        let landed = add_value(
+                            f,
+                            &mut self.series,
+                            self.max_series,
+                            &mut counted,
+                            old.with_peer(Peer::Other),
+                            v,
+                        );
+                        *f.moved_in.entry(landed).or_default() += v;
                     }
                 }
             }
@@ -160,6 +172,7 @@ impl Aggregator {
         for f in &mut self.families {
             let before = f.values.len();
             f.values.retain(|k, _| k.container != container);
+            f.moved_in.retain(|k, _| k.container != container);
             removed += before - f.values.len();
             for group in f.groups.values_mut() {
                 group.retain(|_, slot| {
@@ -194,17 +207,32 @@ impl Aggregator {
         self.families[family as usize].values.iter().map(|(k, v)| (k, *v))
     }
 
+    /// The series of one family and the counts of the events counted under them, that is their
+    /// values less what moved in from evicted peers: what rates are computed from.
+    pub fn counted_here(&self, family: Family) -> impl Iterator<Item = (&SeriesKey, u64)> {
+        let f = &self.families[family as usize];
+        f.values.iter().map(|(k, v)| (k, v.saturating_sub(f.moved_in.get(k).copied().unwrap_or(0))))
+    }
+
     /// Sum over a family (for tests and status).
     pub fn total(&self, family: Family) -> u64 {
         self.iter(family).map(|(_, v)| v).sum()
     }
 }
 
-/// Adds to `key`, creating it if there is room, else to the family's overflow series.
-fn add_value(f: &mut FamilySeries, series: &mut usize, max_series: usize, folded: &mut u64, key: SeriesKey, n: u64) {
+/// Adds to `key`, creating it if there is room, else to the family's overflow series; returns
+/// the series it landed in.
+fn add_value(
+    f: &mut FamilySeries,
+    series: &mut usize,
+    max_series: usize,
+    folded: &mut u64,
+    key: SeriesKey,
+    n: u64,
+) -> SeriesKey {
     if let Some(v) = f.values.get_mut(&key) {
         *v += n;
-        return;
+        return key;
     }
     let is_overflow = key.comm == COMM_OTHER && key.port == Port::Other;
     if *series >= max_series && !is_overflow {
@@ -213,10 +241,11 @@ fn add_value(f: &mut FamilySeries, series: &mut usize, max_series: usize, folded
             *series += 1;
             0
         }) += n;
-        return;
+        return key.overflow();
     }
     *series += 1;
     f.values.insert(key, n);
+    key
 }
 
 #[cfg(test)]
@@ -254,6 +283,9 @@ mod tests {
             .collect();
         kept.sort();
         assert_eq!(kept, vec![97, 98, 99]);
+        // What moved into "other" was counted before, under its own peer.
+        let here: u64 = a.counted_here(Family::Closes).map(|(_, v)| v).sum();
+        assert_eq!(here, 200 - 194);
     }
 
     #[test]

@@ -176,3 +176,86 @@ pub struct EventsPage {
     pub latest: u64,
     pub events: Vec<EventRecord>,
 }
+
+pub const TOP_PATH: &str = "/api/v1/top";
+
+/// What `/api/v1/top` sorts its rows by (`sort=`), highest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TopSort {
+    #[default]
+    ResetsIn,
+    ResetsOut,
+    Premature,
+    Closes,
+}
+
+impl TopSort {
+    pub const ALL: [Self; 4] = [Self::ResetsIn, Self::ResetsOut, Self::Premature, Self::Closes];
+
+    /// The `sort=` value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ResetsIn => "resets_in",
+            Self::ResetsOut => "resets_out",
+            Self::Premature => "premature",
+            Self::Closes => "closes",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The allowed values, for error messages: `resets_in, resets_out, premature, closes`.
+    pub fn allowed() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+
+    /// The rate of `row` this sorts by.
+    pub fn rate(self, row: &TopRow) -> f64 {
+        match self {
+            Self::ResetsIn => row.resets_in_per_s,
+            Self::ResetsOut => row.resets_out_per_s,
+            Self::Premature => row.premature_per_s,
+            Self::Closes => row.closes_per_s,
+        }
+    }
+}
+
+/// `/api/v1/top`: per row (a series' labels less its family's own), the rates of the
+/// per-connection families over the last `window_seconds`, computed by the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopReport {
+    /// The interval asked for.
+    pub interval_seconds: f64,
+    /// What the rates are over: the interval rounded up to the daemon's 1 s snapshots, less
+    /// while the daemon is younger (0: no two snapshots yet, no rates).
+    pub window_seconds: f64,
+    /// `resets_in`, `resets_out`, `premature` or `closes`.
+    pub sort: String,
+    /// Rows that counted anything in the window, before `limit`.
+    pub total_rows: u64,
+    pub rows: Vec<TopRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopRow {
+    pub comm: String,
+    /// The owner's container and pod.
+    #[serde(flatten)]
+    pub owner: PodLabels,
+    pub role: String,
+    pub peer: String,
+    pub port: String,
+    /// RSTs received (`observer_tcp_resets_received_total`) per second.
+    pub resets_in_per_s: f64,
+    /// RSTs sent, every reason summed (`observer_tcp_resets_sent_total`).
+    pub resets_out_per_s: f64,
+    /// Premature closes, every kind summed (`observer_tcp_premature_closes_total`).
+    pub premature_per_s: f64,
+    /// Per kind that counted in the window.
+    #[serde(default)]
+    pub premature_by_kind: BTreeMap<String, f64>,
+    /// Connections closed (`observer_tcp_closes_total`).
+    pub closes_per_s: f64,
+}

@@ -168,6 +168,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;
     let scanner = spawn_socket_scanner(table, state.clone());
+    let rates = spawn_rates(state.clone());
     let pod_names = spawn_pod_names(&options.pods, state.clone())?;
     let event_writer = options.log_events.then(|| spawn_event_writer(state.clone()));
     let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver, state.pods.clone()), state.clone());
@@ -214,6 +215,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     state.clear_kernel_counters();
     scanner.abort();
     let _ = scanner.await;
+    rates.abort();
+    let _ = rates.await;
     pod_names.abort();
     let _ = pod_names.await;
     if let Some((writer, stop)) = event_writer {
@@ -260,6 +263,23 @@ fn spawn_socket_scanner(table: SocketTable, state: Arc<DaemonState>) -> tokio::t
             .await;
             if let Err(e) = scanned {
                 log::warn!("scanning the socket map failed: {e}");
+            }
+        }
+    })
+}
+
+/// Takes a tick of the per-row rates of `/api/v1/top` every [`crate::top::TICK`] until aborted,
+/// the first one now.
+fn spawn_rates(state: Arc<DaemonState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(crate::top::TICK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let state = state.clone();
+            // Summing thousands of series per row: off the runtime the event loop runs on.
+            if let Err(e) = tokio::task::spawn_blocking(move || state.sample_rates()).await {
+                log::warn!("taking the rates' snapshot failed: {e}");
             }
         }
     })

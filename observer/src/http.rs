@@ -13,10 +13,11 @@ use axum::{
 use tokio::net::TcpListener;
 
 use crate::{
-    api::{EVENTS_PATH, EventsPage, STATUS_PATH, StatusReport},
+    api::{EVENTS_PATH, EventsPage, STATUS_PATH, StatusReport, TOP_PATH, TopReport},
     event_log::LOG_CAPACITY,
     exposition,
     state::DaemonState,
+    top,
 };
 
 pub fn router(state: Arc<DaemonState>) -> Router {
@@ -25,6 +26,7 @@ pub fn router(state: Arc<DaemonState>) -> Router {
         .route("/healthz", get(healthz))
         .route(STATUS_PATH, get(status))
         .route(EVENTS_PATH, get(events))
+        .route(TOP_PATH, get(top_rows))
         .with_state(state)
 }
 
@@ -71,6 +73,23 @@ async fn events(State(state): State<Arc<DaemonState>>, Query(q): Query<EventsQue
     Json(state.event_log().page(q.since, limit))
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct TopQuery {
+    interval: Option<String>,
+    sort: Option<String>,
+    limit: Option<String>,
+}
+
+/// Rates per row over `interval`; 400 naming the parameter and its allowed values.
+async fn top_rows(
+    State(state): State<Arc<DaemonState>>,
+    Query(q): Query<TopQuery>,
+) -> Result<Json<TopReport>, (StatusCode, String)> {
+    let (interval, sort, limit) = top::parse_query(q.interval.as_deref(), q.sort.as_deref(), q.limit.as_deref())
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
+    Ok(Json(state.top(interval, sort, limit)))
+}
+
 #[cfg(test)]
 mod tests {
     use axum::{body::Body, http::Request};
@@ -95,6 +114,8 @@ mod tests {
         assert_eq!(get(router(state()), "/metrics").await, StatusCode::OK);
         assert_eq!(get(router(state()), STATUS_PATH).await, StatusCode::OK);
         assert_eq!(get(router(state()), "/nope").await, StatusCode::NOT_FOUND);
+        assert_eq!(get(router(state()), "/api/v1/top?interval=2s&sort=closes&limit=5").await, StatusCode::OK);
+        assert_eq!(get(router(state()), "/api/v1/top?sort=bytes").await, StatusCode::BAD_REQUEST);
     }
 
     proptest! {

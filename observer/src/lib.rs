@@ -12,7 +12,7 @@
 //! 5. [`aggregate`] counts it under bounded cardinality (inside [`metrics`], which also holds
 //!    the daemon's own counters), and [`event_log`] logs it, paired with its cause;
 //! 6. [`exposition`] renders `/metrics`; [`http`] serves it and the JSON of [`api`] from the
-//!    [`state`] the pipeline writes.
+//!    [`state`] the pipeline writes, and the per-row rates of [`top`].
 //!
 //! Beside the event path: [`connections`] reads the kernel's socket map for the state gauges,
 //! [`seed`] takes the connections open at start-up from the socket table. Shared vocabulary:
@@ -39,6 +39,7 @@ pub mod reasons;
 pub mod seed;
 pub mod series;
 pub mod state;
+pub mod top;
 
 pub use observer_common::ProbeId;
 

@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Status(args) => cli::status::run(args),
         Command::Events(args) => cli::events::run(args),
+        Command::Top(args) => cli::top::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,13 +7,13 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard, OnceLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crate::{
     REVISION, VERSION,
     aggregate::Limits,
-    api::{EventsReport, ProbeReport, StatusReport},
+    api::{EventsReport, ProbeReport, StatusReport, TopReport, TopSort},
     event_log::EventLog,
     metrics::Metrics,
     pods::Pods,
@@ -22,6 +22,7 @@ use crate::{
         stats::{self, ProgramRuns},
     },
     reasons::ResetReasons,
+    top::{self, Rates},
 };
 
 /// Premature closes listed in the status.
@@ -47,6 +48,10 @@ pub struct DaemonState {
     /// The programs' per-CPU counters; taken away before the programs are unloaded.
     kernel_counters: Mutex<Option<KernelCounters>>,
     event_log: Mutex<EventLog>,
+    /// Per-row counts of the last minute, for `/api/v1/top` ([`Self::sample_rates`]).
+    rates: Mutex<Rates>,
+    /// The last copy of the aggregator's series, kept for its allocation.
+    copied: Mutex<top::Copied>,
 }
 
 impl DaemonState {
@@ -59,7 +64,24 @@ impl DaemonState {
             kernel,
             probes: OnceLock::new(),
             kernel_counters: Mutex::new(None),
+            rates: Mutex::new(Rates::default()),
+            copied: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Takes a tick of the per-row rates: copies the series out of the aggregator (its lock,
+    /// which the event path waits for, is held for the copy only), then sums them per row.
+    pub fn sample_rates(&self) {
+        let mut copied = self.copied.lock().unwrap_or_else(|e| e.into_inner());
+        top::copy(&self.metrics.aggregator(), &mut copied);
+        let at = Instant::now();
+        self.rates.lock().unwrap_or_else(|e| e.into_inner()).sample(at, &copied);
+    }
+
+    /// The rows of `/api/v1/top`.
+    pub fn top(&self, interval: Duration, sort: TopSort, limit: usize) -> TopReport {
+        let pods = self.pods.snapshot();
+        self.rates.lock().unwrap_or_else(|e| e.into_inner()).report(interval, sort, limit, &pods)
     }
 
     /// The event log (resets and premature closes, paired with their cause).

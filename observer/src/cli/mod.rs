@@ -3,6 +3,7 @@
 pub mod events;
 pub mod run;
 pub mod status;
+pub mod top;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Print a running daemon's recent resets and premature closes (with --follow, as they happen).
     Events(events::EventsArgs),
+    /// Show the rows with the most resets, premature closes or closes per second, live.
+    Top(top::TopArgs),
 }
 
 /// GETs `path` from the daemon at `endpoint`; a daemon that cannot be reached is one clear error
@@ -39,4 +42,21 @@ pub fn get(endpoint: &str, path: &str) -> anyhow::Result<String> {
     agent.get(&format!("{base}{path}")).call().and_then(|mut response| response.body_mut().read_to_string()).map_err(|e| {
         anyhow::anyhow!("cannot reach an observer daemon at {base}: {e}; is it running (`observer run`)? Point at it with --endpoint URL")
     })
+}
+
+/// GETs `path` from the daemon at `endpoint`, waiting at most `timeout`: one error line when it
+/// cannot be reached, is slow, or answers other than 200.
+pub fn get_within(endpoint: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
+    let base = endpoint.trim_end_matches('/');
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
+    let mut response = agent.get(&format!("{base}{path}")).call().map_err(|e| {
+        anyhow::anyhow!("cannot reach an observer daemon at {base} within {timeout:?}: {e}; is it running (`observer run`)? Point at it with --endpoint URL")
+    })?;
+    let status = response.status();
+    let body = response.body_mut().read_to_string().map_err(|e| anyhow::anyhow!("reading {base}{path}: {e}"))?;
+    if status != 200 {
+        anyhow::bail!("{base}{path} answered {status}: {}", body.lines().next().unwrap_or_default());
+    }
+    Ok(body)
 }

@@ -8,7 +8,7 @@
 //! This file is the list of tests. The tests live in modules by subject (`basics`: the four
 //! ways a connection ends on loopback; `intelligence`: the kinds beyond resets, containers,
 //! cause pairing, state gauges; `lifecycle`: status, flags, signals; `kernel`: the verifier,
-//! the back end `auto` picks, cgroups by id; `reliability`: overload and hostile peers); `support` holds what they share, `traffic` the scenario worker this binary
+//! the back end `auto` picks, cgroups by id; `reliability`: overload and hostile peers; `top`: the daemon's rates); `support` holds what they share, `traffic` the scenario worker this binary
 //! re-executes itself as. The daemon, HTTP, metrics and socket helpers come from
 //! `observer-testkit`.
 
@@ -18,6 +18,7 @@ mod kernel;
 mod lifecycle;
 mod reliability;
 mod support;
+mod top;
 mod traffic;
 
 use std::sync::OnceLock;
@@ -110,6 +111,8 @@ fn main() {
             "slow_oversized_concurrent_and_malformed_http_requests_do_not_stop_serving_or_counting",
             reliability::hostile_http_peers,
         ),
+        Trial::test("top_shows_the_rates_of_a_paced_load_sorted_as_asked", top::rates_of_a_paced_load),
+        Trial::test("top_command_fails_clearly_when_the_daemon_is_gone_slow_or_wrong", top::top_command_fails_clearly),
     ];
     let conclusion = libtest_mimic::run(&args, trials);
     // Stop the shared daemon before exiting: statics are never dropped.

@@ -25,6 +25,8 @@ pub const WORKER_ENV: &str = "OBSERVER_E2E_WORKER";
 pub enum Mode {
     /// Reads the request, then closes with SO_LINGER {1, 0}: RST, reason TCP_STATE.
     Linger0,
+    /// Linger0, the client starting connection i at [`PACE`] × i after its first: a steady rate.
+    PacedLinger0,
     /// Closes with the request unread: RST, reason TCP_ABORT_ON_CLOSE.
     Unread,
     /// Connects to a port nobody listens on: RST NO_SOCKET, ECONNREFUSED.
@@ -52,6 +54,7 @@ impl Mode {
     fn as_str(self) -> &'static str {
         match self {
             Mode::Linger0 => "linger0",
+            Mode::PacedLinger0 => "pacedlinger0",
             Mode::Unread => "unread",
             Mode::Refused => "refused",
             Mode::Graceful => "graceful",
@@ -72,6 +75,7 @@ impl Mode {
     fn parse(s: &str) -> Self {
         match s {
             "linger0" => Mode::Linger0,
+            "pacedlinger0" => Mode::PacedLinger0,
             "unread" => Mode::Unread,
             "refused" => Mode::Refused,
             "graceful" => Mode::Graceful,
@@ -104,6 +108,9 @@ pub struct Scenario {
 }
 
 const REQUEST: &[u8] = b"GET /order HTTP/1.1\r\n\r\n";
+
+/// The client's pace in [`Mode::PacedLinger0`]: one connection (one reset) per 100 ms.
+pub const PACE: Duration = Duration::from_millis(100);
 
 impl Scenario {
     /// Runs the scenario to completion in a fresh network namespace.
@@ -468,7 +475,7 @@ fn server(s: &Scenario) -> io::Result<()> {
     for _ in 0..s.connections {
         let (mut conn, _) = listener.accept()?;
         match s.mode {
-            Mode::Linger0 => {
+            Mode::Linger0 | Mode::PacedLinger0 => {
                 conn.read_exact(&mut request)?;
                 net::set_linger0(&conn)?;
                 drop(conn);
@@ -508,7 +515,12 @@ fn client(s: &Scenario) -> io::Result<()> {
         Mode::ConnectTimeout => return client_connect_timeout(s),
         _ => {}
     }
+    let start = std::time::Instant::now();
     for i in 0..s.connections {
+        if s.mode == Mode::PacedLinger0 {
+            // On a schedule, not a sleep after each: no drift.
+            std::thread::sleep((start + PACE * i).saturating_duration_since(std::time::Instant::now()));
+        }
         let ip = match s.client_ip {
             IpAddr::V4(v4) if s.distinct_clients => IpAddr::V4((u32::from(v4) + i).into()),
             ip => ip,
@@ -538,7 +550,8 @@ fn client(s: &Scenario) -> io::Result<()> {
                 match (mode, read) {
                     (Mode::Graceful, Ok(_)) if response.ends_with(b"ok") => {}
                     (Mode::NoResponse, Ok(0)) => {} // EOF before any response
-                    (Mode::Linger0 | Mode::Unread, Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                    (Mode::Linger0 | Mode::PacedLinger0 | Mode::Unread, Err(e))
+                        if e.kind() == io::ErrorKind::ConnectionReset => {}
                     (mode, other) => {
                         return Err(io::Error::other(format!(
                             "connection {i} ({mode:?}): unexpected read result {other:?}"
