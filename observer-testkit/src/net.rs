@@ -198,6 +198,53 @@ fn set_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: lib
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// A named network namespace of a test's own (`ip netns add`, mounted at `/run/netns/NAME`,
+/// with `lo` up), deleted when dropped. Processes join it by path (a worker's `NETNS`), and a
+/// daemon can be restricted to it (`--netns`).
+pub struct NamedNetns {
+    pub name: String,
+}
+
+impl NamedNetns {
+    /// `obs-<suite>-<tag>-<pid>`: unique per test process and tag.
+    pub fn new(suite: &str, tag: &str) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let name = format!("obs-{suite}-{tag}-{}", std::process::id());
+        ip(&["netns", "add", &name]).with_context(|| format!("ip netns add {name}"))?;
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).context("bringing lo up")?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `Tcp: OutRsts` of the namespace: the RST segments its kernel sent (ground truth for the
+    /// resets a test made).
+    pub fn out_rsts(&self) -> anyhow::Result<u64> {
+        use anyhow::Context as _;
+        let snmp =
+            crate::process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"]))?;
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+            anyhow::bail!("no Tcp lines in /proc/net/snmp: {snmp}")
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "OutRsts")
+            .and_then(|(_, v)| v.parse().ok())
+            .with_context(|| format!("no OutRsts in {names}"))
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -243,52 +290,5 @@ mod tests {
         let flags = super::interface_flags("lo").unwrap();
         assert_ne!(flags & libc::IFF_LOOPBACK as libc::c_short, 0);
         assert!(super::interface_flags("a-name-far-too-long-for-ifreq").is_err());
-    }
-}
-
-/// A named network namespace of a test's own (`ip netns add`, mounted at `/run/netns/NAME`,
-/// with `lo` up), deleted when dropped. Processes join it by path (a worker's `NETNS`), and a
-/// daemon can be restricted to it (`--netns`).
-pub struct NamedNetns {
-    pub name: String,
-}
-
-impl NamedNetns {
-    /// `obs-<suite>-<tag>-<pid>`: unique per test process and tag.
-    pub fn new(suite: &str, tag: &str) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let name = format!("obs-{suite}-{tag}-{}", std::process::id());
-        ip(&["netns", "add", &name]).with_context(|| format!("ip netns add {name}"))?;
-        let ns = Self { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).context("bringing lo up")?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// `Tcp: OutRsts` of the namespace: the RST segments its kernel sent (ground truth for the
-    /// resets a test made).
-    pub fn out_rsts(&self) -> anyhow::Result<u64> {
-        use anyhow::Context as _;
-        let snmp =
-            crate::process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"]))?;
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-            anyhow::bail!("no Tcp lines in /proc/net/snmp: {snmp}")
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "OutRsts")
-            .and_then(|(_, v)| v.parse().ok())
-            .with_context(|| format!("no OutRsts in {names}"))
-    }
-}
-
-impl Drop for NamedNetns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
     }
 }
