@@ -13,7 +13,7 @@ use std::{
 use crate::{
     REVISION, VERSION,
     aggregate::Limits,
-    api::{EventsReport, ProbeReport, StatusReport},
+    api::{ConfigSetting, EventsReport, ProbeReport, StatusReport},
     event_log::EventLog,
     metrics::Metrics,
     pods::Pods,
@@ -47,6 +47,8 @@ pub struct DaemonState {
     /// The programs' per-CPU counters; taken away before the programs are unloaded.
     kernel_counters: Mutex<Option<KernelCounters>>,
     event_log: Mutex<EventLog>,
+    /// The effective configuration, for the status; set once at start-up.
+    config: OnceLock<BTreeMap<String, ConfigSetting>>,
 }
 
 impl DaemonState {
@@ -59,7 +61,13 @@ impl DaemonState {
             kernel,
             probes: OnceLock::new(),
             kernel_counters: Mutex::new(None),
+            config: OnceLock::new(),
         }
+    }
+
+    /// The effective `observer run` configuration, each value with its source, for the status.
+    pub fn set_config(&self, config: BTreeMap<String, ConfigSetting>) {
+        let _ = self.config.set(config);
     }
 
     /// The event log (resets and premature closes, paired with their cause).
@@ -153,6 +161,7 @@ impl DaemonState {
             },
             recent_premature: recent,
             container_runtime: self.pods.report(),
+            config: self.config.get().cloned().unwrap_or_default(),
         }
     }
 }

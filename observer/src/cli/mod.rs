@@ -1,6 +1,8 @@
 //! The `observer` command line: one subcommand per file.
 
+pub mod config;
 pub mod events;
+pub mod logging;
 pub mod run;
 pub mod status;
 
