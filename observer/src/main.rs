@@ -28,6 +28,8 @@ fn main() -> std::process::ExitCode {
         }
         Command::Status(args) => cli::status::run(args),
         Command::Events(args) => cli::events::run(args),
+        Command::Completions(args) => cli::docs::completions(args),
+        Command::Man => cli::docs::man(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! The `observer` command line: one subcommand per file.
 
 pub mod config;
+pub mod docs;
 pub mod events;
 pub mod logging;
 pub mod run;
@@ -30,6 +31,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Print a running daemon's recent resets and premature closes (with --follow, as they happen).
     Events(events::EventsArgs),
+    /// Print a shell completion script for observer on stdout.
+    Completions(docs::CompletionsArgs),
+    /// Print observer's man page (roff) on stdout: `observer man | man -l -`.
+    Man,
 }
 
 /// GETs `path` from the daemon at `endpoint`; a daemon that cannot be reached is one clear error

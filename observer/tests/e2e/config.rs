@@ -1,5 +1,5 @@
 //! Configuration from flags, environment and a TOML file (flag > env > file > default), the
-//! errors of each, and the JSON log.
+//! errors of each, the JSON log, and the generated completions and man page.
 
 use std::{path::PathBuf, process::Command};
 
@@ -197,6 +197,69 @@ pub fn log_format_json_lines_parse() -> Result<(), Failed> {
         || !log.iter().any(|l| l.contains(" INFO observer::daemon: serving "))
     {
         return Err(format!("the text log is not the text format:\n{}", log.join("\n")).into());
+    }
+    Ok(())
+}
+
+/// The subcommands `observer --help` lists.
+fn subcommands() -> Result<Vec<String>, Failed> {
+    let out = Command::new(OBSERVER).arg("--help").output().map_err(|e| format!("observer --help: {e}"))?;
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let names: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|n| n != "help")
+        .collect();
+    if names.len() < 3 {
+        return Err(format!("observer --help lists no subcommands:\n{help}").into());
+    }
+    Ok(names)
+}
+
+/// `observer completions bash|zsh|fish` and `observer man`, as the binary prints them: every
+/// subcommand completed, `bash -n` accepts the script, the man page has every `run` flag.
+pub fn completions_and_man_page() -> Result<(), Failed> {
+    let subcommands = subcommands()?;
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(OBSERVER).args(["completions", shell]).output().map_err(|e| e.to_string())?;
+        let script = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || script.trim().is_empty() {
+            return Err(format!("observer completions {shell}: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        if let Some(missing) = subcommands.iter().find(|s| !script.contains(s.as_str())) {
+            return Err(format!("observer completions {shell} lacks `{missing}`").into());
+        }
+        if shell == "bash" {
+            let file = TempFile::new("completion.bash", &script)?;
+            let checked = Command::new("bash").args(["-n", file.path()]).output().map_err(|e| e.to_string())?;
+            if !checked.status.success() {
+                return Err(format!("bash -n: {}", String::from_utf8_lossy(&checked.stderr)).into());
+            }
+        }
+    }
+    let out = Command::new(OBSERVER).arg("man").output().map_err(|e| e.to_string())?;
+    let page = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !page.contains("\n.TH observer 1 ") {
+        return Err(format!("observer man: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let help = Command::new(OBSERVER).args(["run", "--help"]).output().map_err(|e| e.to_string())?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', '<']).next())
+        .filter(|f| *f != "help")
+        .collect();
+    if flags.len() < 10 {
+        return Err(format!("observer run --help lists too few flags:\n{help}").into());
+    }
+    for flag in flags {
+        if !page.contains(&format!("\\-\\-{}", flag.replace('-', "\\-"))) {
+            return Err(format!("observer man lacks --{flag}").into());
+        }
     }
     Ok(())
 }
