@@ -59,13 +59,31 @@ pub struct Daemon {
     stdout: Arc<Mutex<Vec<String>>>,
 }
 
+/// The message of a daemon log line: the line itself in the text format, `fields.message` of a
+/// `--log-format json` line.
+pub fn log_message(line: &str) -> String {
+    if line.starts_with('{')
+        && let Ok(json) = serde_json::from_str::<serde_json::Value>(line)
+        && let Some(message) = json["fields"]["message"].as_str().or(json["message"].as_str())
+    {
+        return message.to_string();
+    }
+    line.to_string()
+}
+
 impl Daemon {
     /// Starts `OBSERVER run --listen ADDR EXTRA...` (with `RUST_LOG=info`) and waits until
     /// `/healthz` answers 200. Fails with the daemon's own output when it cannot start.
     pub fn start(observer: &Path, extra: &[&str], options: &Options) -> Result<Self> {
+        Self::start_with_env(observer, extra, &[], options)
+    }
+
+    /// [`Daemon::start`] with environment variables `env` set for the daemon.
+    pub fn start_with_env(observer: &Path, extra: &[&str], env: &[(&str, &str)], options: &Options) -> Result<Self> {
         let listen = options.listen.map_or_else(|| "127.0.0.1:0".to_string(), |a| a.to_string());
         let mut command = Command::new(observer);
         command.args(["run", "--listen", &listen]).args(extra).env("RUST_LOG", "info");
+        command.envs(env.iter().copied());
         let display = process::display(&command);
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let spawned = Instant::now();
@@ -89,11 +107,12 @@ impl Daemon {
             let (log, ready_at) = (log.clone(), ready_at.clone());
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if line.contains(" ready") {
+                    let message = log_message(&line);
+                    if message.contains(" ready") {
                         ready_at.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(spawned.elapsed());
                     }
-                    if let Some(addr) = line.split("on http://").nth(1) {
-                        let _ = serving_tx.send(addr.trim().to_string());
+                    if let Some(addr) = message.split("on http://").nth(1).and_then(|a| a.split_whitespace().next()) {
+                        let _ = serving_tx.send(addr.to_string());
                     }
                     log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }

@@ -31,6 +31,19 @@ pub struct StatusReport {
     /// The container runtime observer names pods through.
     #[serde(default)]
     pub container_runtime: RuntimeReport,
+    /// The effective `observer run` configuration: every option, by its `--config` file key.
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigSetting>,
+}
+
+/// One `observer run` option as the daemon runs with it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConfigSetting {
+    /// As given (or the default's text); absent for an option that is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Where it came from: `default`, `file`, `env` or `flag` (flag > env > file > default).
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

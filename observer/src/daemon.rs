@@ -2,6 +2,7 @@
 //! the [`Pipeline`] until SIGINT or SIGTERM.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -18,6 +19,7 @@ use tokio::{
 
 use crate::{
     aggregate::Limits,
+    api::ConfigSetting,
     attribution::Attribution,
     connections::{self, SocketTable},
     container::{self, SharedResolver},
@@ -46,6 +48,9 @@ pub struct DaemonOptions {
     pub pods: PodOptions,
     /// `--log-events`: every event-log record as a JSON line on stdout.
     pub log_events: bool,
+    /// The effective `observer run` configuration and where each value came from, for the
+    /// status.
+    pub config: BTreeMap<String, ConfigSetting>,
 }
 
 /// Where pod names come from.
@@ -87,11 +92,12 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let cgroup_root = resolver.lock().unwrap_or_else(|e| e.into_inner()).root().map(|p| p.to_path_buf());
     let pods = Arc::new(Pods::new(options.pods.expire_after, cgroup_root));
     let state = Arc::new(DaemonState::new(probes::kernel_release(), options.limits, pods));
+    state.set_config(options.config);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, state.clone(), async move {
         let _ = stop_rx.wait_for(|stop| *stop).await;
     }));
-    log::info!("serving /metrics, /healthz and /api/v1/status on http://{local}");
+    tracing::info!(listen = %local, "serving /metrics, /healthz and /api/v1/status on http://{local}");
 
     let netns = options.probes.netns;
     let loaded =
@@ -164,7 +170,12 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     })?;
     let attached = statuses.iter().filter(|s| s.state == ProbeState::Attached).count();
     state.set_probes(statuses, degraded, counters, reasons.clone(), probe_stats.is_some());
-    log::info!("observer {} ready: {attached} probes attached", crate::VERSION);
+    tracing::info!(
+        version = crate::VERSION,
+        probes_attached = attached,
+        "observer {} ready: {attached} probes attached",
+        crate::VERSION
+    );
 
     let kernel_log = logger.map(forward_kernel_log).transpose()?;
     let scanner = spawn_socket_scanner(table, state.clone());
@@ -239,7 +250,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
         _ => {}
     }
     let signal = outcome?;
-    log::info!("{signal}: probes detached, exiting");
+    tracing::info!(signal, "{signal}: probes detached, exiting");
     Ok(())
 }
 

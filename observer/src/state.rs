@@ -13,7 +13,7 @@ use std::{
 use crate::{
     REVISION, VERSION,
     aggregate::Limits,
-    api::{EventsReport, ProbeReport, StatusReport, TopReport, TopSort},
+    api::{ConfigSetting, EventsReport, ProbeReport, StatusReport, TopReport, TopSort},
     event_log::EventLog,
     metrics::Metrics,
     pods::Pods,
@@ -52,6 +52,8 @@ pub struct DaemonState {
     rates: Mutex<Rates>,
     /// The last copy of the aggregator's series, kept for its allocation.
     copied: Mutex<top::Copied>,
+    /// The effective configuration, for the status; set once at start-up.
+    config: OnceLock<BTreeMap<String, ConfigSetting>>,
 }
 
 impl DaemonState {
@@ -64,6 +66,7 @@ impl DaemonState {
             kernel,
             probes: OnceLock::new(),
             kernel_counters: Mutex::new(None),
+            config: OnceLock::new(),
             rates: Mutex::new(Rates::default()),
             copied: Mutex::new(Vec::new()),
         }
@@ -82,6 +85,11 @@ impl DaemonState {
     pub fn top(&self, interval: Duration, sort: TopSort, limit: usize) -> TopReport {
         let pods = self.pods.snapshot();
         self.rates.lock().unwrap_or_else(|e| e.into_inner()).report(interval, sort, limit, &pods)
+    }
+
+    /// The effective `observer run` configuration, each value with its source, for the status.
+    pub fn set_config(&self, config: BTreeMap<String, ConfigSetting>) {
+        let _ = self.config.set(config);
     }
 
     /// The event log (resets and premature closes, paired with their cause).
@@ -175,6 +183,7 @@ impl DaemonState {
             },
             recent_premature: recent,
             container_runtime: self.pods.report(),
+            config: self.config.get().cloned().unwrap_or_default(),
         }
     }
 }

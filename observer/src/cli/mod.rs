@@ -1,6 +1,9 @@
 //! The `observer` command line: one subcommand per file.
 
+pub mod config;
+pub mod docs;
 pub mod events;
+pub mod logging;
 pub mod run;
 pub mod status;
 pub mod top;
@@ -31,6 +34,10 @@ pub enum Command {
     Events(events::EventsArgs),
     /// Show the rows with the most resets, premature closes or closes per second, live.
     Top(top::TopArgs),
+    /// Print a shell completion script for observer on stdout.
+    Completions(docs::CompletionsArgs),
+    /// Print observer's man page (roff) on stdout: `observer man | man -l -`.
+    Man,
 }
 
 /// GETs `path` from the daemon at `endpoint`; a daemon that cannot be reached is one clear error

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Args;
-use observer::api::{STATUS_PATH, StatusReport};
+use observer::api::{ConfigSetting, STATUS_PATH, StatusReport};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -75,10 +75,40 @@ fn render(s: &StatusReport) -> String {
     for d in &s.degraded {
         let _ = writeln!(out, "degraded: {d}");
     }
+    out.push_str(&render_config(&s.config));
     if !s.recent_premature.is_empty() {
         let _ = writeln!(out, "\nRECENT PREMATURE CLOSES (newest last)");
         for r in &s.recent_premature {
             let _ = writeln!(out, "  {}", super::events::render(r));
+        }
+    }
+    out
+}
+
+/// The effective configuration, one line per source (`flag`, `env`, `file`, `default`) of
+/// `key=value` pairs; options that are not set are left out.
+fn render_config(config: &std::collections::BTreeMap<String, ConfigSetting>) -> String {
+    use std::fmt::Write as _;
+    if config.is_empty() {
+        return String::new();
+    }
+    let file = config.get("config").and_then(|c| c.value.as_deref().map(|v| format!(" (file {v}, from {})", c.source)));
+    let mut out = format!("\nCONFIG{}\n", file.unwrap_or_default());
+    for source in ["flag", "env", "file", "default"] {
+        let mut line = format!("  {source:<8}");
+        let mut width = line.len();
+        for (key, setting) in config.iter().filter(|(k, c)| c.source == source && k.as_str() != "config") {
+            let Some(value) = &setting.value else { continue };
+            let pair = format!(" {key}={value}");
+            if width + pair.len() > 100 && width > 10 {
+                let _ = write!(line, "\n{:10}", "");
+                width = 10;
+            }
+            width += pair.len();
+            line.push_str(&pair);
+        }
+        if line.len() > 10 {
+            let _ = writeln!(out, "{line}");
         }
     }
     out

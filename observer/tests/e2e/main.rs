@@ -10,9 +10,10 @@
 //! cause pairing, state gauges; `lifecycle`: status, flags, signals; `kernel`: the verifier,
 //! the back end `auto` picks, cgroups by id; `reliability`: overload and hostile peers; `top`: the daemon's rates); `support` holds what they share, `traffic` the scenario worker this binary
 //! re-executes itself as. The daemon, HTTP, metrics and socket helpers come from
-//! `observer-testkit`.
+//! `observer-testkit`. `config`: flags, environment and file, the JSON log, completions.
 
 mod basics;
+mod config;
 mod intelligence;
 mod kernel;
 mod lifecycle;
@@ -78,6 +79,13 @@ fn main() {
             "probe_stats_count_each_programs_runs_and_time",
             lifecycle::probe_stats_count_each_programs_runs_and_time,
         ),
+        Trial::test("config_file_env_and_flags_apply_in_that_order", config::file_env_and_flags_in_that_order),
+        Trial::test(
+            "bad_configuration_fails_with_one_line_naming_field_and_value",
+            config::bad_configuration_fails_with_one_line_naming_field_and_value,
+        ),
+        Trial::test("log_format_json_every_stderr_line_parses", config::log_format_json_lines_parse),
+        Trial::test("completions_and_man_page_cover_every_subcommand_and_flag", config::completions_and_man_page),
         Trial::test(
             "every_program_of_every_back_end_passes_the_verifier",
             kernel::every_program_of_every_back_end_passes_the_verifier,
