@@ -30,13 +30,52 @@ pub enum Command {
     Events(events::EventsArgs),
 }
 
-/// GETs `path` from the daemon at `endpoint`; a daemon that cannot be reached is one clear error
-/// saying what to do.
-pub fn get(endpoint: &str, path: &str) -> anyhow::Result<String> {
+/// The default of `--timeout`.
+pub const DEFAULT_TIMEOUT: &str = "5s";
+
+/// GETs `path` from the daemon at `endpoint`, waiting at most `timeout`; every way that fails
+/// is one clear error saying what to do: nothing listening, no answer in time, an error status
+/// (with the daemon's message).
+pub fn get(endpoint: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
     let base = endpoint.trim_end_matches('/');
     let agent: ureq::Agent =
-        ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).build().into();
-    agent.get(&format!("{base}{path}")).call().and_then(|mut response| response.body_mut().read_to_string()).map_err(|e| {
-        anyhow::anyhow!("cannot reach an observer daemon at {base}: {e}; is it running (`observer run`)? Point at it with --endpoint URL")
-    })
+        ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
+    let url = format!("{base}{path}");
+    let unreachable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot reach an observer daemon at {base}: {e}; is observer run running? Point at it with --endpoint URL"
+        )
+    };
+    let mut response = match agent.get(&url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Timeout(_)) => {
+            anyhow::bail!(
+                "the observer daemon at {base} did not answer within {} (--timeout)",
+                humantime::format_duration(timeout)
+            )
+        }
+        Err(e) => return Err(unreachable(&e)),
+    };
+    let status = response.status();
+    let body = match response.body_mut().read_to_string() {
+        Ok(body) => body,
+        Err(ureq::Error::Timeout(_)) => {
+            anyhow::bail!(
+                "the observer daemon at {base} did not answer within {} (--timeout)",
+                humantime::format_duration(timeout)
+            )
+        }
+        Err(e) => anyhow::bail!("{url}: reading the answer: {e}"),
+    };
+    if !status.is_success() {
+        let message = serde_json::from_str::<observer::api::ApiError>(&body)
+            .map_or_else(|_| body.trim().to_string(), |e| e.error);
+        anyhow::bail!("{url} answered {status}: {message}");
+    }
+    Ok(body)
+}
+
+/// `--timeout`: a duration such as `5s`, `500ms`.
+pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration such as 5s or 500ms: {e}"))
 }
