@@ -54,7 +54,11 @@ pub fn get(endpoint: &str, path: &str, timeout: std::time::Duration) -> anyhow::
                 humantime::format_duration(timeout)
             )
         }
-        Err(e) => return Err(unreachable(&e)),
+        Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound)) => {
+            return Err(unreachable(&e));
+        }
+        Err(e @ (ureq::Error::BadUri(_) | ureq::Error::Http(_))) => anyhow::bail!("--endpoint {base}: {e}"),
+        Err(e) => anyhow::bail!("{url} answered, but not with observer's HTTP ({e}): is it an observer daemon?"),
     };
     let status = response.status();
     let body = match response.body_mut().read_to_string() {
