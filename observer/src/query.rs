@@ -107,10 +107,10 @@ impl Filter {
             }
         }
         let remote = split_endpoint(&r.remote);
-        if let Some(peer) = &self.peer {
-            if !remote.is_some_and(|(ip, _)| peer.contains(ip)) {
-                return false;
-            }
+        if let Some(peer) = &self.peer
+            && !remote.is_some_and(|(ip, _)| peer.contains(ip))
+        {
+            return false;
         }
         if let Some(port) = self.port {
             // The service port, as the metrics' `port` label: the remote port of a client, the

@@ -115,7 +115,10 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
     }
     print(matched.make_contiguous())?;
-    while args.follow {
+    if !args.follow {
+        return Ok(());
+    }
+    loop {
         let page = fetch(after)?;
         print(&page.events)?;
         if page.next < after {
@@ -128,7 +131,6 @@ pub fn run(args: EventsArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
-    Ok(())
 }
 
 /// A record's RFC 3339 UTC `time` as local time, `2026-12-02 01:53:38.123`.

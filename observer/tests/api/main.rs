@@ -25,10 +25,7 @@ const CONFIG: &str = "observer/tests/api/schemathesis.toml";
 
 fn main() {
     let args = Arguments::from_args();
-    let trials = vec![Trial::test(
-        "schemathesis_finds_nothing_against_the_openapi_description_of_a_real_daemon",
-        fuzz,
-    )];
+    let trials = vec![Trial::test("schemathesis_finds_nothing_against_the_openapi_description_of_a_real_daemon", fuzz)];
     libtest_mimic::run(&args, trials).exit();
 }
 
@@ -106,6 +103,8 @@ fn fuzz() -> Result<(), Failed> {
             "--report-dir",
         ])
         .arg(&report)
+        // It keeps a cache (.schemathesis/) in its working directory: under target/.
+        .current_dir(Path::new(env!("CARGO_TARGET_TMPDIR")))
         .env("NO_COLOR", "1")
         .env("SCHEMATHESIS_HOOKS", "")
         .stdin(Stdio::null());

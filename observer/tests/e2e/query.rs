@@ -113,15 +113,10 @@ pub fn filters() -> Result<(), Failed> {
     let want = format!("{}:8050", server_ip);
     for line in text.lines() {
         let date = line.get(..10).unwrap_or_default();
-        if !(date.len() == 10 && date.chars().all(|c| c.is_ascii_digit() || c == '-'))
-            || !line.contains("peer_reset")
-            || !line.contains(&format!("{}[", s.client_comm))
-            || !line.contains(" client ")
-            || !line.contains(&want)
-            || !line.contains("dur=")
-            || !line.contains("<- reset by t50-q-srv[")
-            || line.contains('\x1b')
-        {
+        let dated = date.len() == 10 && date.chars().all(|c| c.is_ascii_digit() || c == '-');
+        let fields =
+            ["peer_reset", &format!("{}[", s.client_comm), " client ", &want, "dur=", "<- reset by t50-q-srv["];
+        if !dated || !fields.iter().all(|f| line.contains(f)) || line.contains('\x1b') {
             return Err(format!("table line lacks a field or has colour: {line:?}\n{text}").into());
         }
     }
