@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub const STATUS_PATH: &str = "/api/v1/status";
 pub const EVENTS_PATH: &str = "/api/v1/events";
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {
@@ -139,10 +140,14 @@ pub struct Cause {
 /// One record of the event log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventRecord {
-    /// Increases by one per record; `/api/v1/events?since=SEQ` returns the later ones.
+    /// Increases by one per record; `/api/v1/events?after=SEQ` returns the later ones.
     pub seq: u64,
     /// Kernel monotonic clock (ns) at the event.
     pub timestamp_ns: u64,
+    /// The same instant as RFC 3339 UTC wall time (`2026-12-02T01:53:38.123456Z`), from
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC when the record is served.
+    #[serde(default)]
+    pub time: String,
     /// `reset_received`, `reset_sent` or `closed`.
     pub event: String,
     /// For `closed`: the premature kind (`peer_reset`, `eof_before_response`, ...).
@@ -183,7 +188,7 @@ pub struct Facts {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventsPage {
-    /// Pass as `since` to get what comes after this page.
+    /// Pass as `after` to get what comes after this page.
     pub next: u64,
     /// Sequence number of the newest record in the log (0: none yet).
     pub latest: u64,
@@ -271,4 +276,11 @@ pub struct TopRow {
     pub premature_by_kind: BTreeMap<String, f64>,
     /// Connections closed (`observer_tcp_closes_total`).
     pub closes_per_s: f64,
+}
+
+/// The answer to a request the API refuses (HTTP 400): what is wrong, naming the parameter and
+/// what it allows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub error: String,
 }

@@ -25,6 +25,7 @@ use crate::{
     container::Container,
     decode::Event,
     pods::{PodIdentity, Pods},
+    query::{Filter, rfc3339, wall_offset_ns},
     reasons::ResetReasons,
     series::{comm_text, ip_text, role_text, tcp_state_label},
 };
@@ -89,6 +90,9 @@ pub struct EventLog {
     waiting: HashMap<Flow, (u64, Vec<(u64, u64)>)>,
     waiting_order: VecDeque<(u64, Flow)>,
     paired: u64,
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC as last read, for records' `time`: kept while the
+    /// clocks agree within 10 ms, so a record renders the same wall time each time it is read.
+    wall_offset: std::cell::Cell<u64>,
 }
 
 impl EventLog {
@@ -241,10 +245,34 @@ impl EventLog {
 
     /// Records after `since`, at most `limit`.
     pub fn page(&self, since: u64, limit: usize) -> EventsPage {
-        let events: Vec<EventRecord> =
-            self.entries.iter().filter(|e| e.seq > since).take(limit).map(|e| self.render(e)).collect();
-        let next = events.last().map_or(since.min(self.next_seq).max(self.first_seq().saturating_sub(1)), |r| r.seq);
+        self.query(since, limit, &Filter::default())
+    }
+
+    /// Records after `after` that `filter` selects, at most `limit`, oldest first. `next` is
+    /// the last record looked at: with a filter, later pages go on from there.
+    pub fn query(&self, after: u64, limit: usize, filter: &Filter) -> EventsPage {
+        self.refresh_wall_offset();
+        let mut events = Vec::new();
+        let mut next = None;
+        for e in self.entries.iter().filter(|e| e.seq > after) {
+            if events.len() == limit {
+                break;
+            }
+            let record = self.render(e);
+            next = Some(e.seq);
+            if filter.matches(&record) {
+                events.push(record);
+            }
+        }
+        let next = next.unwrap_or(after.min(self.next_seq).max(self.first_seq().saturating_sub(1)));
         EventsPage { next, latest: self.next_seq, events }
+    }
+
+    fn refresh_wall_offset(&self) {
+        let now = wall_offset_ns();
+        if now.abs_diff(self.wall_offset.get()) > 10_000_000 {
+            self.wall_offset.set(now);
+        }
     }
 
     fn first_seq(&self) -> u64 {
@@ -253,6 +281,7 @@ impl EventLog {
 
     /// The last `n` premature closes, oldest first.
     pub fn recent_premature(&self, n: usize) -> Vec<EventRecord> {
+        self.refresh_wall_offset();
         let mut recent: Vec<EventRecord> = self
             .entries
             .iter()
@@ -286,6 +315,7 @@ impl EventLog {
         EventRecord {
             seq: entry.seq,
             timestamp_ns: raw.timestamp_ns,
+            time: rfc3339(raw.timestamp_ns, self.wall_offset.get()),
             event: event.to_string(),
             kind,
             reason,

@@ -1,21 +1,24 @@
-//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/v1/status`, `/api/v1/events`. It only reads
-//! the [`DaemonState`]; the daemon's event path writes it.
+//! The HTTP endpoint: `/metrics`, `/healthz`, `/api/v1/status`, `/api/v1/events` (with
+//! `follow=true`, a stream of NDJSON), `/api/v1/openapi.json`. It only reads the
+//! [`DaemonState`]; the daemon's event path writes it.
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    body::{Body, Bytes},
+    extract::{Query, RawQuery, State},
     http::{StatusCode, header},
-    response::IntoResponse,
+    response::{IntoResponse, Response},
     routing::get,
 };
 use tokio::net::TcpListener;
 
 use crate::{
-    api::{EVENTS_PATH, EventsPage, STATUS_PATH, StatusReport, TOP_PATH, TopReport},
+    api::{ApiError, EVENTS_PATH, OPENAPI_PATH, STATUS_PATH, StatusReport, TOP_PATH, TopReport},
     event_log::LOG_CAPACITY,
-    exposition,
+    exposition, openapi,
+    query::{EventsQuery, Filter, monotonic_ns},
     state::DaemonState,
     top,
 };
@@ -27,6 +30,7 @@ pub fn router(state: Arc<DaemonState>) -> Router {
         .route(STATUS_PATH, get(status))
         .route(EVENTS_PATH, get(events))
         .route(TOP_PATH, get(top_rows))
+        .route(OPENAPI_PATH, get(openapi_document))
         .with_state(state)
 }
 
@@ -59,18 +63,94 @@ async fn status(State(state): State<Arc<DaemonState>>) -> Json<StatusReport> {
     Json(state.status())
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct EventsQuery {
-    /// Only records after this sequence number.
-    #[serde(default)]
-    since: u64,
-    /// At most this many (capped at the log's capacity).
-    limit: Option<usize>,
+/// The OpenAPI 3 description of these endpoints (`crate::openapi`).
+async fn openapi_document() -> Json<serde_json::Value> {
+    Json(openapi::document())
 }
 
-async fn events(State(state): State<Arc<DaemonState>>, Query(q): Query<EventsQuery>) -> Json<EventsPage> {
+/// `GET /api/v1/events`: a page of the event log, or with `follow=true` a stream.
+async fn events(State(state): State<Arc<DaemonState>>, RawQuery(raw): RawQuery) -> Response {
+    let q = match EventsQuery::parse(raw.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(error) => return (StatusCode::BAD_REQUEST, Json(ApiError { error })).into_response(),
+    };
+    let filter = q.filter_at(monotonic_ns());
+    if q.follow {
+        return follow(state, &q, filter);
+    }
     let limit = q.limit.unwrap_or(1000).min(LOG_CAPACITY);
-    Json(state.event_log().page(q.since, limit))
+    Json(state.event_log().query(q.after.unwrap_or(0), limit, &filter)).into_response()
+}
+
+/// Open `follow=true` streams, for their log lines.
+static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One `follow=true` stream: the records after `after` that `filter` selects, as they come.
+/// Dropped (and logged) when it ends or when the client goes away: hyper drops the body then.
+struct Follow {
+    id: u64,
+    state: Arc<DaemonState>,
+    filter: Filter,
+    after: u64,
+    /// Records still to send (`limit`).
+    remaining: Option<usize>,
+    /// The stream ends here (`timeout`).
+    deadline: Option<tokio::time::Instant>,
+    ready: std::collections::VecDeque<Bytes>,
+    sent: u64,
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        log::info!("events stream {} closed after {} records", self.id, self.sent);
+    }
+}
+
+/// How often a stream looks for new records.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn follow(state: Arc<DaemonState>, q: &EventsQuery, filter: Filter) -> Response {
+    let after = q.after.unwrap_or_else(|| state.event_log().page(u64::MAX, 0).latest);
+    let id = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    log::info!("events stream {id} opened");
+    let stream = Follow {
+        id,
+        state,
+        filter,
+        after,
+        remaining: q.limit,
+        deadline: q.timeout.map(|t| tokio::time::Instant::now() + t),
+        ready: Default::default(),
+        sent: 0,
+    };
+    let body = futures_util::stream::unfold(stream, |mut f| async move {
+        loop {
+            if f.remaining == Some(0) {
+                return None;
+            }
+            if let Some(line) = f.ready.pop_front() {
+                f.sent += 1;
+                f.remaining = f.remaining.map(|n| n - 1);
+                return Some((Ok::<_, std::convert::Infallible>(line), f));
+            }
+            let now = tokio::time::Instant::now();
+            if f.deadline.is_some_and(|d| now >= d) {
+                return None;
+            }
+            let page = f.state.event_log().query(f.after, 1000, &f.filter);
+            f.after = page.next;
+            for record in &page.events {
+                let mut line = serde_json::to_vec(record).unwrap_or_default();
+                line.push(b'\n');
+                f.ready.push_back(line.into());
+            }
+            if f.ready.is_empty() {
+                let wake = f.deadline.map_or(now + FOLLOW_POLL, |d| d.min(now + FOLLOW_POLL));
+                tokio::time::sleep_until(wake).await;
+            }
+        }
+    });
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response()
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -84,9 +164,9 @@ struct TopQuery {
 async fn top_rows(
     State(state): State<Arc<DaemonState>>,
     Query(q): Query<TopQuery>,
-) -> Result<Json<TopReport>, (StatusCode, String)> {
+) -> Result<Json<TopReport>, (StatusCode, Json<ApiError>)> {
     let (interval, sort, limit) = top::parse_query(q.interval.as_deref(), q.sort.as_deref(), q.limit.as_deref())
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
+        .map_err(|e| (StatusCode::BAD_REQUEST, Json(ApiError { error: e.to_string() })))?;
     Ok(Json(state.top(interval, sort, limit)))
 }
 

@@ -40,30 +40,56 @@ pub enum Command {
     Man,
 }
 
-/// GETs `path` from the daemon at `endpoint`; a daemon that cannot be reached is one clear error
-/// saying what to do.
-pub fn get(endpoint: &str, path: &str) -> anyhow::Result<String> {
-    let base = endpoint.trim_end_matches('/');
-    let agent: ureq::Agent =
-        ureq::Agent::config_builder().timeout_global(Some(std::time::Duration::from_secs(5))).build().into();
-    agent.get(&format!("{base}{path}")).call().and_then(|mut response| response.body_mut().read_to_string()).map_err(|e| {
-        anyhow::anyhow!("cannot reach an observer daemon at {base}: {e}; is it running (`observer run`)? Point at it with --endpoint URL")
-    })
-}
+/// The default of `--timeout`.
+pub const DEFAULT_TIMEOUT: &str = "5s";
 
-/// GETs `path` from the daemon at `endpoint`, waiting at most `timeout`: one error line when it
-/// cannot be reached, is slow, or answers other than 200.
-pub fn get_within(endpoint: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
+/// GETs `path` from the daemon at `endpoint`, waiting at most `timeout`; every way that fails
+/// is one clear error saying what to do: nothing listening, no answer in time, an error status
+/// (with the daemon's message).
+pub fn get(endpoint: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
     let base = endpoint.trim_end_matches('/');
     let agent: ureq::Agent =
         ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build().into();
-    let mut response = agent.get(&format!("{base}{path}")).call().map_err(|e| {
-        anyhow::anyhow!("cannot reach an observer daemon at {base} within {timeout:?}: {e}; is it running (`observer run`)? Point at it with --endpoint URL")
-    })?;
+    let url = format!("{base}{path}");
+    let unreachable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot reach an observer daemon at {base}: {e}; is observer run running? Point at it with --endpoint URL"
+        )
+    };
+    let mut response = match agent.get(&url).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Timeout(_)) => {
+            anyhow::bail!(
+                "the observer daemon at {base} did not answer within {} (--timeout)",
+                humantime::format_duration(timeout)
+            )
+        }
+        Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound)) => {
+            return Err(unreachable(&e));
+        }
+        Err(e @ (ureq::Error::BadUri(_) | ureq::Error::Http(_))) => anyhow::bail!("--endpoint {base}: {e}"),
+        Err(e) => anyhow::bail!("{url} answered, but not with observer's HTTP ({e}): is it an observer daemon?"),
+    };
     let status = response.status();
-    let body = response.body_mut().read_to_string().map_err(|e| anyhow::anyhow!("reading {base}{path}: {e}"))?;
-    if status != 200 {
-        anyhow::bail!("{base}{path} answered {status}: {}", body.lines().next().unwrap_or_default());
+    let body = match response.body_mut().read_to_string() {
+        Ok(body) => body,
+        Err(ureq::Error::Timeout(_)) => {
+            anyhow::bail!(
+                "the observer daemon at {base} did not answer within {} (--timeout)",
+                humantime::format_duration(timeout)
+            )
+        }
+        Err(e) => anyhow::bail!("{url}: reading the answer: {e}"),
+    };
+    if !status.is_success() {
+        let message = serde_json::from_str::<observer::api::ApiError>(&body)
+            .map_or_else(|_| body.trim().to_string(), |e| e.error);
+        anyhow::bail!("{url} answered {status}: {message}");
     }
     Ok(body)
+}
+
+/// `--timeout`: a duration such as `5s`, `500ms`.
+pub fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{text:?} is not a duration such as 5s or 500ms: {e}"))
 }

@@ -12,16 +12,23 @@ pub struct StatusArgs {
     /// Print the daemon's JSON as it is.
     #[arg(long)]
     pub json: bool,
+    /// How long to wait for the daemon's answer.
+    #[arg(long, value_name = "DURATION", default_value = super::DEFAULT_TIMEOUT, value_parser = super::parse_timeout)]
+    pub timeout: std::time::Duration,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let body = super::get(&args.endpoint, STATUS_PATH)?;
+    let body = super::get(&args.endpoint, STATUS_PATH, args.timeout)?;
+    let status: StatusReport = serde_json::from_str(&body).with_context(|| {
+        format!(
+            "{}{STATUS_PATH} answered, but not with observer's status JSON (is it an observer daemon?)",
+            args.endpoint
+        )
+    })?;
     if args.json {
         println!("{body}");
         return Ok(());
     }
-    let status: StatusReport = serde_json::from_str(&body)
-        .with_context(|| format!("{}{STATUS_PATH} did not answer with observer's status JSON", args.endpoint))?;
     print!("{}", render(&status));
     Ok(())
 }

@@ -91,7 +91,7 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
 /// One report from the daemon.
 fn fetch(args: &TopArgs, sort: TopSort, limit: u32) -> anyhow::Result<TopReport> {
     let path = format!("{TOP_PATH}?interval={}ms&sort={}&limit={limit}", args.interval.as_millis(), sort.as_str());
-    let body = super::get_within(&args.endpoint, &path, args.timeout)?;
+    let body = super::get(&args.endpoint, &path, args.timeout)?;
     serde_json::from_str(&body)
         .with_context(|| format!("{}{TOP_PATH} did not answer with observer's top JSON", args.endpoint))
 }

@@ -7,8 +7,10 @@
 //!
 //! This file is the list of tests. The tests live in modules by subject (`basics`: the four
 //! ways a connection ends on loopback; `intelligence`: the kinds beyond resets, containers,
-//! cause pairing, state gauges; `lifecycle`: status, flags, signals; `kernel`: the verifier,
-//! the back end `auto` picks, cgroups by id; `reliability`: overload and hostile peers; `top`: the daemon's rates); `support` holds what they share, `traffic` the scenario worker this binary
+//! cause pairing, state gauges; `lifecycle`: status, flags, signals; `query`: the event log's
+//! filters, streams and the CLI's errors; `top`: the daemon's rates; `config`: flags, environment,
+//! files, log formats; `kernel`: the verifier, the back end `auto` picks, cgroups by id;
+//! `reliability`: overload and hostile peers); `support` holds what they share, `traffic` the scenario worker this binary
 //! re-executes itself as. The daemon, HTTP, metrics and socket helpers come from
 //! `observer-testkit`. `config`: flags, environment and file, the JSON log, completions.
 
@@ -17,6 +19,7 @@ mod config;
 mod intelligence;
 mod kernel;
 mod lifecycle;
+mod query;
 mod reliability;
 mod support;
 mod top;
@@ -70,6 +73,11 @@ fn main() {
             "connections_open_before_start_are_seeded_from_the_socket_table",
             intelligence::connections_open_before_start,
         ),
+        Trial::test("events_filters_each_select_exactly_their_records_in_json_and_table", query::filters),
+        Trial::test("events_peer_filter_takes_ipv6_addresses_and_cidrs", query::filters_v6),
+        Trial::test("events_follow_and_follow_true_see_new_records_and_free_the_stream", query::follow),
+        Trial::test("events_api_answers_400_naming_the_bad_parameter", query::bad_parameters),
+        Trial::test("every_command_fails_in_one_line_when_the_daemon_is_absent_silent_or_garbage", query::cli_errors),
         Trial::test("status_api_healthz_and_info_metrics_list_every_probe", lifecycle::status_lists_every_probe),
         Trial::test("status_command_prints_probes_and_fails_clearly_without_a_daemon", lifecycle::status_command),
         Trial::test("probes_flag_forces_a_back_end_for_every_hook", lifecycle::forced_back_end),
