@@ -196,7 +196,7 @@ pub fn top_command_fails_clearly() -> Result<(), Failed> {
             drop(conn);
         }
     });
-    fails(&format!("http://{silent_addr}"), "cannot reach")?;
+    fails(&format!("http://{silent_addr}"), "did not answer within 1s (--timeout)")?;
     // Answers, but not with a report.
     let liar = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let liar_addr = liar.local_addr().map_err(|e| e.to_string())?;
