@@ -157,6 +157,14 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Starts `OBSERVER run --netns NETNS EXTRA...`, restricted to one network namespace (a
+    /// test's own), allowing `patience` for start-up and for each HTTP request.
+    pub fn start_in_netns(observer: &Path, netns: &str, extra: &[&str], patience: Duration) -> Result<Self> {
+        let mut args = vec!["--netns", netns];
+        args.extend_from_slice(extra);
+        Self::start(observer, &args, &Options { ready_within: patience, http_timeout: patience, ..Options::default() })
+    }
+
     /// Kills a daemon that did not start and describes how it ended, with its log.
     fn failed_to_start(mut self, what: &str) -> anyhow::Error {
         let _ = self.child.kill();

@@ -198,6 +198,19 @@ fn set_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, value: lib
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Sets up `obs-va`, a veth in this network namespace whose peer (`obs-vb`) stays down, with a
+/// static neighbour for the far address, so that SYNs sent there are transmitted and lost (not
+/// failed at neighbour resolution): connects time out. Returns (local, remote) addresses.
+pub fn dead_end_link() -> io::Result<(Ipv4Addr, Ipv4Addr)> {
+    let (local, remote) = (Ipv4Addr::new(10, 77, 250, 1), Ipv4Addr::new(10, 77, 250, 2));
+    ip(&["link", "add", "obs-va", "type", "veth", "peer", "name", "obs-vb"])?;
+    ip(&["addr", "add", &format!("{local}/24"), "dev", "obs-va"])?;
+    ip(&["link", "set", "obs-va", "up"])?;
+    let remote_text = remote.to_string();
+    ip(&["neigh", "replace", &remote_text, "lladdr", "02:00:00:00:00:02", "dev", "obs-va", "nud", "permanent"])?;
+    Ok((local, remote))
+}
+
 /// A named network namespace of a test's own (`ip netns add`, mounted at `/run/netns/NAME`,
 /// with `lo` up), deleted when dropped. Processes join it by path (a worker's `NETNS`), and a
 /// daemon can be restricted to it (`--netns`).

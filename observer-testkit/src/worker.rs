@@ -150,21 +150,7 @@ fn work(role: &str, netns: &str, port: &str, n: &str, comm: &str) -> io::Result<
         // The peer's MAC is static, so the SYNs are sent and lost rather than failing neighbour
         // resolution. PORT is the port connected to on the far side.
         "connect-timeout" => {
-            let (local, remote) = (Ipv4Addr::new(10, 77, 250, 1), Ipv4Addr::new(10, 77, 250, 2));
-            net::ip(&["link", "add", "obs-va", "type", "veth", "peer", "name", "obs-vb"])?;
-            net::ip(&["addr", "add", &format!("{local}/24"), "dev", "obs-va"])?;
-            net::ip(&["link", "set", "obs-va", "up"])?;
-            net::ip(&[
-                "neigh",
-                "replace",
-                &remote.to_string(),
-                "lladdr",
-                "02:00:00:00:00:02",
-                "dev",
-                "obs-va",
-                "nud",
-                "permanent",
-            ])?;
+            let (local, remote) = net::dead_end_link()?;
             for i in 0..n {
                 let socket = net::tcp_socket_bound_to(local.into(), false)?;
                 net::set_syn_count(&socket, 1)?;

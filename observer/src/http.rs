@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::{Query, RawQuery, State},
+    extract::{RawQuery, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -153,20 +153,28 @@ fn follow(state: Arc<DaemonState>, q: &EventsQuery, filter: Filter) -> Response 
     ([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response()
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct TopQuery {
-    interval: Option<String>,
-    sort: Option<String>,
-    limit: Option<String>,
-}
+/// The parameters of `/api/v1/top`.
+const TOP_PARAMETERS: [&str; 3] = ["interval", "sort", "limit"];
 
-/// Rates per row over `interval`; 400 naming the parameter and its allowed values.
+/// Rates per row over `interval`; 400 naming the parameter and its allowed values (also for
+/// unknown and repeated parameters, as `/api/v1/events` answers them).
 async fn top_rows(
     State(state): State<Arc<DaemonState>>,
-    Query(q): Query<TopQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<TopReport>, (StatusCode, Json<ApiError>)> {
-    let (interval, sort, limit) = top::parse_query(q.interval.as_deref(), q.sort.as_deref(), q.limit.as_deref())
-        .map_err(|e| (StatusCode::BAD_REQUEST, Json(ApiError { error: e.to_string() })))?;
+    let bad = |error: String| (StatusCode::BAD_REQUEST, Json(ApiError { error }));
+    let mut given: [Option<String>; 3] = Default::default();
+    for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        let Some(i) = TOP_PARAMETERS.iter().position(|p| *p == name) else {
+            return Err(bad(format!("unknown parameter {name:?}; the parameters are {}", TOP_PARAMETERS.join(", "))));
+        };
+        if given[i].replace(value.into_owned()).is_some() {
+            return Err(bad(format!("{name}: given more than once")));
+        }
+    }
+    let [interval, sort, limit] = &given;
+    let (interval, sort, limit) =
+        top::parse_query(interval.as_deref(), sort.as_deref(), limit.as_deref()).map_err(|e| bad(e.to_string()))?;
     Ok(Json(state.top(interval, sort, limit)))
 }
 
@@ -196,6 +204,8 @@ mod tests {
         assert_eq!(get(router(state()), "/nope").await, StatusCode::NOT_FOUND);
         assert_eq!(get(router(state()), "/api/v1/top?interval=2s&sort=closes&limit=5").await, StatusCode::OK);
         assert_eq!(get(router(state()), "/api/v1/top?sort=bytes").await, StatusCode::BAD_REQUEST);
+        assert_eq!(get(router(state()), "/api/v1/top?sort=closes&sort=closes").await, StatusCode::BAD_REQUEST);
+        assert_eq!(get(router(state()), "/api/v1/top?bytes=1").await, StatusCode::BAD_REQUEST);
     }
 
     proptest! {

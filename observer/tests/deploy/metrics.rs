@@ -178,21 +178,7 @@ fn traffic() -> std::io::Result<Held> {
 /// stays down; the peer's MAC is static, so the SYNs are sent and lost rather than failing
 /// neighbour resolution. Addresses as in the e2e suite's veth scenarios, inside this namespace.
 fn connect_timeout() -> std::io::Result<()> {
-    let (local, remote) = (Ipv4Addr::new(10, 77, 250, 1), Ipv4Addr::new(10, 77, 250, 2));
-    net::ip(&["link", "add", "obs-va", "type", "veth", "peer", "name", "obs-vb"])?;
-    net::ip(&["addr", "add", &format!("{local}/24"), "dev", "obs-va"])?;
-    net::ip(&["link", "set", "obs-va", "up"])?;
-    net::ip(&[
-        "neigh",
-        "replace",
-        &remote.to_string(),
-        "lladdr",
-        "02:00:00:00:00:02",
-        "dev",
-        "obs-va",
-        "nud",
-        "permanent",
-    ])?;
+    let (local, remote) = net::dead_end_link()?;
     let socket = net::tcp_socket_bound_to(local.into(), false)?;
     net::set_syn_count(&socket, 1)?;
     match net::connect(socket, (remote, 8080).into()) {

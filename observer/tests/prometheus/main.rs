@@ -33,7 +33,6 @@ use anyhow::{Context as _, Result, bail, ensure};
 use libtest_mimic::{Arguments, Failed, Trial};
 use observer_testkit::{
     Daemon, Metrics,
-    daemon::Options as DaemonOptions,
     net::NamedNetns,
     process::{self, Signal},
 };
@@ -170,14 +169,7 @@ pub fn server(role: &str, netns: &TestNetns, port: u16, n: u32, comm: &str) -> R
 
 /// Starts observer restricted to `netns`, with `extra` flags.
 pub fn start_observer(netns: &TestNetns, extra: &[&str]) -> Result<Daemon> {
-    let path = netns.path();
-    let mut args = vec!["--netns", path.as_str()];
-    args.extend_from_slice(extra);
-    Daemon::start(
-        Path::new(OBSERVER),
-        &args,
-        &DaemonOptions { ready_within: PATIENCE, http_timeout: PATIENCE, ..DaemonOptions::default() },
-    )
+    Daemon::start_in_netns(Path::new(OBSERVER), &netns.path(), extra, PATIENCE)
 }
 
 /// Scrapes the daemon until `done` holds on its metrics.

@@ -14,7 +14,6 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use observer_testkit::{
     Daemon, Metrics,
-    daemon::Options as DaemonOptions,
     net::NamedNetns,
     process,
     runtime::{
@@ -92,14 +91,7 @@ fn wait_logged(cri: &Cri, pod: &Pod, name: &str, line: &str) -> Result<()> {
 
 /// Starts observer restricted to `netns`, with `extra` flags.
 pub fn start_observer(netns: &TestNetns, extra: &[&str]) -> Result<Daemon> {
-    let path = netns.path();
-    let mut args = vec!["--netns", path.as_str()];
-    args.extend_from_slice(extra);
-    Daemon::start(
-        Path::new(OBSERVER),
-        &args,
-        &DaemonOptions { ready_within: PATIENCE, http_timeout: PATIENCE, ..DaemonOptions::default() },
-    )
+    Daemon::start_in_netns(Path::new(OBSERVER), &netns.path(), extra, PATIENCE)
 }
 
 /// Scrapes until `done` holds, then once more a moment later (counts must not grow past it).
