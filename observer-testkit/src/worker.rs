@@ -3,7 +3,7 @@
 //! the test's network namespace by its path (`/run/netns/NAME`) before anything else, so no
 //! traffic touches the host's, and sets its command name, so the daemon's attribution can be
 //! asserted by `comm`. Servers print `ready` once they listen and `done` once they have handled
-//! their N connections. `HOLD` (seconds, or `forever`) keeps the worker alive after its work, so
+//! their N connections; clients print `done` when theirs are made. `HOLD` (seconds, or `forever`) keeps the worker alive after its work, so
 //! that its sockets' owner (and its container, in a container) outlives the test's checks.
 //!
 //! The same binary runs on the host, in a container (with the namespace mounted in) or in a pod.
@@ -64,6 +64,10 @@ fn run(role: &str, args: &[String]) -> io::Result<()> {
         Some(secs) => Some(Duration::from_secs(secs.parse().map_err(io::Error::other)?)),
     };
     work(role, netns, port, n, comm)?;
+    // Servers said it after their N connections already; clients say it here.
+    if !role.starts_with("server") && role != "noresponse" {
+        say("done")?;
+    }
     match hold {
         Some(d) => std::thread::sleep(d),
         None => loop {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, bail, ensure};
 use observer_testkit::{
     Daemon, Metrics,
     net::NamedNetns,
@@ -103,11 +103,21 @@ pub fn settled(daemon: &Daemon, what: &str, done: impl Fn(&Metrics) -> bool) -> 
             std::thread::sleep(Duration::from_millis(500));
             return daemon.metrics();
         }
-        ensure!(
-            Instant::now() < deadline,
-            "{what} not seen within {PATIENCE:?}; the daemon's log:\n{}",
-            daemon.log().join("\n")
-        );
+        if Instant::now() > deadline {
+            let (_, text) = daemon.get("/metrics")?;
+            let series: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    (l.starts_with("observer_tcp_") && !l.contains("duration_seconds"))
+                        || l.starts_with("observer_events")
+                })
+                .collect();
+            bail!(
+                "{what} not seen within {PATIENCE:?}; its series:\n{}\nthe daemon's log:\n{}",
+                series.join("\n"),
+                daemon.log().join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -162,14 +172,16 @@ pub fn cri_pods_are_counted_by_namespace_pod_and_container() -> Result<()> {
     wait_logged(&cri, &shop, "leaky", "ready")?;
     let client = cri.create_container(
         &gateway,
-        &worker("client", &image.name, "client", worker_args(&netns, 8081, N, "rt-gateway", None)),
+        &worker("client", &image.name, "client", worker_args(&netns, 8081, N, "rt-gateway", Some("forever"))),
     )?;
-    ensure!(cri.wait_exit(&client, PATIENCE)? == 0, "the client failed: {}", cri.logs(&gateway, "client")?);
+    // The clients stay (as the servers do) until the pod is deleted below: a container that is
+    // gone has its series expire (here after 3 s), which is checked at the end.
+    wait_logged(&cri, &gateway, "client", "done")?;
     let closer = cri.create_container(
         &gateway,
-        &worker("closer", &image.name, "client-close", worker_args(&netns, 8082, LEAKED, "rt-closer", Some("2"))),
+        &worker("closer", &image.name, "client-close", worker_args(&netns, 8082, LEAKED, "rt-closer", Some("forever"))),
     )?;
-    ensure!(cri.wait_exit(&closer, PATIENCE)? == 0, "the closing client failed: {}", cri.logs(&gateway, "closer")?);
+    wait_logged(&cri, &gateway, "closer", "done")?;
     wait_logged(&cri, &shop, "leaky", "done")?;
 
     let (orders_pod, client_pod, leaky_pod) = (
@@ -260,6 +272,7 @@ pub fn cri_pods_are_counted_by_namespace_pod_and_container() -> Result<()> {
 
     // The gateway pod is deleted: its series go after the expiry; the shop pod's stay.
     for id in [&client, &closer] {
+        cri.stop_container(id, Duration::from_secs(5))?;
         cri.remove_container(id)?;
     }
     cri.stop_pod(&gateway.id)?;
