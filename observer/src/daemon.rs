@@ -416,6 +416,16 @@ async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
             first.seq - *next - 1
         );
     }
+    // Records whose cause may still be paired wait for it (at most the pairing window), unless
+    // the daemon is stopping: a line is the whole record.
+    if !last {
+        let complete = state.event_log().complete_through(crate::connections::monotonic_ns());
+        page.events.retain(|r| r.seq <= complete);
+        match page.events.last() {
+            Some(r) => page.next = r.seq,
+            None => return,
+        }
+    }
     let mut out = Vec::with_capacity(page.events.len() * 512);
     for record in &page.events {
         if serde_json::to_writer(&mut out, record).is_ok() {

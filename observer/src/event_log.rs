@@ -69,6 +69,9 @@ struct Entry {
     outcome: Outcome,
     container: Option<Arc<Container>>,
     cause: Option<Sender>,
+    /// Logged before the send of the reset it received was seen: its cause may still come,
+    /// within the pairing window.
+    awaits_cause: bool,
 }
 
 #[derive(Debug, Default)]
@@ -142,7 +145,7 @@ impl EventLog {
                 Outcome::ResetReceived
                     | Outcome::Closed { premature: Some(PrematureClose::PeerReset | PrematureClose::Refused) }
             );
-        let seq = self.push(Entry { seq: 0, raw: *raw, outcome, container: container.cloned(), cause });
+        let seq = self.push(Entry { seq: 0, raw: *raw, outcome, container: container.cloned(), cause, awaits_cause });
         if awaits_cause {
             self.wait_for_cause(mirrored(&raw.endpoints), raw.timestamp_ns, seq, raw.sk);
         }
@@ -244,6 +247,18 @@ impl EventLog {
     }
 
     /// Records after `since`, at most `limit`.
+    /// The newest `seq` up to which every record is complete at kernel time `now_ns`: none of
+    /// them can still gain a cause (paired, not waiting for one, or past the pairing window).
+    /// `--log-events` writes records only up to it, so a line is never less than the API's.
+    pub fn complete_through(&self, now_ns: u64) -> u64 {
+        self.entries
+            .iter()
+            .find(|e| {
+                e.awaits_cause && e.cause.is_none() && now_ns.saturating_sub(e.raw.timestamp_ns) < PAIRING_WINDOW_NS
+            })
+            .map_or(self.next_seq, |e| e.seq - 1)
+    }
+
     pub fn page(&self, since: u64, limit: usize) -> EventsPage {
         self.query(since, limit, &Filter::default())
     }
@@ -427,6 +442,19 @@ mod tests {
 
     fn reasons() -> ResetReasons {
         ResetReasons::from_pairs([(2, "SK_RST_REASON_TCP_ABORT_ON_CLOSE")])
+    }
+
+    #[test]
+    fn a_record_waiting_for_its_cause_holds_back_the_log_until_paired_or_past_the_window() {
+        let mut log = EventLog::default();
+        let received = ev(EventKind::ResetReceived, 7, b"client", 2, (2, 40000), (1, 80));
+        log.record(&received, Outcome::ResetReceived, &reasons(), None);
+        assert_eq!(log.complete_through(1_000), 0, "its cause may still come");
+        assert_eq!(log.complete_through(1_000 + PAIRING_WINDOW_NS), 1, "the window has passed");
+        let sent = ev(EventKind::ResetSent, 9, b"server", 1, (1, 80), (2, 40000));
+        log.record(&sent, Outcome::ResetSent { reason: 2 }, &reasons(), None);
+        assert_eq!(log.complete_through(1_000), 2, "paired: both complete");
+        assert!(log.page(0, 10).events[0].cause.is_some());
     }
 
     #[test]
