@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use crate::{Problems, TestNetns, daemon_shows, require_root, run_worker, server, start_observer, tool};
+use crate::{NamedNetns, Problems, daemon_shows, require_root, run_worker, server, start_observer, tool};
 
 /// Complaints of promtool that only renaming a metric or a label would fix: names are a
 /// contract (README "Metrics"), so such a complaint is listed here, each with why, instead of
@@ -58,7 +58,7 @@ pub fn promtool_finds_nothing() -> Result<()> {
         "promtool check metrics did not flag a counter without _total: {bad:?}"
     );
 
-    let netns = TestNetns::new("lint")?;
+    let netns = NamedNetns::new("prom", "lint")?;
     // --probe-stats: observer_probe_runs_total and observer_probe_run_seconds_total.
     let daemon = start_observer(&netns, &["--probe-stats", "--cri-socket", "none"])?;
     let linger = server("server-linger0", &netns, 8081, 3, "pl-linger")?;

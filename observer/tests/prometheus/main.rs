@@ -76,22 +76,6 @@ pub fn tool(name: &str) -> Result<PathBuf> {
     })
 }
 
-/// The tests' network namespaces.
-pub struct TestNetns(NamedNetns);
-
-impl TestNetns {
-    pub fn new(tag: &str) -> Result<Self> {
-        NamedNetns::new("prom", tag).map(Self)
-    }
-}
-
-impl std::ops::Deref for TestNetns {
-    type Target = NamedNetns;
-    fn deref(&self) -> &NamedNetns {
-        &self.0
-    }
-}
-
 /// A worker process (`observer_testkit::worker`), killed and reaped when dropped.
 pub struct Worker {
     child: Child,
@@ -101,7 +85,7 @@ pub struct Worker {
 
 impl Worker {
     /// Starts the worker `role` with `NETNS PORT N COMM`.
-    pub fn start(role: &str, netns: &TestNetns, port: u16, n: u32, comm: &str) -> Result<Self> {
+    pub fn start(role: &str, netns: &NamedNetns, port: u16, n: u32, comm: &str) -> Result<Self> {
         let exe = std::env::current_exe().context("finding the test binary")?;
         let what = format!("worker {role} {} {port} {n} {comm}", netns.path());
         let mut child = Command::new(exe)
@@ -156,19 +140,19 @@ impl Drop for Worker {
 }
 
 /// Runs a client worker to completion.
-pub fn run_worker(role: &str, netns: &TestNetns, port: u16, n: u32, comm: &str) -> Result<()> {
+pub fn run_worker(role: &str, netns: &NamedNetns, port: u16, n: u32, comm: &str) -> Result<()> {
     Worker::start(role, netns, port, n, comm)?.finish()
 }
 
 /// A server worker, listening once this returns.
-pub fn server(role: &str, netns: &TestNetns, port: u16, n: u32, comm: &str) -> Result<Worker> {
+pub fn server(role: &str, netns: &NamedNetns, port: u16, n: u32, comm: &str) -> Result<Worker> {
     let mut w = Worker::start(role, netns, port, n, comm)?;
     w.expect("ready")?;
     Ok(w)
 }
 
 /// Starts observer restricted to `netns`, with `extra` flags.
-pub fn start_observer(netns: &TestNetns, extra: &[&str]) -> Result<Daemon> {
+pub fn start_observer(netns: &NamedNetns, extra: &[&str]) -> Result<Daemon> {
     Daemon::start_in_netns(Path::new(OBSERVER), &netns.path(), extra, PATIENCE)
 }
 

@@ -34,7 +34,7 @@ use observer_testkit::{Daemon, Metrics};
 use serde_json::Value;
 
 use crate::{
-    PATIENCE, Problems, TestNetns, daemon_shows,
+    NamedNetns, PATIENCE, Problems, daemon_shows,
     prom::{Ms, Prometheus, shown},
     require_root, run_worker, server, start_observer, tool,
 };
@@ -131,7 +131,7 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
     require_root()?;
     let prometheus_bin = tool("prometheus")?;
     tool("promtool")?;
-    let netns = TestNetns::new("scrape")?;
+    let netns = NamedNetns::new("prom", "scrape")?;
     let rsts_before = netns.out_rsts()?;
     let daemon = start_observer(&netns, &["--cri-socket", "none"])?;
     let prom = Prometheus::start(&prometheus_bin, daemon.addr)?;
@@ -360,7 +360,7 @@ fn scrape_health(p: &mut Problems, prom: &Prometheus, daemon: &Daemon, first: Ms
 }
 
 /// Servers for the round's kinds, their clients, and the refused connects.
-fn make_round(netns: &TestNetns, r: Round) -> Result<()> {
+fn make_round(netns: &NamedNetns, r: Round) -> Result<()> {
     let linger = server("server-linger0", netns, LINGER.0, r.linger, LINGER.1)?;
     let noresponse = server("noresponse", netns, NORESPONSE.0, r.noresponse, NORESPONSE.1)?;
     run_worker("client", netns, LINGER.0, r.linger, CLIENT)?;

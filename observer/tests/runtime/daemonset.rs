@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use observer_testkit::{
     Metrics, http,
-    net::free_port,
+    net::{NamedNetns, free_port},
     process,
     runtime::{
         containerd::Containerd,
@@ -34,10 +34,7 @@ use serde_json::Value;
 
 use observer_testkit::worker::{self, WORKER_ENV};
 
-use crate::{
-    pods::{TestNetns, check},
-    yaml,
-};
+use crate::{pods::check, yaml};
 
 /// Set by `cargo xtask test`: the archive of `cargo xtask image`.
 const IMAGE_ARCHIVE_ENV: &str = "OBSERVER_IMAGE_ARCHIVE";
@@ -215,7 +212,7 @@ impl Running {
 /// Resets made in the test's namespace by host processes named `comm_srv`/`comm_cli`: the daemon
 /// in the pod must count them exactly (`Tcp: OutRsts` of the namespace is the ground truth).
 fn count_exactly(running: &Running, tag: &str) -> Result<()> {
-    let netns = TestNetns::new(tag)?;
+    let netns = NamedNetns::new("rt", tag)?;
     let (srv, cli) = (format!("rt-{tag}-srv"), format!("rt-{tag}-cli"));
     let before = netns.out_rsts()?;
     let exe = std::env::current_exe()?;

@@ -33,22 +33,6 @@ pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 /// assertion).
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// The tests' network namespaces.
-pub struct TestNetns(NamedNetns);
-
-impl TestNetns {
-    pub fn new(tag: &str) -> Result<Self> {
-        NamedNetns::new("rt", tag).map(Self)
-    }
-}
-
-impl std::ops::Deref for TestNetns {
-    type Target = NamedNetns;
-    fn deref(&self) -> &NamedNetns {
-        &self.0
-    }
-}
-
 /// An image of this test binary and its libraries: the workers' image.
 pub fn worker_image(dir: &Path) -> Result<WrittenImage> {
     let exe = std::env::current_exe().context("finding the test binary")?;
@@ -60,7 +44,7 @@ pub fn worker_image(dir: &Path) -> Result<WrittenImage> {
 }
 
 /// The arguments of a worker: `NETNS PORT N COMM [HOLD]`.
-fn worker_args(netns: &TestNetns, port: u16, n: u32, comm: &str, hold: Option<&str>) -> Vec<String> {
+fn worker_args(netns: &NamedNetns, port: u16, n: u32, comm: &str, hold: Option<&str>) -> Vec<String> {
     worker::args(&netns.path(), port, n, comm, hold)
 }
 
@@ -90,7 +74,7 @@ fn wait_logged(cri: &Cri, pod: &Pod, name: &str, line: &str) -> Result<()> {
 }
 
 /// Starts observer restricted to `netns`, with `extra` flags.
-pub fn start_observer(netns: &TestNetns, extra: &[&str]) -> Result<Daemon> {
+pub fn start_observer(netns: &NamedNetns, extra: &[&str]) -> Result<Daemon> {
     Daemon::start_in_netns(Path::new(OBSERVER), &netns.path(), extra, PATIENCE)
 }
 
@@ -146,7 +130,7 @@ const LEAKED: u32 = 3;
 /// events name both pods; and the series of the pod that is deleted expire.
 pub fn cri_pods_are_counted_by_namespace_pod_and_container() -> Result<()> {
     crate::require_root()?;
-    let netns = TestNetns::new("pods")?;
+    let netns = NamedNetns::new("rt", "pods")?;
     let containerd = Containerd::start(&scratch_dir("pods"))?;
     let image = worker_image(&containerd.dir)?;
     containerd.import(&image.path)?;
@@ -294,7 +278,7 @@ pub fn cri_pods_are_counted_by_namespace_pod_and_container() -> Result<()> {
 /// records carry the container's cgroup, `/docker/<id>`.
 pub fn docker_containers_are_counted_by_container_id() -> Result<()> {
     crate::require_root()?;
-    let netns = TestNetns::new("docker")?;
+    let netns = NamedNetns::new("rt", "docker")?;
     let dockerd = Dockerd::start(&scratch_dir("docker-pods"))?;
     let dir: PathBuf = scratch_dir("docker-pods-image");
     std::fs::create_dir_all(&dir)?;
