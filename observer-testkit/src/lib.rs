@@ -20,7 +20,8 @@
 //! Nothing here needs a file at run time beyond what the tests already use (`ip`, `bpftool`): the
 //! e2e test binary keeps working inside the initramfs of `cargo xtask test --kernel`. The one
 //! exception is [`runtime`], which runs the host's containerd, runc and dockerd: only the
-//! host-only `runtime` test target uses it.
+//! host-only `runtime` test target uses it, through the `runtime` feature (off for xtask, which
+//! must build before `cargo xtask setup` has installed protoc).
 //!
 //! ```no_run
 //! use std::{path::Path, time::Duration};
@@ -37,6 +38,7 @@ pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod process;
+#[cfg(feature = "runtime")]
 pub mod runtime;
 pub mod worker;
 

@@ -322,8 +322,9 @@ pub fn log_events_writes_each_record_as_one_json_line() -> Result<(), Failed> {
     // Linger0: the server sends a reset and closes (local_reset), the client receives it and
     // closes (peer_reset): four records per connection.
     check("records served for the scenario", served.len() as u64, 4 * N as u64)?;
-    // The writer looks every 100 ms; a record waits at most 1 s for its pod's name.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // The writer looks every 100 ms; a record waits at most 1 s for its pod's name and 2 s for
+    // its cause's pair. The deadline is generous because emulated kernels run far slower.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let lines = loop {
         let lines = daemon.stdout();
         if lines.len() >= served.len() || std::time::Instant::now() > deadline {
@@ -331,6 +332,13 @@ pub fn log_events_writes_each_record_as_one_json_line() -> Result<(), Failed> {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // Asked again now that every line is out: a record fetched before its cause was paired
+    // (the pairing window is still open right after the counts settle) gains that cause later,
+    // and stdout carries only completed records.
+    let (code, body) = daemon.get("/api/v1/events?since=0&limit=4096")?;
+    check("/api/v1/events status", code as u64, 200)?;
+    let page: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("events JSON: {e}: {body}"))?;
+    let served = page["events"].as_array().cloned().unwrap_or_default();
     let written: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).map_err(|e| format!("stdout line is not JSON ({e}): {l}")))
