@@ -101,10 +101,16 @@ impl Tally {
         2 * (self.graceful + self.linger0 + self.unread) + self.refused
     }
 
+    /// Connections opened, counted once per end: every connect (a refused one too) and every
+    /// accept, so as many as closes.
+    pub fn opens(&self) -> u64 {
+        self.closes()
+    }
+
     /// Kernel events the daemon's model has for this traffic: one per connection end that
-    /// closes, one per RST sent and one per RST received.
+    /// opens and one per end that closes, one per RST sent and one per RST received.
     pub fn events(&self) -> u64 {
-        self.closes() + 2 * self.resets()
+        self.opens() + self.closes() + 2 * self.resets()
     }
 
     fn minus(&self, earlier: &Tally) -> Tally {

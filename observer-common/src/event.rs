@@ -36,6 +36,9 @@ pub enum EventKind {
     /// A connection reached TCP_CLOSE; emitted exactly once per connection, when every fact needed
     /// to classify how it ended is known.
     ConnectionClosed = 3,
+    /// A connection was opened: a `connect()` began (client, at CLOSE→SYN_SENT, whether or not
+    /// it succeeds) or `accept()` returned it (server). Once per connection, with its owner.
+    ConnectionOpened = 4,
 }
 
 impl EventKind {
@@ -44,6 +47,7 @@ impl EventKind {
             1 => Some(Self::ResetReceived),
             2 => Some(Self::ResetSent),
             3 => Some(Self::ConnectionClosed),
+            4 => Some(Self::ConnectionOpened),
             _ => None,
         }
     }
@@ -171,6 +175,8 @@ pub mod flags {
     pub const RESET_SENT: u8 = 1 << 1;
     /// The socket was seen being accepted or connected, so `role` is known first-hand.
     pub const OWNER_FROM_SYSCALL: u8 = 1 << 2;
+    /// The connection's `ConnectionOpened` was emitted: it is emitted once.
+    pub const OPEN_REPORTED: u8 = 1 << 3;
 }
 
 /// `reason` value when the kernel gave none (kernels before 6.10 have no reason field).
@@ -254,7 +260,9 @@ mod tests {
 
     #[test]
     fn event_kinds_round_trip() {
-        for kind in [EventKind::ResetReceived, EventKind::ResetSent, EventKind::ConnectionClosed] {
+        for kind in
+            [EventKind::ResetReceived, EventKind::ResetSent, EventKind::ConnectionClosed, EventKind::ConnectionOpened]
+        {
             assert_eq!(EventKind::from_u16(kind as u16), Some(kind));
         }
         assert_eq!(EventKind::from_u16(0), None);

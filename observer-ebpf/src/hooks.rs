@@ -7,6 +7,8 @@
 //!   accepted child in softirq (role server, owner learned at `accept()`); `X→CLOSE` ends the
 //!   connection.
 //! * [`on_accept`] records the accepting process as the owner of the new socket.
+//! * `ConnectionOpened` is emitted once per connection, where its owner is first known: in
+//!   `connect()` (CLOSE→SYN_SENT) and in `accept()`.
 //! * [`on_reset_received`] / [`on_reset_sent`] report resets. They often run in softirq on
 //!   whatever task was on the CPU (on loopback: the *peer*), so the owner always comes from the
 //!   per-socket map, never from the current task.
@@ -18,7 +20,7 @@
 //! destroy when no reset follows (graceful close).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use observer_common::{Endpoints, EventKind, ProbeId, Role, SocketEvent, counter, flags, tcp_state};
+use observer_common::{Endpoints, EventKind, ProbeId, Role, SocketEvent, SocketInfo, counter, flags, tcp_state};
 
 use crate::{
     emit::{emit, emit_close},
@@ -47,6 +49,9 @@ pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: &En
             info.flags = flags::OWNER_FROM_SYSCALL;
             info.start_ns = now;
             enter_state(info, new, now);
+            // Every connect() attempt is an opened connection, refused or not: a retry storm
+            // shows as their rate. (Reported before the insert, so the entry keeps the flag.)
+            report_open(probe, sk, info);
             insert_new(sk, info);
         }
         (tcp_state::LISTEN, tcp_state::SYN_RECV) => {
@@ -170,10 +175,11 @@ pub fn on_destroy(probe: ProbeId, sk: u64) {
     }
 }
 
-/// `accept()` handed `sk` to the current process, in its context: it is the owner. `adopt`
-/// creates the entry when the socket is new to us, for callers that know `sk` is a TCP child.
+/// `accept()` handed `sk` to the current process, in its context: it is the owner, and the
+/// connection counts as opened. `adopt` creates the entry when the socket is new to us, for
+/// callers that know `sk` is a TCP child.
 #[inline(always)]
-pub fn on_accept(sk: u64, adopt: bool) {
+pub fn on_accept(probe: ProbeId, sk: u64, adopt: bool) {
     let info = match SOCKETS.get_ptr_mut(&sk) {
         // SAFETY: see known_socket.
         Some(info) => unsafe { &mut *info },
@@ -193,4 +199,16 @@ pub fn on_accept(sk: u64, adopt: bool) {
     info.owner = current_owner();
     info.role = Role::Server as u8;
     info.flags |= flags::OWNER_FROM_SYSCALL;
+    report_open(probe, sk, info);
+}
+
+/// Emits the connection's `ConnectionOpened`, once: the first time its owner is known from the
+/// syscall that opened it (connect, accept).
+#[inline(always)]
+fn report_open(probe: ProbeId, sk: u64, info: &mut SocketInfo) {
+    if info.flags & flags::OPEN_REPORTED != 0 {
+        return;
+    }
+    info.flags |= flags::OPEN_REPORTED;
+    emit(EventKind::ConnectionOpened, probe, sk, info.state, info);
 }

@@ -148,6 +148,6 @@ pub fn inet_csk_accept(ctx: RetProbeContext) -> u32 {
     if sk == 0 || !observed_sock(sk) {
         return 0;
     }
-    on_accept(sk, true);
+    on_accept(ProbeId::InetCskAccept, sk, true);
     0
 }

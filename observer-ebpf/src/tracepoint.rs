@@ -70,7 +70,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 
 /// accept()/accept4() returned `fd` in process context: its owner is the current process.
 #[inline(always)]
-fn record_accept(ctx: &TracePointContext, ret_offset: u32) -> u32 {
+fn record_accept(ctx: &TracePointContext, probe: ProbeId, ret_offset: u32) -> u32 {
     let ret: i64 = field(ctx, ret_offset);
     if ret < 0 {
         return 0;
@@ -81,16 +81,16 @@ fn record_accept(ctx: &TracePointContext, ret_offset: u32) -> u32 {
         return 0;
     }
     // The fd may be any kind of socket: only known TCP children are touched.
-    on_accept(sk, false);
+    on_accept(probe, sk, false);
     0
 }
 
 #[tracepoint]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    record_accept(&ctx, get(&CONFIG.accept4_ret))
+    record_accept(&ctx, ProbeId::SysExitAccept4, get(&CONFIG.accept4_ret))
 }
 
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    record_accept(&ctx, get(&CONFIG.accept_ret))
+    record_accept(&ctx, ProbeId::SysExitAccept, get(&CONFIG.accept_ret))
 }

@@ -236,20 +236,32 @@ impl NamedNetns {
     /// `Tcp: OutRsts` of the namespace: the RST segments its kernel sent (ground truth for the
     /// resets a test made).
     pub fn out_rsts(&self) -> anyhow::Result<u64> {
-        use anyhow::Context as _;
+        self.tcp_counter("OutRsts")
+    }
+
+    /// A `Tcp:` counter of the namespace's `/proc/net/snmp` ([`snmp_tcp`]).
+    pub fn tcp_counter(&self, counter: &str) -> anyhow::Result<u64> {
         let snmp =
             crate::process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"]))?;
-        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-        let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-            anyhow::bail!("no Tcp lines in /proc/net/snmp: {snmp}")
-        };
-        names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .find(|(n, _)| *n == "OutRsts")
-            .and_then(|(_, v)| v.parse().ok())
-            .with_context(|| format!("no OutRsts in {names}"))
+        snmp_tcp(&snmp, counter)
     }
+}
+
+/// A `Tcp:` counter (`OutRsts`, `ActiveOpens`, `PassiveOpens`, ...) of a `/proc/net/snmp` text:
+/// the kernel's own count, per network namespace. A process's namespace's is in
+/// `/proc/PID/net/snmp`.
+pub fn snmp_tcp(snmp: &str, counter: &str) -> anyhow::Result<u64> {
+    use anyhow::Context as _;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        anyhow::bail!("no Tcp lines in /proc/net/snmp: {snmp}")
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == counter)
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no {counter} in {names}"))
 }
 
 impl Drop for NamedNetns {

@@ -43,11 +43,13 @@ pub enum Family {
     PrematureCloses = 3,
     /// Segments retransmitted, added per connection at close.
     Retransmits = 4,
+    /// Connections opened: every connect() and every accepted connection.
+    Opened = 5,
 }
 
 impl Family {
-    pub const ALL: [Family; 5] =
-        [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses, Self::Retransmits];
+    pub const ALL: [Family; 6] =
+        [Self::ResetsReceived, Self::ResetsSent, Self::Closes, Self::PrematureCloses, Self::Retransmits, Self::Opened];
 }
 
 #[derive(Debug, Default)]
@@ -97,12 +99,14 @@ impl Aggregator {
         Self::new(limits.max_peers, limits.max_series)
     }
 
-    /// Counts one event under `key` (its attributed series, detail 0): a reset in its family, a
+    /// Counts one event under `key` (its attributed series, detail 0): an opened connection, a
+    /// reset in its family, a
     /// close in `closes` and, when premature, in `premature_closes` by kind, with the
     /// connection's retransmissions.
     pub fn count(&mut self, outcome: Outcome, key: SeriesKey, facts: &ConnectionFacts) {
         let detail = |detail| SeriesKey { detail, ..key };
         match outcome {
+            Outcome::Opened => self.add(Family::Opened, key, 1),
             Outcome::ResetReceived => self.add(Family::ResetsReceived, key, 1),
             Outcome::ResetSent { reason } => self.add(Family::ResetsSent, detail(reason), 1),
             Outcome::Closed { premature } => {

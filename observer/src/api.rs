@@ -205,10 +205,11 @@ pub enum TopSort {
     ResetsOut,
     Premature,
     Closes,
+    Opened,
 }
 
 impl TopSort {
-    pub const ALL: [Self; 4] = [Self::ResetsIn, Self::ResetsOut, Self::Premature, Self::Closes];
+    pub const ALL: [Self; 5] = [Self::ResetsIn, Self::ResetsOut, Self::Premature, Self::Closes, Self::Opened];
 
     /// The `sort=` value.
     pub const fn as_str(self) -> &'static str {
@@ -217,6 +218,7 @@ impl TopSort {
             Self::ResetsOut => "resets_out",
             Self::Premature => "premature",
             Self::Closes => "closes",
+            Self::Opened => "opened",
         }
     }
 
@@ -224,7 +226,7 @@ impl TopSort {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    /// The allowed values, for error messages: `resets_in, resets_out, premature, closes`.
+    /// The allowed values, for error messages: `resets_in, resets_out, premature, closes, opened`.
     pub fn allowed() -> String {
         Self::ALL.map(Self::as_str).join(", ")
     }
@@ -236,6 +238,7 @@ impl TopSort {
             Self::ResetsOut => row.resets_out_per_s,
             Self::Premature => row.premature_per_s,
             Self::Closes => row.closes_per_s,
+            Self::Opened => row.opened_per_s,
         }
     }
 }
@@ -249,7 +252,7 @@ pub struct TopReport {
     /// What the rates are over: the interval rounded up to the daemon's 1 s snapshots, less
     /// while the daemon is younger (0: no two snapshots yet, no rates).
     pub window_seconds: f64,
-    /// `resets_in`, `resets_out`, `premature` or `closes`.
+    /// `resets_in`, `resets_out`, `premature`, `closes` or `opened`.
     pub sort: String,
     /// Rows that counted anything in the window, before `limit`.
     pub total_rows: u64,
@@ -276,6 +279,10 @@ pub struct TopRow {
     pub premature_by_kind: BTreeMap<String, f64>,
     /// Connections closed (`observer_tcp_closes_total`).
     pub closes_per_s: f64,
+    /// Connections opened (`observer_tcp_connections_opened_total`): connect() attempts and
+    /// accepted connections. A retry storm shows here first.
+    #[serde(default)]
+    pub opened_per_s: f64,
 }
 
 /// The answer to a request the API refuses (HTTP 400): what is wrong, naming the parameter and

@@ -76,9 +76,15 @@ impl PrematureClose {
 /// What one event means for the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// A connect() began or accept() returned a connection.
+    Opened,
     ResetReceived,
-    ResetSent { reason: u32 },
-    Closed { premature: Option<PrematureClose> },
+    ResetSent {
+        reason: u32,
+    },
+    Closed {
+        premature: Option<PrematureClose>,
+    },
 }
 
 /// `ETIMEDOUT` as the kernel stores it in `sk_err` (positive).
@@ -90,6 +96,7 @@ pub fn classify(event: &Event, reasons: &ResetReasons) -> Outcome {
         EventKind::ResetReceived => Outcome::ResetReceived,
         EventKind::ResetSent => Outcome::ResetSent { reason: raw.reason },
         EventKind::ConnectionClosed => Outcome::Closed { premature: premature(raw, reasons) },
+        EventKind::ConnectionOpened => Outcome::Opened,
     }
 }
 

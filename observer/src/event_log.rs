@@ -104,7 +104,8 @@ impl EventLog {
         Self { pods, ..Self::default() }
     }
 
-    /// Records one event (resets and premature closes; graceful closes are only counted).
+    /// Records one event (resets and premature closes; openings and graceful closes are only
+    /// counted).
     /// Allocation-free but for the tables' growth: rendering happens when the log is read.
     pub fn record(
         &mut self,
@@ -118,6 +119,8 @@ impl EventLog {
         }
         let raw = &event.raw;
         let cause = match outcome {
+            // Openings are counted only: the log is about how connections end.
+            Outcome::Opened => return,
             Outcome::ResetSent { reason } => {
                 self.remember_send(raw, reason, container);
                 self.complete_waiting(flow(&raw.endpoints));
@@ -324,6 +327,8 @@ impl EventLog {
             Outcome::ResetSent { reason } => ("reset_sent", None, Some(self.reason_label(reason))),
             Outcome::ResetReceived => ("reset_received", None, None),
             Outcome::Closed { premature } => ("closed", premature.map(|k| k.label().to_string()), None),
+            // Never recorded (see record); named for completeness.
+            Outcome::Opened => ("opened", None, None),
         };
         let e = &raw.endpoints;
         let facts = (event == "closed").then(|| facts(raw, kind.as_deref()));

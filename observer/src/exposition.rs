@@ -42,7 +42,13 @@ pub fn render(metrics: &Metrics, pods: &PodNames, runs: &[ProgramRuns]) -> Vec<u
 pub type FamilySpec = (Family, &'static str, &'static str, Option<&'static str>);
 
 /// Every per-connection family, in exposition order. Names and labels are a contract (README).
-pub const FAMILIES: [FamilySpec; 5] = [
+pub const FAMILIES: [FamilySpec; 6] = [
+    (
+        Family::Opened,
+        "observer_tcp_connections_opened_total",
+        "Connections opened, each counted once: every connect() attempt (role=\"client\", refused or not) and every connection accept() returned (role=\"server\").",
+        None,
+    ),
     (
         Family::ResetsReceived,
         "observer_tcp_resets_received_total",

@@ -56,6 +56,7 @@ pub fn document() -> Value {
         ("premature_per_s", rate()),
         ("premature_by_kind", json!({ "type": "object", "additionalProperties": rate() })),
         ("closes_per_s", rate()),
+        ("opened_per_s", rate()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -63,7 +64,7 @@ pub fn document() -> Value {
     top_properties.extend(pod_properties());
     let top_row = json!({
         "type": "object",
-        "required": ["comm", "role", "peer", "port", "resets_in_per_s", "resets_out_per_s", "premature_per_s", "closes_per_s"],
+        "required": ["comm", "role", "peer", "port", "resets_in_per_s", "resets_out_per_s", "premature_per_s", "closes_per_s", "opened_per_s"],
         "properties": top_properties
     });
     let duration = json!({ "type": "string", "pattern": "^([0-9]+ ?[a-zA-Zµ]+ ?)+$", "example": "5m" });

@@ -57,7 +57,7 @@ mod properties {
         #[test]
         fn arbitrary_valid_records_flow_to_metrics_and_the_event_log(
             mut bytes in proptest::collection::vec(any::<u8>(), size_of::<SocketEvent>()..=size_of::<SocketEvent>() + 32),
-            kind in 1u16..=3,
+            kind in 1u16..=4,
             probe in 0u16..=5,
         ) {
             bytes[0..2].copy_from_slice(&kind.to_ne_bytes());

@@ -81,6 +81,7 @@ pub struct Counts<T> {
     pub resets_in: T,
     pub resets_out: T,
     pub closes: T,
+    pub opened: T,
     pub premature: [T; KINDS],
 }
 
@@ -99,6 +100,7 @@ impl Totals {
                 let i = PrematureClose::from_index(detail).map_or(0, |k| k as usize);
                 self.premature.get_mut(i)
             }
+            Family::Opened => Some(&mut self.opened),
             Family::Retransmits => None,
         }
     }
@@ -114,6 +116,7 @@ impl Totals {
             resets_in: d(self.resets_in, before.resets_in),
             resets_out: d(self.resets_out, before.resets_out),
             closes: d(self.closes, before.closes),
+            opened: d(self.opened, before.opened),
             premature,
         }
     }
@@ -130,6 +133,7 @@ impl Totals {
         self.resets_in += u64::from(d.resets_in);
         self.resets_out += u64::from(d.resets_out);
         self.closes += u64::from(d.closes);
+        self.opened += u64::from(d.opened);
         for (p, q) in self.premature.iter_mut().zip(d.premature) {
             *p += u64::from(q);
         }
@@ -147,7 +151,8 @@ pub type Copied = Vec<(Family, SeriesKey, u64)>;
 /// Copies what rates need out of the aggregator: the caller holds its lock for this only.
 pub fn copy(agg: &Aggregator, into: &mut Copied) {
     into.clear();
-    for family in [Family::ResetsReceived, Family::ResetsSent, Family::Closes, Family::PrematureCloses] {
+    for family in [Family::ResetsReceived, Family::ResetsSent, Family::Closes, Family::PrematureCloses, Family::Opened]
+    {
         into.extend(agg.counted_here(family).map(|(k, v)| (family, *k, v)));
     }
 }
@@ -258,6 +263,7 @@ impl Rates {
                     premature_per_s: per_s(c.premature.iter().sum()),
                     premature_by_kind,
                     closes_per_s: per_s(c.closes),
+                    opened_per_s: per_s(c.opened),
                 }
             })
             .collect();
@@ -277,9 +283,9 @@ impl Rates {
 /// Highest first by `sort`, then by the other rates, then by the labels (a stable order).
 pub fn sort_rows(rows: &mut [TopRow], sort: TopSort) {
     let rates = |r: &TopRow| {
-        let all = [r.resets_in_per_s, r.resets_out_per_s, r.premature_per_s, r.closes_per_s];
+        let all = [r.resets_in_per_s, r.resets_out_per_s, r.premature_per_s, r.closes_per_s, r.opened_per_s];
         let first = sort.rate(r);
-        [first, all[0], all[1], all[2], all[3]]
+        [first, all[0], all[1], all[2], all[3], all[4]]
     };
     rows.sort_by(|a, b| {
         let (ra, rb) = (rates(a), rates(b));
@@ -343,6 +349,7 @@ mod tests {
             at(6000),
             &series(&[
                 (Family::Closes, b"web", 0, 150),
+                (Family::Opened, b"web", 0, 12),
                 (Family::ResetsSent, b"web", 1, 8),
                 (Family::ResetsSent, b"web", 7, 2),
                 (Family::PrematureCloses, b"web", local, 10),
@@ -357,6 +364,7 @@ mod tests {
         assert_eq!(r.rows.len(), 1, "db counted nothing in the last tick: {r:?}");
         let web = &r.rows[0];
         assert_eq!((web.closes_per_s, web.resets_out_per_s, web.premature_per_s), (5.0, 1.0, 1.0));
+        assert_eq!(web.opened_per_s, 3.0, "12 opened since the previous tick, which had none");
         assert_eq!(web.premature_by_kind, BTreeMap::from([("local_reset".to_string(), 1.0)]));
         // Two ticks back: 6000 - 1000; db sorts first by resets in.
         let r = rates.report(Duration::from_millis(1500), TopSort::ResetsIn, 10, &pods);

@@ -1,8 +1,9 @@
-//! `observer top`: the rows with the most resets, premature closes or closes per second, as the
+//! `observer top`: the rows with the most resets, premature closes, closes or new connections per
+//! second, as the
 //! daemon computes them (`/api/v1/top`); the command never computes rates itself.
 //!
 //! On a terminal: a table redrawn in place every `--interval` (alternate screen; keys `r`, `o`,
-//! `p`, `c` sort, `q` quits). Not on a terminal (a pipe, a file): plain text without escape
+//! `p`, `c`, `n` sort, `q` quits). Not on a terminal (a pipe, a file): plain text without escape
 //! codes, a new table per refresh (or one with `--once`). `--json`: one report per line.
 
 use std::{
@@ -28,7 +29,7 @@ pub struct TopArgs {
     /// a snapshot per second, so intervals are rounded up to whole seconds).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_interval)]
     pub interval: Duration,
-    /// Sort by: resets_in, resets_out, premature or closes (highest first).
+    /// Sort by: resets_in, resets_out, premature, closes or opened (highest first).
     #[arg(long, value_name = "KEY", default_value = "resets_in", value_parser = parse_sort)]
     pub sort: TopSort,
     /// At most this many rows (on a terminal, also at most what fits).
@@ -115,7 +116,7 @@ impl Drop for Screen {
     }
 }
 
-/// The table redrawn in place until `q` (or Esc, Ctrl-C); `r`, `o`, `p`, `c` change the sort.
+/// The table redrawn in place until `q` (or Esc, Ctrl-C); `r`, `o`, `p`, `c`, `n` change the sort.
 fn interactive(args: &TopArgs) -> anyhow::Result<()> {
     let screen = Screen::enter()?;
     let mut sort = args.sort;
@@ -153,6 +154,7 @@ fn interactive(args: &TopArgs) -> anyhow::Result<()> {
                     event::KeyCode::Char('o') => TopSort::ResetsOut,
                     event::KeyCode::Char('p') => TopSort::Premature,
                     event::KeyCode::Char('c') => TopSort::Closes,
+                    event::KeyCode::Char('n') => TopSort::Opened,
                     _ => continue,
                 };
                 sort = chosen;
@@ -178,7 +180,7 @@ fn heading(report: &TopReport, keys: Option<TopSort>) -> String {
     };
     let mut line = format!("observer top: {shown}, {window}, sorted by {}", report.sort);
     if keys.is_some() {
-        line.push_str("   (sort: r resets in, o resets out, p premature, c closes; q quits)");
+        line.push_str("   (sort: r resets in, o resets out, p premature, c closes, n new; q quits)");
     }
     line
 }
@@ -201,12 +203,13 @@ fn table(report: &TopReport, width: Option<u16>) -> String {
         "RST_OUT/s",
         "PREMATURE/s",
         "CLOSES/s",
+        "NEW/s",
         "PREMATURE BY KIND",
     ]);
     for r in &report.rows {
         t.add_row(cells(r));
     }
-    for column in 5..9 {
+    for column in 5..10 {
         if let Some(c) = t.column_mut(column) {
             c.set_cell_alignment(CellAlignment::Right);
         }
@@ -214,7 +217,7 @@ fn table(report: &TopReport, width: Option<u16>) -> String {
     t.to_string()
 }
 
-fn cells(r: &TopRow) -> [String; 10] {
+fn cells(r: &TopRow) -> [String; 11] {
     let o = &r.owner;
     let pod = if !o.pod.is_empty() {
         format!("{}/{}/{}", o.namespace, o.pod, o.container)
@@ -235,6 +238,7 @@ fn cells(r: &TopRow) -> [String; 10] {
         rate(r.resets_out_per_s),
         rate(r.premature_per_s),
         rate(r.closes_per_s),
+        rate(r.opened_per_s),
         kinds.join(" "),
     ]
 }

@@ -2,7 +2,7 @@
 //! left unread, a closed port, a graceful exchange. Exact counts on the shared daemon.
 
 use libtest_mimic::Failed;
-use observer_testkit::kernel_version;
+use observer_testkit::{Metrics, kernel_version};
 
 use crate::{
     shared_daemon,
@@ -16,10 +16,11 @@ pub fn linger0_close() -> Result<(), Failed> {
 
 fn linger0_checks(s: &Scenario) -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    s.run()?;
+    let opens = run_counting_opens(s)?;
     let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
     let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
+    check_opened(&m, s, opens, (n, n))?;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
     check(
         "client premature peer_reset",
@@ -91,7 +92,7 @@ pub fn connect_refused() -> Result<(), Failed> {
 
 fn refused_checks(s: &Scenario) -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    s.run()?;
+    let opens = run_counting_opens(s)?;
     let cli = s.client_comm;
     let closed_port = (s.port + 1).to_string();
     let (client_ip, server_ip) = (s.client_ip.to_string(), s.server_ip.to_string());
@@ -115,6 +116,14 @@ fn refused_checks(s: &Scenario) -> Result<(), Failed> {
     )?;
     check("resets sent attributed to the client", m.sum("observer_tcp_resets_sent_total", &[("comm", cli)]), 0)?;
     check("client resets received", m.sum("observer_tcp_resets_received_total", &client), n)?;
+    // Every refused connect() was an attempt: opened, as the kernel's ActiveOpens counts it.
+    check("the namespace's Tcp: ActiveOpens", opens.active, n)?;
+    check("the namespace's Tcp: PassiveOpens", opens.passive, 0)?;
+    check(
+        "client connections opened (= ActiveOpens)",
+        m.sum("observer_tcp_connections_opened_total", &client),
+        opens.active,
+    )?;
     Ok(())
 }
 
@@ -124,10 +133,11 @@ pub fn graceful() -> Result<(), Failed> {
 
 fn graceful_checks(s: &Scenario) -> Result<(), Failed> {
     let daemon = shared_daemon()?;
-    s.run()?;
+    let opens = run_counting_opens(s)?;
     let (srv, cli, client, server) = (s.server_comm, s.client_comm, s.client_labels(), s.server_labels());
     let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, s))?;
     let n = N as u64;
+    check_opened(&m, s, opens, (n, n))?;
     check(
         "closes, both ends",
         m.sum("observer_tcp_closes_total", &client) + m.sum("observer_tcp_closes_total", &server),
@@ -157,4 +167,40 @@ pub fn connect_refused_v6() -> Result<(), Failed> {
 
 pub fn graceful_v6() -> Result<(), Failed> {
     graceful_checks(&scenario_v6(Mode::Graceful, 14, "t14-ok6-srv", "t14-ok6-cli"))
+}
+
+/// The kernel's count of the connections a scenario opened in its namespace.
+#[derive(Debug, Clone, Copy)]
+struct Opens {
+    /// `Tcp: ActiveOpens`: connect() attempts (a SYN sent).
+    active: u64,
+    /// `Tcp: PassiveOpens`: connections a listener accepted the handshake of.
+    passive: u64,
+}
+
+/// Runs the scenario, reading the namespace's own open counters before it is released.
+fn run_counting_opens(s: &Scenario) -> Result<Opens, Failed> {
+    let mut ns = s.prepare()?;
+    ns.round()?;
+    let opens = Opens { active: ns.kernel_tcp("ActiveOpens")?, passive: ns.kernel_tcp("PassiveOpens")? };
+    ns.release()?;
+    Ok(opens)
+}
+
+/// `observer_tcp_connections_opened_total` of both ends equals the kernel's ActiveOpens
+/// (client) and PassiveOpens (server, every connection accepted), which are `expected`.
+fn check_opened(m: &Metrics, s: &Scenario, opens: Opens, expected: (u64, u64)) -> Result<(), Failed> {
+    check("the namespace's Tcp: ActiveOpens", opens.active, expected.0)?;
+    check("the namespace's Tcp: PassiveOpens", opens.passive, expected.1)?;
+    check(
+        "client connections opened (= ActiveOpens)",
+        m.sum("observer_tcp_connections_opened_total", &s.client_labels()),
+        opens.active,
+    )?;
+    check(
+        "server connections opened (= PassiveOpens)",
+        m.sum("observer_tcp_connections_opened_total", &s.server_labels()),
+        opens.passive,
+    )?;
+    Ok(())
 }

@@ -30,9 +30,10 @@ fn scenario(mode: Mode, tag: u8, connections: u32, server_comm: &'static str, cl
     }
 }
 
-/// Each SO_LINGER 0 connection makes 4 events: the client's ResetReceived and ConnectionClosed,
-/// the server's ResetSent and ConnectionClosed.
-const EVENTS_PER_LINGER0: u64 = 4;
+/// Each SO_LINGER 0 connection makes 6 events: the client's ConnectionOpened (connect),
+/// ResetReceived and ConnectionClosed, the server's ConnectionOpened (accept), ResetSent and
+/// ConnectionClosed.
+const EVENTS_PER_LINGER0: u64 = 6;
 
 /// Waits until every event of the namespace is accounted for (seen or lost).
 fn accounted(daemon: &Daemon, expected: u64) -> Result<Metrics, Failed> {
@@ -42,7 +43,7 @@ fn accounted(daemon: &Daemon, expected: u64) -> Result<Metrics, Failed> {
 pub fn overflow_accounting() -> Result<(), Failed> {
     let s = scenario(Mode::Linger0, 1, 300, "r1-ovf-srv", "r1-ovf-cli");
     let mut ns = s.prepare()?;
-    // 4096 bytes hold 24 events (160 bytes + an 8-byte header each); with the daemon stopped, a burst of 1200 must overflow.
+    // 4096 bytes hold 24 events (160 bytes + an 8-byte header each); with the daemon stopped, a burst of 1800 must overflow.
     let daemon = start_daemon(&["--netns", &ns.path, "--ring-buffer-size", "4096"])?;
     daemon.signal(Signal::STOP)?;
     let burst = ns.round();

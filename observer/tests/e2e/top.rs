@@ -76,6 +76,7 @@ pub fn rates_of_a_paced_load() -> Result<(), Failed> {
         ("premature_by_kind.peer_reset", client.premature_by_kind.get("peer_reset").copied().unwrap_or(0.0)),
         ("premature_per_s", client.premature_per_s),
         ("closes_per_s", client.closes_per_s),
+        ("opened_per_s", client.opened_per_s),
     ] {
         paced(&format!("client {what}"), rate, report.window_seconds)?;
     }
@@ -94,6 +95,7 @@ pub fn rates_of_a_paced_load() -> Result<(), Failed> {
         ("resets_out_per_s", server.resets_out_per_s),
         ("premature_by_kind.local_reset", server.premature_by_kind.get("local_reset").copied().unwrap_or(0.0)),
         ("closes_per_s", server.closes_per_s),
+        ("opened_per_s", server.opened_per_s),
     ] {
         paced(&format!("server {what}"), rate, report.window_seconds)?;
     }
@@ -112,7 +114,7 @@ pub fn rates_of_a_paced_load() -> Result<(), Failed> {
 
     // Bad parameters: 400, naming the parameter and what it allows.
     for (query, words) in [
-        ("sort=bytes", ["sort", "resets_in, resets_out, premature, closes"]),
+        ("sort=bytes", ["sort", "resets_in, resets_out, premature, closes, opened"]),
         ("interval=soon", ["interval", "1s to 60s"]),
         ("interval=5m", ["interval", "1s to 60s"]),
         ("limit=0", ["limit", "1 to 10000"]),

@@ -254,6 +254,15 @@ impl HeldNetns {
         Ok(())
     }
 
+    /// A `Tcp:` counter of the namespace's `/proc/net/snmp` (`ActiveOpens`, `PassiveOpens`,
+    /// `OutRsts`, ...): the kernel's own count of what the traffic made, read through the
+    /// worker that holds the namespace.
+    pub fn kernel_tcp(&self, counter: &str) -> Result<u64, String> {
+        let snmp = std::fs::read_to_string(format!("/proc/{}/net/snmp", self.child.id()))
+            .map_err(|e| format!("reading the namespace's /proc/net/snmp: {e}"))?;
+        observer_testkit::net::snmp_tcp(&snmp, counter).map_err(|e| format!("{e:#}"))
+    }
+
     /// Lets the namespace go: the worker exits.
     pub fn release(&mut self) -> Result<(), String> {
         drop(self.stdin.take());

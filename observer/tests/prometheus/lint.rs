@@ -21,6 +21,7 @@ const TOLERATED: &[&str] = &[];
 const FAMILIES: &[&str] = &[
     "observer_tcp_resets_received_total",
     "observer_tcp_resets_sent_total",
+    "observer_tcp_connections_opened_total",
     "observer_tcp_closes_total",
     "observer_tcp_premature_closes_total",
     "observer_tcp_retransmits_total",

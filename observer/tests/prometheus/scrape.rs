@@ -133,6 +133,7 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
     tool("promtool")?;
     let netns = NamedNetns::new("prom", "scrape")?;
     let rsts_before = netns.out_rsts()?;
+    let opens_before = (netns.tcp_counter("ActiveOpens")?, netns.tcp_counter("PassiveOpens")?);
     let daemon = start_observer(&netns, &["--cri-socket", "none"])?;
     let prom = Prometheus::start(&prometheus_bin, daemon.addr)?;
     let first = wait_for(&prom, "the first successful scrape of the daemon", || {
@@ -154,6 +155,11 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
         marks.push(wait_for_round(&daemon, &prom, i, total)?);
     }
     let rsts_sent = netns.out_rsts()? - rsts_before;
+    // Every connect() and every accepted connection, as the namespace's kernel counted them.
+    let opened_by_role = map(&[
+        ("client", (netns.tcp_counter("ActiveOpens")? - opens_before.0) as u32),
+        ("server", (netns.tcp_counter("PassiveOpens")? - opens_before.1) as u32),
+    ]);
     let end = *marks.last().context("no rounds")?;
     let total = Round::sum(&ROUNDS);
     let measured = Round::sum(&ROUNDS[1..]);
@@ -188,10 +194,18 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
     eq_map(&mut p, "peak premature closes by kind", &q, end, prom.by(&q, "kind", at)?, total.kinds());
     let q = "sum by (role) (observer_tcp_closes_total)";
     eq_map(&mut p, "closes by role", q, end, prom.by(q, "role", at)?, total.closes_by_role());
+    ensure!(
+        opened_by_role == total.closes_by_role(),
+        "the namespace's kernel opened {opened_by_role:?} (Tcp: ActiveOpens, PassiveOpens), but the traffic should have opened {:?}",
+        total.closes_by_role()
+    );
+    let q = "sum by (role) (observer_tcp_connections_opened_total)";
+    eq_map(&mut p, "opened by role = Tcp: ActiveOpens, PassiveOpens", q, end, prom.by(q, "role", at)?, opened_by_role);
     for family in [
         "observer_tcp_resets_received_total",
         "observer_tcp_resets_sent_total",
         "observer_tcp_closes_total",
+        "observer_tcp_connections_opened_total",
         "observer_tcp_premature_closes_total",
         "observer_tcp_connection_duration_seconds_count",
         "observer_events_total",
