@@ -82,8 +82,13 @@ async fn events(State(state): State<Arc<DaemonState>>, RawQuery(raw): RawQuery) 
     Json(state.event_log().query(q.after.unwrap_or(0), limit, &filter)).into_response()
 }
 
-/// Open `follow=true` streams, for their log lines.
+/// `follow=true` streams opened so far, for their log lines.
 static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// At most this many `follow=true` streams at once: each polls the event log (whose lock the
+/// event path takes) every [`FOLLOW_POLL`], so a client opening streams without end must not
+/// slow the counting. Past it: 503, naming the cap.
+pub const MAX_FOLLOW_STREAMS: usize = 64;
 
 /// One `follow=true` stream: the records after `after` that `filter` selects, as they come.
 /// Dropped (and logged) when it ends or when the client goes away: hyper drops the body then.
@@ -102,6 +107,7 @@ struct Follow {
 
 impl Drop for Follow {
     fn drop(&mut self) {
+        self.state.follow_streams.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         log::info!("events stream {} closed after {} records", self.id, self.sent);
     }
 }
@@ -110,6 +116,16 @@ impl Drop for Follow {
 const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn follow(state: Arc<DaemonState>, q: &EventsQuery, filter: Filter) -> Response {
+    use std::sync::atomic::Ordering;
+    let open = state.follow_streams.fetch_add(1, Ordering::Relaxed);
+    if open >= MAX_FOLLOW_STREAMS {
+        state.follow_streams.fetch_sub(1, Ordering::Relaxed);
+        let error = format!(
+            "follow: {MAX_FOLLOW_STREAMS} event streams are open already, the most this daemon serves; close one, or page with after=SEQ instead of following"
+        );
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(ApiError { error })).into_response();
+    }
+    // From here on the stream's Drop gives its place back.
     let after = q.after.unwrap_or_else(|| state.event_log().page(u64::MAX, 0).latest);
     let id = STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     log::info!("events stream {id} opened");
@@ -206,6 +222,30 @@ mod tests {
         assert_eq!(get(router(state()), "/api/v1/top?sort=bytes").await, StatusCode::BAD_REQUEST);
         assert_eq!(get(router(state()), "/api/v1/top?sort=closes&sort=closes").await, StatusCode::BAD_REQUEST);
         assert_eq!(get(router(state()), "/api/v1/top?bytes=1").await, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn follow_streams_are_capped_and_a_closed_one_frees_its_place() {
+        let state = state();
+        let follow = || {
+            let request = Request::get("/api/v1/events?follow=true").body(Body::empty()).expect("a valid URI");
+            router(state.clone()).oneshot(request)
+        };
+        // Held responses keep their streams open.
+        let mut open = Vec::new();
+        for _ in 0..MAX_FOLLOW_STREAMS {
+            let response = follow().await.expect("the router is infallible");
+            assert_eq!(response.status(), StatusCode::OK);
+            open.push(response);
+        }
+        let refused = follow().await.expect("the router is infallible");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(refused.into_body(), 4096).await.expect("a short body");
+        assert!(String::from_utf8_lossy(&body).contains("64 event streams are open"), "{body:?}");
+        drop(open.pop());
+        assert_eq!(follow().await.expect("the router is infallible").status(), StatusCode::OK);
+        drop(open);
+        assert_eq!(state.follow_streams.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 
     proptest! {

@@ -180,7 +180,11 @@ pub fn document() -> Value {
                             "application/x-ndjson": { "schema": { "$ref": "#/components/schemas/EventRecord" } }
                         }
                     },
-                    "400": bad_request()
+                    "400": bad_request(),
+                    "503": {
+                        "description": "follow=true while the most streams the daemon serves at once (64) are open.",
+                        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ApiError" } } }
+                    }
                 }
             }},
             "/api/v1/openapi.json": { "get": {

@@ -54,6 +54,8 @@ pub struct DaemonState {
     copied: Mutex<top::Copied>,
     /// The effective configuration, for the status; set once at start-up.
     config: OnceLock<BTreeMap<String, ConfigSetting>>,
+    /// `follow=true` streams open now ([`crate::http`] caps them).
+    pub follow_streams: std::sync::atomic::AtomicUsize,
 }
 
 impl DaemonState {
@@ -69,6 +71,7 @@ impl DaemonState {
             config: OnceLock::new(),
             rates: Mutex::new(Rates::default()),
             copied: Mutex::new(Vec::new()),
+            follow_streams: Default::default(),
         }
     }
 

@@ -367,15 +367,32 @@ fn netns_round(s: &Scenario) -> io::Result<()> {
         let _ = server.kill();
         return Err(io::Error::other(format!("server did not start: {line:?} ({:?})", server.wait()?)));
     }
-    let client = spawn("client", Stdio::null(), Stdio::null())?.wait();
-    if s.mode == Mode::LeakCloseWait && client.as_ref().is_ok_and(|c| c.success()) {
-        // The leak is in place; hold it until the test has looked.
-        println!("leaking");
-        io::stdout().flush()?;
-        let mut release = String::new();
-        io::stdin().read_line(&mut release)?;
-    }
-    // The server may wait for the round's end (CLOSE_WAIT leaks, a link that went down).
+    let client = if s.mode == Mode::LeakCloseWait {
+        // The client holds its half-closed sockets (FIN_WAIT2, not orphaned, so no
+        // tcp_fin_timeout ends them however long the test looks) and says "leaking" once the
+        // server's ends sit in CLOSE_WAIT; hold it until the test has looked.
+        let mut client = spawn("client", Stdio::piped(), Stdio::piped())?;
+        let mut client_out = BufReader::new(client.stdout.take().ok_or_else(|| io::Error::other("no client stdout"))?);
+        line.clear();
+        client_out.read_line(&mut line)?;
+        if line.trim() == "leaking" {
+            println!("leaking");
+            io::stdout().flush()?;
+            let mut release = String::new();
+            io::stdin().read_line(&mut release)?;
+        }
+        // The server closes first (its FIN ends the client's FIN_WAIT2), then the client goes.
+        drop(server_in);
+        let server_status = server.wait()?;
+        drop(client.stdin.take());
+        return match client.wait()? {
+            c if c.success() && server_status.success() => Ok(()),
+            c => Err(io::Error::other(format!("client {c}, server {server_status}"))),
+        };
+    } else {
+        spawn("client", Stdio::null(), Stdio::null())?.wait()
+    };
+    // The server may wait for the round's end (a link that went down).
     drop(server_in);
     let server_status = server.wait()?;
     let client = client?;
@@ -525,6 +542,7 @@ fn client(s: &Scenario) -> io::Result<()> {
         _ => {}
     }
     let start = std::time::Instant::now();
+    let mut half_closed = Vec::new();
     for i in 0..s.connections {
         if s.mode == Mode::PacedLinger0 {
             // On a schedule, not a sleep after each: no drift.
@@ -545,11 +563,18 @@ fn client(s: &Scenario) -> io::Result<()> {
                     }
                 }
             }
-            Mode::Abandon | Mode::LeakCloseWait => {
+            Mode::Abandon => {
                 // Send the request and give up at once.
                 let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
                 conn.write_all(REQUEST)?;
                 drop(conn);
+            }
+            Mode::LeakCloseWait => {
+                // Send the request and stop sending (FIN), keeping the socket.
+                let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
+                conn.write_all(REQUEST)?;
+                conn.shutdown(std::net::Shutdown::Write)?;
+                half_closed.push(conn);
             }
             mode => {
                 let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
@@ -569,6 +594,14 @@ fn client(s: &Scenario) -> io::Result<()> {
                 }
             }
         }
+    }
+    if s.mode == Mode::LeakCloseWait {
+        // Our FINs are out (on loopback they have arrived once shutdown returns): the server's
+        // ends are in CLOSE_WAIT. Hold our ends until the round's end.
+        println!("leaking");
+        io::stdout().flush()?;
+        wait_for_round_end()?;
+        drop(half_closed);
     }
     Ok(())
 }
