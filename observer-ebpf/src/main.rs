@@ -41,6 +41,7 @@ mod maps;
 mod read;
 mod socket;
 mod tracepoint;
+mod tracing;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -10,7 +10,7 @@ use observer::{
     container::CgroupResolver,
     probes::{self, ProbeMode, select, tracefs},
 };
-use observer_common::{ABSENT, Backend, KprobeArgs, ProbeConfig, ProbeId};
+use observer_common::{ABSENT, Backend, BtfArgs, KprobeArgs, ProbeConfig, ProbeId};
 
 /// Older kernels' layouts on top of this kernel's: the verifier prunes branches on the
 /// (read-only, frozen) `CONFIG` values, so each variant checks other code paths.
@@ -25,6 +25,8 @@ fn older_layouts(mut config: ProbeConfig) -> ProbeConfig {
     config.send_reset.reason = ABSENT;
     // < 6.10: the reset senders take no reason; no IPv6; a namespace filter.
     config.kprobe = KprobeArgs::ABSENT;
+    config.btf = BtfArgs::ABSENT;
+    config.kernel.sock_protocol = ABSENT;
     config.kernel.sock_v6_daddr = ABSENT;
     config.kernel.sock_v6_rcv_saddr = ABSENT;
     config.kernel.sock_done_bit = ABSENT;
@@ -32,7 +34,7 @@ fn older_layouts(mut config: ProbeConfig) -> ProbeConfig {
     config
 }
 
-/// Every program of every back end, tracepoints and kprobes, through the kernel's verifier
+/// Every program of every back end, BTF tracepoints, tracepoints and kprobes, through the kernel's verifier
 /// (loaded, not attached: a kprobe program loads on a kernel without a kprobe PMU), under this
 /// kernel's configuration and three others.
 pub fn every_program_of_every_back_end_passes_the_verifier() -> Result<(), Failed> {
@@ -50,13 +52,14 @@ pub fn every_program_of_every_back_end_passes_the_verifier() -> Result<(), Faile
         ("reason second", second_arg_reason),
         ("nothing known", ProbeConfig::ABSENT),
     ];
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading the kernel's BTF: {e}"))?;
     let mut failures = Vec::new();
     let mut loaded = 0;
     for (what, config) in configs {
         let mut ebpf =
             probes::load_object(&config, 4096, 1024).map_err(|e| format!("{what}: loading the object: {e}"))?;
         for probe in ProbeId::ALL {
-            match probes::load_program(&mut ebpf, probe) {
+            match probes::load_program(&mut ebpf, probe, Some(&btf)) {
                 Ok(()) => {
                     loaded += 1;
                     println!("verifier: {what}: {} ({}) loaded", probe.name(), select::attach_label(probe));
