@@ -74,16 +74,20 @@ pub fn every_program_of_every_back_end_passes_the_verifier() -> Result<(), Faile
     crate::support::check("programs loaded", loaded, (configs.len() * ProbeId::ALL.len()) as u64)
 }
 
-/// The kernels observer runs its tests on (this host's, the kernel matrix's) have every
-/// tracepoint: `auto` picks the tracepoints for every hook. Where the kernel has no kprobes,
-/// the kprobe programs are reported unavailable, saying so.
-pub fn auto_picks_the_tracepoints_where_the_kernel_has_them() -> Result<(), Failed> {
+/// The kernels observer runs its tests on (this host's, the kernel matrix's) have BTF and every
+/// tracepoint: `auto` picks the BTF tracepoints for every hook that has one, the syscall
+/// tracepoints for accept. Where the kernel has no kprobes, the kprobe programs are reported
+/// unavailable, saying so.
+pub fn auto_picks_the_btf_tracepoints_where_the_kernel_has_them() -> Result<(), Failed> {
     let setup = probes::kernel_setup().map_err(|e| format!("reading tracefs and BTF: {e}"))?;
     let choices = select::choose(ProbeMode::Auto, &setup.unavailable);
-    if let Some(c) = choices.iter().find(|c| c.backend != Backend::Tracepoint) {
-        return Err(format!("auto chose {c:?}").into());
+    for c in &choices {
+        let want = if c.hook == observer_common::Hook::Accept { Backend::Tracepoint } else { Backend::Btf };
+        if c.backend != want {
+            return Err(format!("auto chose {c:?}, want {want:?}").into());
+        }
     }
-    for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Tracepoint) {
+    for probe in ProbeId::ALL.into_iter().filter(|p| matches!(p.backend(), Backend::Tracepoint | Backend::Btf)) {
         if let Some(why) = setup.unavailable.get(&probe) {
             return Err(format!("{}: {why}", probe.name()).into());
         }
