@@ -112,6 +112,7 @@ pub fn cardinality_attack() -> Result<(), Failed> {
         "observer_tcp_closes_total",
         "observer_tcp_premature_closes_total",
         "observer_tcp_retransmits_total",
+        "observer_tcp_connections_opened_total",
     ]
     .iter()
     .map(|name| m.matching(name, &[]).count() as u64)
