@@ -72,13 +72,9 @@ pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let full = sk != 0
         && (skb == 0
             || (state != tcp_state::LISTEN && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV));
-    on_reset_sent(
-        ProbeId::BtfTcpSendReset,
-        sk,
-        reason,
-        state,
-        |e| if full { read_sock_endpoints(sk, e) } else { read_skb_endpoints(skb, e) },
-    );
+    on_reset_sent(ProbeId::BtfTcpSendReset, sk, reason, state, |e| {
+        if full { read_sock_endpoints(sk, e) } else { read_skb_endpoints(skb, e) }
+    });
     0
 }
 

@@ -225,7 +225,10 @@ pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
             for probe in ProbeId::ALL {
                 let AttachPoint::BtfTracepoint(name) = probe.attach_point() else { continue };
                 if btf.btf_tracepoint_args(name).is_none() {
-                    unavailable.insert(probe, format!("this kernel has no BTF tracepoint {name} (no btf_trace_{name} in its BTF)"));
+                    unavailable.insert(
+                        probe,
+                        format!("this kernel has no BTF tracepoint {name} (no btf_trace_{name} in its BTF)"),
+                    );
                 }
             }
             let args = &mut config.kprobe;
@@ -414,9 +417,7 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     }
     let choices = select::choose(options.mode, &unavailable);
     if let Some(backend) = choices.iter().map(|c| c.backend).find(|b| matches!(b, Backend::Kprobe | Backend::Btf)) {
-        degraded.extend(
-            kprobe_missing.into_iter().map(|m| format!("{m} (used by the {} back end)", backend.name())),
-        );
+        degraded.extend(kprobe_missing.into_iter().map(|m| format!("{m} (used by the {} back end)", backend.name())));
     }
 
     let mut statuses = Vec::new();
@@ -526,7 +527,9 @@ pub fn load_program(ebpf: &mut Ebpf, probe: ProbeId, btf: Option<&aya::Btf>) -> 
     let program = ebpf.program_mut(probe.name()).ok_or(ProgramError::Missing)?;
     let loaded = match probe.attach_point() {
         AttachPoint::Tracepoint(..) => <&mut TracePoint>::try_from(program)?.load(),
-        AttachPoint::BtfTracepoint(name) => <&mut BtfTracePoint>::try_from(program)?.load(name, btf.ok_or(ProgramError::NoBtf)?),
+        AttachPoint::BtfTracepoint(name) => {
+            <&mut BtfTracePoint>::try_from(program)?.load(name, btf.ok_or(ProgramError::NoBtf)?)
+        }
         AttachPoint::Kprobe(_) | AttachPoint::Kretprobe(_) => <&mut KProbe>::try_from(program)?.load(),
     };
     match loaded {

@@ -163,10 +163,8 @@ mod tests {
             assert_eq!(programs(hook, Backend::Btf).len(), usize::from(hook != Hook::Accept), "{hook:?}");
         }
         // Every program serves exactly one hook, so one back end per hook never counts twice.
-        let total: usize = Hook::ALL
-            .into_iter()
-            .flat_map(|h| Backend::ALL.into_iter().map(move |b| programs(h, b).len()))
-            .sum();
+        let total: usize =
+            Hook::ALL.into_iter().flat_map(|h| Backend::ALL.into_iter().map(move |b| programs(h, b).len())).sum();
         assert_eq!(total, ProbeId::ALL.len());
     }
 

@@ -9,8 +9,8 @@ use observer_testkit::{Metrics, kernel_version, process::Signal};
 use crate::{
     shared_daemon,
     support::{
-        BTF_PROBES, KPROBE_PROBES, N, OBSERVER, PATIENCE, Settle as _, TRACEPOINT_PROBES, both_closed, check, expected_probes,
-        scenario, start_daemon,
+        BTF_PROBES, KPROBE_PROBES, N, OBSERVER, PATIENCE, Settle as _, TRACEPOINT_PROBES, both_closed, check,
+        expected_probes, scenario, start_daemon,
     },
     traffic::Mode,
 };
@@ -143,9 +143,9 @@ pub fn forced_back_end() -> Result<(), Failed> {
     let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
     let probes = status["probes"].as_array().ok_or("probes is not a list")?;
     let attached = |&(name, attach, backend): &(&str, &str, &str)| {
-        probes.iter().any(|p| {
-            p["probe"] == name && p["attach"] == attach && p["backend"] == backend && p["state"] == "attached"
-        })
+        probes
+            .iter()
+            .any(|p| p["probe"] == name && p["attach"] == attach && p["backend"] == backend && p["state"] == "attached")
     };
     if probes.len() != BTF_PROBES.len() || !BTF_PROBES.iter().all(attached) {
         return Err(format!("--probes btf: {body}").into());
