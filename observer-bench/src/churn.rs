@@ -17,9 +17,12 @@ use super::{
     worker::{Command, Mark, Worker},
 };
 
-pub const ARMS: [&str; 4] = ["none", "observer", "bpftrace", "tcplife"];
+/// `observer`: the default back end (`auto`: BTF tracepoints on kernels that allow them);
+/// `observer-tracepoint`: every hook on the classic tracepoints (`--probes tracepoint`), the
+/// back end before BTF tracepoints, for comparison on the same machine in the same run.
+pub const ARMS: [&str; 5] = ["none", "observer", "observer-tracepoint", "bpftrace", "tcplife"];
 /// The arms compared with the baseline.
-const TOOLS: [&str; 3] = ["observer", "bpftrace", "tcplife"];
+const TOOLS: [&str; 4] = ["observer", "observer-tracepoint", "bpftrace", "tcplife"];
 
 /// The load generator's name in this benchmark (its `comm`).
 const LOAD: &str = "bench-churn";
@@ -148,8 +151,8 @@ impl Watcher {
 fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun> {
     let mut worker = Worker::spawn(LOAD)?;
     let watcher = match arm {
-        "observer" => {
-            Watcher::Observer(daemon::start(&setup.observer, &["--netns".into(), worker.netns.display().to_string()])?)
+        "observer" | "observer-tracepoint" => {
+            Watcher::Observer(daemon::start(&setup.observer, &observer_args(arm, &worker.netns.display().to_string()))?)
         }
         "bpftrace" => Watcher::Tool(Tool::bpftrace()?),
         "tcplife" => Watcher::Tool(Tool::tcplife(&setup.tcplife)?),
@@ -220,6 +223,15 @@ fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun
         ratio: None,
         baseline_spread: None,
     })
+}
+
+/// The daemon's arguments in arm `arm` (`observer`, `observer-tracepoint`), watching `netns`.
+pub fn observer_args(arm: &str, netns: &str) -> Vec<String> {
+    let mut args = vec!["--netns".to_string(), netns.to_string()];
+    if arm == "observer-tracepoint" {
+        args.extend(["--probes".to_string(), "tracepoint".to_string()]);
+    }
+    args
 }
 
 /// Sets each tool run's baseline: the mean of the baseline runs next to it.

@@ -27,6 +27,14 @@ pub struct ProgramCost {
     /// Mean time of one run.
     pub mean_ns: f64,
     pub ns_per_connection: f64,
+    /// The program's size as the verifier saw it (`bpftool prog show`: `verified_insns`,
+    /// `bytes_xlated`, `bytes_jited`), so a regression in program size shows; 0 if not shown.
+    #[serde(default)]
+    pub verified_insns: u64,
+    #[serde(default)]
+    pub bytes_xlated: u64,
+    #[serde(default)]
+    pub bytes_jited: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,7 +55,7 @@ pub struct Diagnostics {
 pub fn run(setup: &Setup, plan: &Plan) -> Result<Diagnostics> {
     let previous = fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_string();
     fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
-    let result = ["observer", "bpftrace"]
+    let result = ["observer", "observer-tracepoint", "bpftrace"]
         .into_iter()
         .map(|tool| measure(setup, plan, tool).with_context(|| format!("BPF program costs of {tool}")))
         .collect::<Result<Vec<_>>>();
@@ -59,8 +67,9 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Diagnostics> {
 fn measure(setup: &Setup, plan: &Plan, tool: &str) -> Result<ToolCost> {
     let mut worker = Worker::spawn("bench-diag")?;
     let (pid, stop): (u32, Box<dyn FnOnce() -> Result<()>>) = match tool {
-        "observer" => {
-            let daemon = daemon::start(&setup.observer, &["--netns".into(), worker.netns.display().to_string()])?;
+        "observer" | "observer-tracepoint" => {
+            let args = super::churn::observer_args(tool, &worker.netns.display().to_string());
+            let daemon = daemon::start(&setup.observer, &args)?;
             (daemon.pid, Box::new(move || daemon.stop()))
         }
         _ => {
@@ -80,17 +89,20 @@ fn measure(setup: &Setup, plan: &Plan, tool: &str) -> Result<ToolCost> {
     )?;
     let after = program_stats(pid)?;
     // Named while the tool still holds them: its programs go when it stops.
-    let names: Vec<String> = after.iter().map(|(id, _, _)| program_name(*id)).collect();
+    let names: Vec<ProgramShown> = after.iter().map(|(id, _, _)| program_shown(*id)).collect();
     stop()?;
     let connections = outcome.total.connections().max(1);
     let programs: Vec<ProgramCost> = after
         .iter()
         .zip(names)
-        .filter_map(|((id, runs, ns), name)| {
+        .filter_map(|((id, runs, ns), shown)| {
             let (runs0, ns0) = before.iter().find(|b| b.0 == *id).map_or((0, 0), |b| (b.1, b.2));
             let (runs, ns) = (runs - runs0, ns - ns0);
             (runs > 0).then(|| ProgramCost {
-                name,
+                name: shown.name,
+                verified_insns: shown.verified_insns,
+                bytes_xlated: shown.bytes_xlated,
+                bytes_jited: shown.bytes_jited,
                 runs_per_connection: runs as f64 / connections as f64,
                 mean_ns: ns as f64 / runs as f64,
                 ns_per_connection: ns as f64 / connections as f64,
@@ -128,11 +140,24 @@ fn program_stats(pid: u32) -> Result<Vec<(u64, u64, u64)>> {
     Ok(stats)
 }
 
-/// The program's name as `bpftool` reports it, else its id.
-fn program_name(id: u64) -> String {
-    cmd::stdout(Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]))
+/// What `bpftool prog show` says of a program.
+struct ProgramShown {
+    name: String,
+    verified_insns: u64,
+    bytes_xlated: u64,
+    bytes_jited: u64,
+}
+
+/// The program's name (else its id) and sizes as `bpftool` reports them.
+fn program_shown(id: u64) -> ProgramShown {
+    let v = cmd::stdout(Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]))
         .ok()
         .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
-        .and_then(|v| v["name"].as_str().map(String::from))
-        .unwrap_or_else(|| format!("prog {id}"))
+        .unwrap_or_default();
+    ProgramShown {
+        name: v["name"].as_str().map_or_else(|| format!("prog {id}"), String::from),
+        verified_insns: v["verified_insns"].as_u64().unwrap_or(0),
+        bytes_xlated: v["bytes_xlated"].as_u64().unwrap_or(0),
+        bytes_jited: v["bytes_jited"].as_u64().unwrap_or(0),
+    }
 }

@@ -231,7 +231,8 @@ fn churn(o: &mut String, r: &Results) {
         "A load generator (`bench-churn`, Rust, in observer-bench) opens loopback connections as fast as {} client threads \
          can, each sending a small request, reading the response and closing after the server ({} accepting threads, \
          SO_REUSEPORT listeners, server closes first); {:.0} s measured after {:.0} s of warm-up, in a fresh network \
-         namespace per run. Arms: **none**; **observer** (`observer run --netns` on that namespace); **bpftrace** \
+         namespace per run. Arms: **none**; **observer** (`observer run --netns` on that namespace, default back end: BTF tracepoints where \
+         the kernel allows them); **observer-tracepoint** (the same with `--probes tracepoint`); **bpftrace** \
          counting on the same six tracepoints; **tcplife** from libbpf-tools (one line per connection, read through \
          a pipe). Every tool run is bracketed by two runs with nothing attached (none, tool, none, tool, ..., \
          none; the tools' order rotates over {} rounds) and compared with the mean of those two, so other load \
@@ -607,17 +608,24 @@ fn diagnostics(o: &mut String, r: &Results) {
     );
     let _ = writeln!(
         o,
-        "| tool | program | runs per connection | mean ns per run | ns per connection |\n|---|---|---:|---:|---:|"
+        "| tool | program | runs per connection | mean ns per run | ns per connection | verified insns | xlated / jited bytes |\n|---|---|---:|---:|---:|---:|---:|"
     );
     for t in &d.churn_programs {
         for p in &t.programs {
             let _ = writeln!(
                 o,
-                "| {} | `{}` | {:.2} | {:.0} | {:.0} |",
-                t.tool, p.name, p.runs_per_connection, p.mean_ns, p.ns_per_connection
+                "| {} | `{}` | {:.2} | {:.0} | {:.0} | {} | {} / {} |",
+                t.tool,
+                p.name,
+                p.runs_per_connection,
+                p.mean_ns,
+                p.ns_per_connection,
+                p.verified_insns,
+                p.bytes_xlated,
+                p.bytes_jited
             );
         }
-        let _ = writeln!(o, "| {} | **all** | | | **{:.0}** |", t.tool, t.ns_per_connection);
+        let _ = writeln!(o, "| {} | **all** | | | **{:.0}** | | |", t.tool, t.ns_per_connection);
     }
     let _ = writeln!(o);
 }

@@ -5,7 +5,8 @@
 //! member offsets from the running kernel's BTF, and writes them into this global before loading.
 //! Every offset is a byte offset; [`ABSENT`] means "this kernel does not have that field". The
 //! tracepoint back end reads the record offsets, the kprobe back end the struct offsets and the
-//! argument positions ([`KprobeArgs`]); both use the struct offsets for what records lack.
+//! argument positions ([`KprobeArgs`]), the BTF tracepoint back end the struct offsets and its
+//! argument positions ([`BtfArgs`]); all use the struct offsets for what records lack.
 
 /// Offset value for a field the running kernel does not have.
 pub const ABSENT: u32 = u32::MAX;
@@ -160,6 +161,9 @@ pub struct KernelOffsets {
     pub tcphdr_source: u32,
     /// `tcphdr.dest` (network byte order).
     pub tcphdr_dest: u32,
+    /// `sock.sk_protocol` (u16 since 5.6; a bitfield before, then absent): the BTF
+    /// `inet_sock_set_state` program filters TCP with it, as the record's `protocol` does.
+    pub sock_protocol: u32,
 }
 
 impl KernelOffsets {
@@ -206,6 +210,7 @@ impl KernelOffsets {
         ipv6hdr_daddr: ABSENT,
         tcphdr_source: ABSENT,
         tcphdr_dest: ABSENT,
+        sock_protocol: ABSENT,
     };
 }
 
@@ -230,6 +235,22 @@ impl KprobeArgs {
     pub const ABSENT: Self = Self { active_reset_reason: ABSENT, v4_reset_reason: ABSENT, v6_reset_reason: ABSENT };
 }
 
+/// Argument positions (0-based, in the program's context: the tracepoint's arguments after its
+/// hidden `void *__data`) of the BTF tracepoints, from their `btf_trace_<name>` prototypes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BtfArgs {
+    /// `reason` of `tcp_send_reset(sk, skb, reason)` (6.10+; 2 there).
+    pub send_reset_reason: u32,
+}
+
+impl BtfArgs {
+    pub const ABSENT: Self = Self { send_reset_reason: ABSENT };
+}
+
+/// The argument positions the BTF `tcp_send_reset` program can read a reason from.
+pub const BTF_REASON_ARGS: [u32; 1] = [2];
+
 /// Everything the kernel programs need to know about the running kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,6 +267,7 @@ pub struct ProbeConfig {
     pub netns_filter: u32,
     pub kernel: KernelOffsets,
     pub kprobe: KprobeArgs,
+    pub btf: BtfArgs,
 }
 
 impl ProbeConfig {
@@ -273,6 +295,7 @@ impl ProbeConfig {
         netns_filter: 0,
         kernel: KernelOffsets::ABSENT,
         kprobe: KprobeArgs::ABSENT,
+        btf: BtfArgs::ABSENT,
     };
 }
 
@@ -300,8 +323,9 @@ mod tests {
         assert_eq!(size_of::<SkTupleFields>(), 8 * 4);
         assert_eq!(size_of::<SetStateFields>(), 12 * 4);
         assert_eq!(size_of::<SendResetFields>(), 13 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 42 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 43 * 4);
         assert_eq!(size_of::<KprobeArgs>(), 3 * 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 42 + 3) * 4);
+        assert_eq!(size_of::<BtfArgs>(), 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 43 + 3 + 1) * 4);
     }
 }

@@ -161,7 +161,9 @@ pub struct SocketInfo {
     pub close_pending: u32,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the connection started; 0 if not seen.
     pub start_ns: u64,
-    /// `bpf_ktime_get_ns()` when it entered `state`.
+    /// `bpf_ktime_get_ns()` when it entered `state`, for the states whose age is reported
+    /// (CLOSE-WAIT, `observer_tcp_close_wait_oldest_seconds`) and CLOSE; 0 for the others, so
+    /// the programs read no clock on those transitions.
     pub state_since_ns: u64,
     /// Read at CLOSE.
     pub facts: ConnectionFacts,

@@ -29,6 +29,14 @@ pub enum ProbeId {
     TcpV4DestroySock = 11,
     /// kretprobe `inet_csk_accept()`: returns the accepted `struct sock *`.
     InetCskAccept = 12,
+    /// tp_btf `inet_sock_set_state(sk, oldstate, newstate)`.
+    BtfInetSockSetState = 13,
+    /// tp_btf `tcp_receive_reset(sk)`.
+    BtfTcpReceiveReset = 14,
+    /// tp_btf `tcp_send_reset(sk, skb[, reason])`.
+    BtfTcpSendReset = 15,
+    /// tp_btf `tcp_destroy_sock(sk)`.
+    BtfTcpDestroySock = 16,
 }
 
 /// The logical hooks the kernel programs need; each is served by one back end at a time.
@@ -60,9 +68,12 @@ impl Hook {
     }
 }
 
-/// How a program is attached.
+/// How a program is attached. In the order `auto` prefers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Backend {
+    /// A BTF-typed raw tracepoint (`tp_btf`, `BPF_PROG_TYPE_TRACING`): the tracepoint's
+    /// arguments (`struct sock *`, ...) without a record; struct layout from BTF.
+    Btf,
     /// A classic tracepoint (record layout from tracefs).
     Tracepoint,
     /// A kprobe or kretprobe on a kernel function (argument and struct layout from BTF).
@@ -70,8 +81,11 @@ pub enum Backend {
 }
 
 impl Backend {
+    pub const ALL: [Backend; 3] = [Self::Btf, Self::Tracepoint, Self::Kprobe];
+
     pub const fn name(self) -> &'static str {
         match self {
+            Self::Btf => "btf",
             Self::Tracepoint => "tracepoint",
             Self::Kprobe => "kprobe",
         }
@@ -83,6 +97,8 @@ impl Backend {
 pub enum AttachPoint {
     /// `category:name`.
     Tracepoint(&'static str, &'static str),
+    /// A BTF-typed raw tracepoint, by the tracepoint's name (its type is `btf_trace_<name>`).
+    BtfTracepoint(&'static str),
     /// Entry of a kernel function.
     Kprobe(&'static str),
     /// Return of a kernel function.
@@ -93,14 +109,14 @@ impl AttachPoint {
     /// The kernel function a (k|kret)probe attaches to.
     pub const fn function(self) -> Option<&'static str> {
         match self {
-            Self::Tracepoint(..) => None,
+            Self::Tracepoint(..) | Self::BtfTracepoint(_) => None,
             Self::Kprobe(f) | Self::Kretprobe(f) => Some(f),
         }
     }
 }
 
 impl ProbeId {
-    pub const ALL: [ProbeId; 13] = [
+    pub const ALL: [ProbeId; 17] = [
         Self::InetSockSetState,
         Self::TcpReceiveReset,
         Self::TcpSendReset,
@@ -114,6 +130,10 @@ impl ProbeId {
         Self::TcpV6SendReset,
         Self::TcpV4DestroySock,
         Self::InetCskAccept,
+        Self::BtfInetSockSetState,
+        Self::BtfTcpReceiveReset,
+        Self::BtfTcpSendReset,
+        Self::BtfTcpDestroySock,
     ];
 
     pub const fn from_u16(v: u16) -> Option<Self> {
@@ -131,6 +151,10 @@ impl ProbeId {
             10 => Some(Self::TcpV6SendReset),
             11 => Some(Self::TcpV4DestroySock),
             12 => Some(Self::InetCskAccept),
+            13 => Some(Self::BtfInetSockSetState),
+            14 => Some(Self::BtfTcpReceiveReset),
+            15 => Some(Self::BtfTcpSendReset),
+            16 => Some(Self::BtfTcpDestroySock),
             _ => None,
         }
     }
@@ -151,6 +175,10 @@ impl ProbeId {
             Self::TcpV6SendReset => "tcp_v6_send_reset",
             Self::TcpV4DestroySock => "tcp_v4_destroy_sock",
             Self::InetCskAccept => "inet_csk_accept",
+            Self::BtfInetSockSetState => "btf_inet_sock_set_state",
+            Self::BtfTcpReceiveReset => "btf_tcp_receive_reset",
+            Self::BtfTcpSendReset => "btf_tcp_send_reset",
+            Self::BtfTcpDestroySock => "btf_tcp_destroy_sock",
         }
     }
 
@@ -170,12 +198,17 @@ impl ProbeId {
             Self::TcpV6SendReset => AttachPoint::Kprobe("tcp_v6_send_reset"),
             Self::TcpV4DestroySock => AttachPoint::Kprobe("tcp_v4_destroy_sock"),
             Self::InetCskAccept => AttachPoint::Kretprobe("inet_csk_accept"),
+            Self::BtfInetSockSetState => AttachPoint::BtfTracepoint("inet_sock_set_state"),
+            Self::BtfTcpReceiveReset => AttachPoint::BtfTracepoint("tcp_receive_reset"),
+            Self::BtfTcpSendReset => AttachPoint::BtfTracepoint("tcp_send_reset"),
+            Self::BtfTcpDestroySock => AttachPoint::BtfTracepoint("tcp_destroy_sock"),
         }
     }
 
     pub const fn backend(self) -> Backend {
         match self.attach_point() {
             AttachPoint::Tracepoint(..) => Backend::Tracepoint,
+            AttachPoint::BtfTracepoint(_) => Backend::Btf,
             AttachPoint::Kprobe(_) | AttachPoint::Kretprobe(_) => Backend::Kprobe,
         }
     }
@@ -183,12 +216,14 @@ impl ProbeId {
     /// The hook the program serves.
     pub const fn hook(self) -> Hook {
         match self {
-            Self::InetSockSetState | Self::TcpSetState => Hook::SetState,
-            Self::TcpReceiveReset | Self::TcpReset => Hook::ReceiveReset,
-            Self::TcpSendReset | Self::TcpSendActiveReset | Self::TcpV4SendReset | Self::TcpV6SendReset => {
-                Hook::SendReset
-            }
-            Self::TcpDestroySock | Self::TcpV4DestroySock => Hook::Destroy,
+            Self::InetSockSetState | Self::TcpSetState | Self::BtfInetSockSetState => Hook::SetState,
+            Self::TcpReceiveReset | Self::TcpReset | Self::BtfTcpReceiveReset => Hook::ReceiveReset,
+            Self::TcpSendReset
+            | Self::TcpSendActiveReset
+            | Self::TcpV4SendReset
+            | Self::TcpV6SendReset
+            | Self::BtfTcpSendReset => Hook::SendReset,
+            Self::TcpDestroySock | Self::TcpV4DestroySock | Self::BtfTcpDestroySock => Hook::Destroy,
             Self::SysExitAccept4 | Self::SysExitAccept | Self::InetCskAccept => Hook::Accept,
         }
     }

@@ -1,6 +1,7 @@
-//! The logic of the five hooks, shared by both back ends: each program (`tracepoint`, `kprobe`)
-//! reads its hook's arguments, filters (TCP only, observed namespace) and calls one `on_*`
-//! function here with the socket's address and endpoints.
+//! The logic of the five hooks, shared by the three back ends: each program (`tracing`,
+//! `tracepoint`, `kprobe`) reads its hook's arguments, filters (TCP only, observed namespace)
+//! and calls one `on_*` function here with the socket's address and how to read its endpoints
+//! (read only where they are kept).
 //!
 //! * [`on_state_change`] follows each TCP socket's life. `CLOSE→SYN_SENT` runs inside
 //!   `connect()`, so the current task *is* the owner (role client); `LISTEN→SYN_RECV` creates an
@@ -19,7 +20,7 @@
 //! reset the kernel sends *after* `X→CLOSE` (close with unread data, SO_LINGER 0), or at
 //! destroy when no reset follows (graceful close).
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use observer_common::{Endpoints, EventKind, ProbeId, Role, SocketEvent, SocketInfo, counter, flags, tcp_state};
 
 use crate::{
@@ -29,39 +30,42 @@ use crate::{
     socket::{create_entry, enter_state, fresh_info, insert_new, known_socket, socket_entry},
 };
 
-/// `sk` (a TCP socket in an observed namespace) goes from state `old` to `new`.
+/// `sk` (a TCP socket in an observed namespace) goes from state `old` to `new`. `endpoints`
+/// reads the socket's addresses: only called where they are kept (at the start, when the
+/// connection is established, for a socket new to us), never on the other transitions.
+///
+/// This runs about ten times per connection, so each arm does only what its transition needs:
+/// no map access for transitions nothing counts (a listener's), one lookup for the others, the
+/// clock only where a time is kept (start, CLOSE-WAIT's age, the duration at CLOSE).
 #[inline(always)]
-pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: &Endpoints) {
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: impl Fn(&mut Endpoints)) {
     match (old, new) {
+        // A listener's own life: no connection.
+        (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
         (tcp_state::CLOSE, tcp_state::SYN_SENT) => {
-            // Inside connect(): process context, the current task owns the socket. A socket that
-            // is connected again starts a new connection; settle the previous one first.
-            if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
-                // SAFETY: see known_socket.
-                emit_close(probe, sk, unsafe { &mut *info });
-            }
+            // Inside connect(): process context, the current task owns the socket.
             let Some(info) = fresh_info() else { return };
-            info.endpoints = *endpoints;
+            endpoints(&mut info.endpoints);
             info.owner = current_owner();
             info.role = Role::Client as u8;
             info.flags = flags::OWNER_FROM_SYSCALL;
-            info.start_ns = now;
-            enter_state(info, new, now);
+            info.start_ns = now();
+            enter_state(info, new, info.start_ns);
             // Every connect() attempt is an opened connection, refused or not: a retry storm
-            // shows as their rate. (Reported before the insert, so the entry keeps the flag.)
-            report_open(probe, sk, info);
-            insert_new(sk, info);
+            // shows as their rate. The flag goes into the entry with the insert; the event goes
+            // out after the insert has settled any previous connection on this socket.
+            info.flags |= flags::OPEN_REPORTED;
+            insert_connection(probe, sk, info);
+            emit(EventKind::ConnectionOpened, probe, sk, info.state, info);
         }
         (tcp_state::LISTEN, tcp_state::SYN_RECV) => {
             // A child cloned from a listener, in softirq: the owner is learned at accept().
-            // (Only the tracepoint sees this: the kernel sets SYN_RECV without tcp_set_state().)
+            // (Only the tracepoints see this: the kernel sets SYN_RECV without tcp_set_state().)
             let Some(info) = fresh_info() else { return };
-            info.endpoints = *endpoints;
+            endpoints(&mut info.endpoints);
             info.role = Role::Server as u8;
-            info.start_ns = now;
-            enter_state(info, new, now);
+            info.start_ns = now();
+            enter_state(info, new, info.start_ns);
             insert_new(sk, info);
         }
         (_, tcp_state::ESTABLISHED) => {
@@ -71,25 +75,25 @@ pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: &En
                 // (inet_csk_clone_lock() sets SYN_RECV directly), or the daemon started between.
                 // Only passive opens leave SYN_RECV for ESTABLISHED on a socket new to us.
                 None if old == tcp_state::SYN_RECV => {
-                    let Some(info) = create_entry(sk, endpoints, Role::Server, now) else { return };
-                    enter_state(info, old, now);
+                    let start = now();
+                    let Some(info) = create_entry(sk, |_| {}, Role::Server, start) else { return };
+                    enter_state(info, old, start);
                     info
                 }
                 None => {
-                    let Some(info) = create_entry(sk, endpoints, Role::Unknown, 0) else { return };
+                    let Some(info) = create_entry(sk, |_| {}, Role::Unknown, 0) else { return };
                     info
                 }
             };
             // The source port of an active open is known from here on; tcp_disconnect() zeroes
             // the destination port later, so keep this copy.
-            info.endpoints = *endpoints;
-            enter_state(info, new, now);
+            endpoints(&mut info.endpoints);
+            enter_state(info, new, 0);
         }
-        (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
         (_, tcp_state::CLOSE) => {
-            let Some(info) = socket_entry(sk, endpoints) else { return };
+            let Some(info) = socket_entry(sk, &endpoints) else { return };
             if info.endpoints.remote_port == 0 || info.endpoints.local_port == 0 {
-                info.endpoints = *endpoints;
+                endpoints(&mut info.endpoints);
             }
             let kernel = &CONFIG.kernel;
             // __tcp_close() purges the receive queue without advancing copied_seq, so this is
@@ -100,6 +104,7 @@ pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: &En
             info.sk_err = kread::<i32>(sk, get(&kernel.sock_err)) as u32;
             info.close_state = old;
             info.close_pending = 1;
+            let now = now();
             enter_state(info, new, now);
             read_facts(sk, info, now);
             // A received reset or an error is the whole story. Otherwise the kernel may still
@@ -110,17 +115,44 @@ pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: &En
         }
         _ => {
             // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, ...: follow the state of every socket,
-            // including ones that predate the daemon (owner unknown).
-            if let Some(info) = socket_entry(sk, endpoints) {
-                enter_state(info, new, now);
+            // including ones that predate the daemon (owner unknown). Only CLOSE-WAIT's age is
+            // reported (a leak waits there), so only it reads the clock.
+            if let Some(info) = socket_entry(sk, &endpoints) {
+                enter_state(info, new, if new == tcp_state::CLOSE_WAIT { now() } else { 0 });
             }
         }
     }
 }
 
+/// CLOCK_MONOTONIC in ns.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Inserts the entry of a connection `connect()` starts on `sk`. A socket connected again
+/// (after a failed attempt) starts a new connection: the previous one is settled first. The
+/// insert is tried first because that is the common case: no lookup before it.
+#[inline(always)]
+fn insert_connection(probe: ProbeId, sk: u64, info: &SocketInfo) {
+    if SOCKETS.insert(&sk, info, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    match SOCKETS.get_ptr_mut(&sk) {
+        Some(previous) => {
+            // SAFETY: see known_socket.
+            let previous = unsafe { &mut *previous };
+            emit_close(probe, sk, previous);
+            *previous = *info;
+        }
+        None => bump(counter::SOCKET_MAP_FULL),
+    }
+}
+
 /// The kernel resets `sk` (an observed socket) because of an RST: `tcp_reset()`.
 #[inline(always)]
-pub fn on_reset_received(probe: ProbeId, sk: u64, endpoints: &Endpoints) {
+pub fn on_reset_received(probe: ProbeId, sk: u64, endpoints: impl Fn(&mut Endpoints)) {
     let Some(info) = socket_entry(sk, endpoints) else { return };
     info.flags |= flags::RESET_RECEIVED;
     info.reset_state = kread(sk, get(&CONFIG.kernel.sock_state));
@@ -186,9 +218,7 @@ pub fn on_accept(probe: ProbeId, sk: u64, adopt: bool) {
         None if adopt => {
             // SAFETY: helper without arguments.
             let now = unsafe { bpf_ktime_get_ns() };
-            let mut endpoints = Endpoints::default();
-            read_sock_endpoints(sk, &mut endpoints);
-            let Some(info) = create_entry(sk, &endpoints, Role::Server, now) else { return };
+            let Some(info) = create_entry(sk, |e| read_sock_endpoints(sk, e), Role::Server, now) else { return };
             enter_state(info, kread(sk, get(&CONFIG.kernel.sock_state)), now);
             info
         }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{kprobe, kretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use observer_common::{Endpoints, ProbeId, REASON_NONE, tcp_state};
+use observer_common::{ProbeId, REASON_NONE, tcp_state};
 
 use crate::{
     hooks::{on_accept, on_destroy, on_reset_received, on_reset_sent, on_state_change},
@@ -52,9 +52,7 @@ pub fn tcp_set_state(ctx: ProbeContext) -> u32 {
     // Called before the state is stored: the socket still holds the old one.
     let old: u8 = kread(sk, get(&CONFIG.kernel.sock_state));
     let new = ctx.arg::<i32>(1).unwrap_or(0) as u8;
-    let mut endpoints = Endpoints::default();
-    read_sock_endpoints(sk, &mut endpoints);
-    on_state_change(ProbeId::TcpSetState, sk, old, new, &endpoints);
+    on_state_change(ProbeId::TcpSetState, sk, old, new, |e| read_sock_endpoints(sk, e));
     0
 }
 
@@ -64,9 +62,7 @@ pub fn tcp_reset(ctx: ProbeContext) -> u32 {
     if sk == 0 || !observed_sock(sk) {
         return 0;
     }
-    let mut endpoints = Endpoints::default();
-    read_sock_endpoints(sk, &mut endpoints);
-    on_reset_received(ProbeId::TcpReset, sk, &endpoints);
+    on_reset_received(ProbeId::TcpReset, sk, |e| read_sock_endpoints(sk, e));
     0
 }
 

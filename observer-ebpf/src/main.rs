@@ -1,21 +1,23 @@
 //! observer's kernel programs.
 //!
-//! Five logical hooks, each served by one of two back ends the daemon picks per hook at start-up
-//! (tracepoints where the kernel has them, kprobes otherwise; `--probes` forces one). Both back
-//! ends call the same `on_*` functions in [`hooks`], so the logic lives in one place:
+//! Five logical hooks, each served by one of three back ends the daemon picks per hook at
+//! start-up (BTF tracepoints where the kernel has and loads them, tracepoints where it has them,
+//! kprobes otherwise; `--probes` forces one). All back ends call the same `on_*` functions in
+//! [`hooks`], so the logic lives in one place:
 //!
-//! | hook | tracepoint back end | kprobe back end | logic |
-//! |---|---|---|---|
-//! | set_state | `sock:inet_sock_set_state` | `tcp_set_state(sk, state)` | [`hooks::on_state_change`] |
-//! | receive_reset | `tcp:tcp_receive_reset` | `tcp_reset(sk, skb)` | [`hooks::on_reset_received`] |
-//! | send_reset | `tcp:tcp_send_reset` | `tcp_send_active_reset`, `tcp_v4_send_reset`, `tcp_v6_send_reset` | [`hooks::on_reset_sent`] |
-//! | destroy | `tcp:tcp_destroy_sock` | `tcp_v4_destroy_sock(sk)` | [`hooks::on_destroy`] |
-//! | accept | `syscalls:sys_exit_accept{,4}` | kretprobe `inet_csk_accept` | [`hooks::on_accept`] |
+//! | hook | BTF tracepoint back end | tracepoint back end | kprobe back end | logic |
+//! |---|---|---|---|---|
+//! | set_state | `tp_btf/inet_sock_set_state` | `sock:inet_sock_set_state` | `tcp_set_state(sk, state)` | [`hooks::on_state_change`] |
+//! | receive_reset | `tp_btf/tcp_receive_reset` | `tcp:tcp_receive_reset` | `tcp_reset(sk, skb)` | [`hooks::on_reset_received`] |
+//! | send_reset | `tp_btf/tcp_send_reset` | `tcp:tcp_send_reset` | `tcp_send_active_reset`, `tcp_v4_send_reset`, `tcp_v6_send_reset` | [`hooks::on_reset_sent`] |
+//! | destroy | `tp_btf/tcp_destroy_sock` | `tcp:tcp_destroy_sock` | `tcp_v4_destroy_sock(sk)` | [`hooks::on_destroy`] |
+//! | accept | (the syscall tracepoints) | `syscalls:sys_exit_accept{,4}` | kretprobe `inet_csk_accept` | [`hooks::on_accept`] |
 //!
 //! The modules, in the order an event passes them:
 //!
-//! 1. [`tracepoint`] / [`kprobe`]: the programs, one per attach point (named as `ProbeId::name`).
-//!    Each reads its hook's arguments (record fields, or registers), skips what is not observed
+//! 1. [`tracing`] / [`tracepoint`] / [`kprobe`]: the programs, one per attach point (named as
+//!    `ProbeId::name`). Each reads its hook's arguments (the tracepoint's arguments, record
+//!    fields, or registers), skips what is not observed
 //!    (not TCP, another network namespace) and calls its hook.
 //! 2. [`read`]: every read of kernel memory, at offsets from `CONFIG`: record fields, struct
 //!    members, and what is built from them (endpoints, the owner, a connection's facts).
@@ -41,6 +43,7 @@ mod maps;
 mod read;
 mod socket;
 mod tracepoint;
+mod tracing;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -9,11 +9,12 @@ use crate::{
     read::kread,
 };
 
-/// Follows a socket's state: what the connection-state gauges and `states_seen` need.
+/// Follows a socket's state: what the connection-state gauges and `states_seen` need. `since`
+/// is when it entered `state` where that is kept (see `SocketInfo::state_since_ns`), else 0.
 #[inline(always)]
-pub fn enter_state(info: &mut SocketInfo, state: u8, now: u64) {
+pub fn enter_state(info: &mut SocketInfo, state: u8, since: u64) {
     info.state = state;
-    info.state_since_ns = now;
+    info.state_since_ns = since;
     if state < 16 {
         info.facts.states_seen |= 1 << state;
     }
@@ -61,7 +62,7 @@ pub fn known_socket(sk: u64) -> Option<&'static mut SocketInfo> {
 
 /// The map entry for `sk`, created (owner unknown) if we have not seen the socket yet.
 #[inline(always)]
-pub fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut SocketInfo> {
+pub fn socket_entry(sk: u64, endpoints: impl FnOnce(&mut Endpoints)) -> Option<&'static mut SocketInfo> {
     if let Some(info) = known_socket(sk) {
         return Some(info);
     }
@@ -70,9 +71,14 @@ pub fn socket_entry(sk: u64, endpoints: &Endpoints) -> Option<&'static mut Socke
 
 /// Creates the map entry for a socket not in the map yet (keeps one a racing program created).
 #[inline(always)]
-pub fn create_entry(sk: u64, endpoints: &Endpoints, role: Role, start_ns: u64) -> Option<&'static mut SocketInfo> {
+pub fn create_entry(
+    sk: u64,
+    endpoints: impl FnOnce(&mut Endpoints),
+    role: Role,
+    start_ns: u64,
+) -> Option<&'static mut SocketInfo> {
     let info = fresh_info()?;
-    info.endpoints = *endpoints;
+    endpoints(&mut info.endpoints);
     info.role = role as u8;
     info.start_ns = start_ns;
     if SOCKETS.insert(&sk, info, BPF_NOEXIST as u64).is_err() && SOCKETS.get_ptr_mut(&sk).is_none() {

@@ -31,8 +31,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let old = field::<i32>(&ctx, get(&f.oldstate)) as u8;
     let new = field::<i32>(&ctx, get(&f.newstate)) as u8;
-    let endpoints = read_tuple(&ctx, &f.tuple);
-    on_state_change(ProbeId::InetSockSetState, sk, old, new, &endpoints);
+    on_state_change(ProbeId::InetSockSetState, sk, old, new, |e| *e = read_tuple(&ctx, &f.tuple));
     0
 }
 
@@ -43,8 +42,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if !observed_sock(sk) {
         return 0;
     }
-    let endpoints = read_tuple(&ctx, f);
-    on_reset_received(ProbeId::TcpReceiveReset, sk, &endpoints);
+    on_reset_received(ProbeId::TcpReceiveReset, sk, |e| *e = read_tuple(&ctx, f));
     0
 }
 

@@ -259,7 +259,10 @@ mod tests {
             ("max_peers = 0", "--config observer.toml: max_peers = 0: must be at least 1"),
             ("max_peers = \"many\"", "--config observer.toml: max_peers = \"many\": must be a whole number at least 1"),
             ("max_sockets = 10", "--config observer.toml: max_sockets = 10: must be from 1024 to 16777216"),
-            ("probes = \"ebpf\"", "--config observer.toml: probes = \"ebpf\": must be one of auto, tracepoint, kprobe"),
+            (
+                "probes = \"ebpf\"",
+                "--config observer.toml: probes = \"ebpf\": must be one of auto, btf, tracepoint, kprobe",
+            ),
             ("ring_buffer_size = 5000", "--config observer.toml: ring_buffer_size = 5000: must be a power of two"),
             ("cri_timeout = 3", "--config observer.toml: cri_timeout = 3: must be a duration such as 500ms"),
             ("listen = [1, 2]", "--config observer.toml: listen = [1, 2]: must be one value (ADDR)"),

@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{ABSENT, KernelOffsets, KprobeArgs};
+use observer_common::{ABSENT, BtfArgs, KernelOffsets, KprobeArgs};
 
 use crate::reasons::ResetReasons;
 
@@ -85,10 +85,47 @@ impl KernelBtf {
         }
     }
 
-    /// Fills in the struct offsets only the kprobe back end uses (a socket's endpoints from
-    /// `sock_common`, a segment's from its headers). Missing members stay [`ABSENT`] and are
-    /// reported in `missing`.
-    pub fn kprobe_offsets(&self, offsets: &mut KernelOffsets, missing: &mut Vec<String>) {
+    /// The argument types of BTF tracepoint `name` (`btf_trace_<name>`, a pointer to a function
+    /// prototype), after its hidden first `void *__data`: what the program's context holds, each
+    /// as its type's name (`sock`, `sk_rst_reason`, `int`; qualifiers and pointers stripped).
+    /// `None` when the kernel has no such BTF tracepoint.
+    pub fn btf_tracepoint_args(&self, name: &str) -> Option<Vec<String>> {
+        let typedef = format!("btf_trace_{name}");
+        let ty = self.btf.resolve_types_by_name(&typedef).ok()?.into_iter().find(|t| matches!(t, Type::Typedef(_)))?;
+        let Type::Ptr(ptr) = self.btf.resolve_chained_type(ty.as_btf_type()?).ok()? else { return None };
+        let Type::FuncProto(proto) = self.btf.resolve_chained_type(&ptr).ok()? else { return None };
+        let names = proto.parameters.iter().skip(1).map(|param| {
+            let mut ty = self.btf.resolve_chained_type(param).ok();
+            for _ in 0..16 {
+                match ty {
+                    Some(Type::Ptr(ref p)) => ty = self.btf.resolve_chained_type(p).ok(),
+                    Some(ref t) => match self.strip(t.clone()) {
+                        Type::Ptr(p) => ty = self.btf.resolve_chained_type(&p).ok(),
+                        t => return t.as_btf_type().and_then(|b| self.btf.resolve_name(b).ok()).unwrap_or_default(),
+                    },
+                    None => break,
+                }
+            }
+            String::new()
+        });
+        Some(names.collect())
+    }
+
+    /// Where the BTF tracepoints keep their arguments: `tcp_send_reset`'s `reason` exists since
+    /// 6.10 (`(sk, skb, reason)`).
+    pub fn btf_args(&self) -> BtfArgs {
+        let reason = self
+            .btf_tracepoint_args("tcp_send_reset")
+            .and_then(|args| args.iter().position(|t| t == "sk_rst_reason"))
+            .and_then(|i| u32::try_from(i).ok())
+            .unwrap_or(ABSENT);
+        BtfArgs { send_reset_reason: reason }
+    }
+
+    /// Fills in the struct offsets the kprobe and BTF tracepoint back ends use beyond the
+    /// others' (a socket's endpoints and protocol from `sock`, a segment's from its headers).
+    /// Missing members stay [`ABSENT`] and are reported in `missing`.
+    pub fn endpoint_offsets(&self, offsets: &mut KernelOffsets, missing: &mut Vec<String>) {
         let mut get = |path: &str| match self.member_offset(path) {
             Ok(off) => off,
             Err(e) => {
@@ -112,6 +149,8 @@ impl KernelBtf {
         offsets.ipv6hdr_daddr = get("ipv6hdr.daddr");
         offsets.tcphdr_source = get("tcphdr.source");
         offsets.tcphdr_dest = get("tcphdr.dest");
+        // A bitfield before 5.6 (then absent: the BTF set_state program is not used).
+        offsets.sock_protocol = get("sock.sk_protocol");
     }
 
     /// Byte offset of `path` (`"sock.__sk_common.skc_state"`): a struct name followed by member
@@ -253,7 +292,7 @@ impl KernelBtf {
             tcp_data_segs_in: get("tcp_sock.data_segs_in"),
             tcp_data_segs_out: get("tcp_sock.data_segs_out"),
             sock_cookie: get("sock.__sk_common.skc_cookie"),
-            // Filled by `kprobe_offsets`.
+            // Filled by `endpoint_offsets`.
             ..KernelOffsets::ABSENT
         }
     }
@@ -305,7 +344,7 @@ mod tests {
         let btf = KernelBtf::load().expect("observer's tests need a kernel with BTF");
         let mut offsets = KernelOffsets::ABSENT;
         let mut missing = Vec::new();
-        btf.kprobe_offsets(&mut offsets, &mut missing);
+        btf.endpoint_offsets(&mut offsets, &mut missing);
         assert!(missing.is_empty(), "missing: {missing:?}");
         // Wire formats: these never move.
         assert_eq!((offsets.iphdr_saddr, offsets.iphdr_daddr), (12, 16));
@@ -325,5 +364,20 @@ mod tests {
         }
         assert_eq!(btf.param_index("tcp_set_state", "reason"), None);
         assert_eq!(btf.param_index("no_such_function_in_any_kernel", "sk"), None);
+    }
+
+    /// The BTF tracepoints' prototypes, from this machine's BTF (6.10+: a reset reason).
+    #[test]
+    fn running_kernel_btf_has_the_btf_tracepoints() {
+        let btf = KernelBtf::load().expect("observer's tests need a kernel with BTF");
+        assert_eq!(btf.btf_tracepoint_args("inet_sock_set_state").unwrap(), ["sock", "int", "int"]);
+        assert_eq!(btf.btf_tracepoint_args("tcp_receive_reset").unwrap(), ["sock"]);
+        assert_eq!(btf.btf_tracepoint_args("tcp_destroy_sock").unwrap(), ["sock"]);
+        assert_eq!(btf.btf_tracepoint_args("tcp_send_reset").unwrap(), ["sock", "sk_buff", "sk_rst_reason"]);
+        assert_eq!(btf.btf_tracepoint_args("no_such_tracepoint"), None);
+        assert_eq!(btf.btf_args(), BtfArgs { send_reset_reason: 2 });
+        let mut offsets = KernelOffsets::ABSENT;
+        btf.endpoint_offsets(&mut offsets, &mut Vec::new());
+        assert_ne!(offsets.sock_protocol, ABSENT, "sk_protocol is a u16 member since 5.6");
     }
 }

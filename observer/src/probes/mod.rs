@@ -2,9 +2,9 @@
 //!
 //! Start-up reads the running kernel's record layouts (tracefs), struct offsets and function
 //! prototypes (BTF), hands them to the programs as the `CONFIG` global, loads the object
-//! embedded in this binary, picks a back end per hook (`select`: the tracepoints where the
-//! kernel has them, kprobes otherwise, or what `--probes` forces) and attaches that back end's
-//! programs. A program whose hook point is missing is a warning and shows in the status; nothing
+//! embedded in this binary, picks a back end per hook (`select`: the BTF tracepoints where the
+//! kernel has and loads them, the tracepoints where it has them, kprobes otherwise, or what
+//! `--probes` forces) and attaches that back end's programs. A program whose hook point is missing is a warning and shows in the status; nothing
 //! attached at all is an error.
 
 pub mod btf;
@@ -22,7 +22,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{KProbe, TracePoint},
+    programs::{BtfTracePoint, KProbe, TracePoint},
 };
 use observer_common::{ABSENT, AttachPoint, Backend, KernelOffsets, ProbeConfig, ProbeId, counter};
 
@@ -101,6 +101,8 @@ pub enum ProgramError {
     Missing,
     #[error("verifier rejected it: {0}")]
     Verifier(String),
+    #[error("the kernel's BTF could not be read, and a BTF tracepoint is loaded against it")]
+    NoBtf,
     #[error(transparent)]
     Aya(#[from] aya::programs::ProgramError),
 }
@@ -112,9 +114,10 @@ pub struct ProbeStatus {
     /// The logical hook it serves (`set_state`, `receive_reset`, `send_reset`, `destroy`,
     /// `accept`).
     pub hook: &'static str,
-    /// `tracepoint` or `kprobe`: the back end chosen for its hook.
+    /// `btf`, `tracepoint` or `kprobe`: the back end chosen for its hook.
     pub backend: &'static str,
-    /// `tracepoint/<category>/<name>`, `kprobe/<function>` or `kretprobe/<function>`.
+    /// `tp_btf/<name>`, `tracepoint/<category>/<name>`, `kprobe/<function>` or
+    /// `kretprobe/<function>`.
     pub attach: String,
     pub state: ProbeState,
     pub error: Option<String>,
@@ -176,7 +179,8 @@ pub struct KernelSetup {
     pub unavailable: Unavailable,
     pub reasons: ResetReasons,
     pub degraded: Vec<String>,
-    /// BTF members only the kprobe back end uses that this kernel lacks.
+    /// BTF members only the kprobe and BTF tracepoint back ends use that this kernel lacks, and
+    /// arguments they cannot read.
     pub kprobe_missing: Vec<String>,
 }
 
@@ -209,8 +213,24 @@ pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
     let (reasons, btf_error) = match KernelBtf::load() {
         Ok(btf) => {
             config.kernel = btf.kernel_offsets(&mut degraded);
-            btf.kprobe_offsets(&mut config.kernel, &mut kprobe_missing);
+            btf.endpoint_offsets(&mut config.kernel, &mut kprobe_missing);
             config.kprobe = btf.kprobe_args();
+            config.btf = btf.btf_args();
+            if config.btf.send_reset_reason != ABSENT
+                && !observer_common::BTF_REASON_ARGS.contains(&config.btf.send_reset_reason)
+            {
+                kprobe_missing.push(format!("tp_btf/tcp_send_reset takes its reason as argument {}, which the program is not built to read: its resets are reported as not_specified", config.btf.send_reset_reason));
+                config.btf.send_reset_reason = ABSENT;
+            }
+            for probe in ProbeId::ALL {
+                let AttachPoint::BtfTracepoint(name) = probe.attach_point() else { continue };
+                if btf.btf_tracepoint_args(name).is_none() {
+                    unavailable.insert(
+                        probe,
+                        format!("this kernel has no BTF tracepoint {name} (no btf_trace_{name} in its BTF)"),
+                    );
+                }
+            }
             let args = &mut config.kprobe;
             for (function, index) in [
                 ("tcp_send_active_reset", &mut args.active_reset_reason),
@@ -234,9 +254,18 @@ pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
         Err(e) => {
             degraded
                 .push(format!("{e}; process attribution at accept(), unread bytes and reset reasons are unavailable"));
+            for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
+                unavailable.insert(probe, format!("BTF tracepoints need the kernel's BTF: {e}"));
+            }
             (ResetReasons::default(), Some(e.to_string()))
         }
     };
+    for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
+        let missing = missing_endpoint_offsets(probe, &config.kernel);
+        if !missing.is_empty() && !unavailable.contains_key(&probe) {
+            unavailable.insert(probe, format!("kernel BTF lacks {}", missing.join(", ")));
+        }
+    }
 
     let kprobes = kprobe_support(&root);
     let functions = kernel_functions();
@@ -250,7 +279,7 @@ pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
             format!(
                 "this kernel has no function {function} to probe (not in {KALLSYMS}: not built, inlined or renamed)"
             )
-        } else if let missing = missing_kprobe_offsets(probe, &config.kernel)
+        } else if let missing = missing_endpoint_offsets(probe, &config.kernel)
             && !missing.is_empty()
         {
             format!("kernel BTF lacks {}", missing.join(", "))
@@ -291,8 +320,9 @@ pub fn kernel_functions() -> io::Result<HashSet<String>> {
     Ok(found)
 }
 
-/// The BTF members a kprobe program cannot work without that this kernel lacks.
-fn missing_kprobe_offsets(probe: ProbeId, k: &KernelOffsets) -> Vec<&'static str> {
+/// The BTF members a kprobe or BTF tracepoint program cannot work without that this kernel
+/// lacks (both read a socket's endpoints from `sock_common`, a segment's from its headers).
+fn missing_endpoint_offsets(probe: ProbeId, k: &KernelOffsets) -> Vec<&'static str> {
     let mut needed = vec![
         ("sock_common.skc_state", k.sock_state),
         ("sock_common.skc_family", k.sock_family),
@@ -301,7 +331,10 @@ fn missing_kprobe_offsets(probe: ProbeId, k: &KernelOffsets) -> Vec<&'static str
         ("sock_common.skc_rcv_saddr", k.sock_rcv_saddr),
         ("sock_common.skc_daddr", k.sock_daddr),
     ];
-    if matches!(probe, ProbeId::TcpV4SendReset | ProbeId::TcpV6SendReset) {
+    if probe == ProbeId::BtfInetSockSetState {
+        needed.push(("sock.sk_protocol (a byte-aligned member since 5.6)", k.sock_protocol));
+    }
+    if matches!(probe, ProbeId::TcpV4SendReset | ProbeId::TcpV6SendReset | ProbeId::BtfTcpSendReset) {
         needed.extend([
             ("sk_buff.head", k.skb_head),
             ("sk_buff.network_header", k.skb_network_header),
@@ -339,11 +372,7 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     check_permissions()?;
     raise_memlock_limit();
 
-    let KernelSetup { mut config, unavailable, reasons, mut degraded, kprobe_missing } = kernel_setup()?;
-    let choices = select::choose(options.mode, &unavailable);
-    if choices.iter().any(|c| c.backend == Backend::Kprobe) {
-        degraded.extend(kprobe_missing.into_iter().map(|m| format!("{m} (used by the kprobe back end)")));
-    }
+    let KernelSetup { mut config, mut unavailable, reasons, mut degraded, kprobe_missing } = kernel_setup()?;
 
     if let Some(inum) = options.netns {
         let k = &config.kernel;
@@ -360,6 +389,36 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     let logger = aya_log::EbpfLogger::init(&mut ebpf)
         .inspect_err(|e| log::warn!("kernel-side log messages unavailable: {e}"))
         .ok();
+
+    // The BTF tracepoint programs are loaded against the kernel's BTF (aya's own parse of it,
+    // dropped once everything is attached). `auto` uses one only where the kernel loads it: the
+    // programs are loaded here, before the choice, and one the kernel refuses leaves its hook
+    // to the tracepoints.
+    let program_btf = match matches!(options.mode, ProbeMode::Auto | ProbeMode::Btf).then(aya::Btf::from_sys_fs) {
+        Some(Ok(btf)) => Some(btf),
+        Some(Err(e)) => {
+            for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
+                unavailable.entry(probe).or_insert_with(|| format!("reading the kernel's BTF to load it: {e}"));
+            }
+            None
+        }
+        None => None,
+    };
+    if options.mode == ProbeMode::Auto {
+        for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
+            if unavailable.contains_key(&probe) {
+                continue;
+            }
+            if let Err(e) = load_program(&mut ebpf, probe, program_btf.as_ref()) {
+                log::info!("BTF tracepoint program {} does not load here: {e}", probe.name());
+                unavailable.insert(probe, format!("the kernel does not load it: {}", e.summary()));
+            }
+        }
+    }
+    let choices = select::choose(options.mode, &unavailable);
+    if let Some(backend) = choices.iter().map(|c| c.backend).find(|b| matches!(b, Backend::Kprobe | Backend::Btf)) {
+        degraded.extend(kprobe_missing.into_iter().map(|m| format!("{m} (used by the {} back end)", backend.name())));
+    }
 
     let mut statuses = Vec::new();
     for choice in &choices {
@@ -381,7 +440,7 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
                 statuses.push(status(ProbeState::Unavailable, Some(why.clone()), None));
                 continue;
             }
-            match attach_program(&mut ebpf, probe) {
+            match attach_program(&mut ebpf, probe, program_btf.as_ref()) {
                 Ok(()) => {
                     log::info!("probe {} attached to {attach}", probe.name());
                     // The kernel's id of the loaded program: its run counters are read by it.
@@ -452,18 +511,45 @@ fn fill_config(config: &mut ProbeConfig, probe: ProbeId, format: &EventFormat) -
         | ProbeId::TcpV6SendReset
         | ProbeId::TcpV4DestroySock
         | ProbeId::InetCskAccept => {}
+        // BTF tracepoints neither: they get the tracepoint's arguments.
+        ProbeId::BtfInetSockSetState
+        | ProbeId::BtfTcpReceiveReset
+        | ProbeId::BtfTcpSendReset
+        | ProbeId::BtfTcpDestroySock => {}
     }
     Ok(())
 }
 
-/// Runs `probe`'s program through the verifier (loads it into the kernel) without attaching.
-pub fn load_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), ProgramError> {
+/// Runs `probe`'s program through the verifier (loads it into the kernel) without attaching;
+/// nothing to do when it is loaded already. A BTF tracepoint program needs the kernel's BTF
+/// (`aya::Btf::from_sys_fs()`) to name its tracepoint.
+pub fn load_program(ebpf: &mut Ebpf, probe: ProbeId, btf: Option<&aya::Btf>) -> Result<(), ProgramError> {
     let program = ebpf.program_mut(probe.name()).ok_or(ProgramError::Missing)?;
     let loaded = match probe.attach_point() {
         AttachPoint::Tracepoint(..) => <&mut TracePoint>::try_from(program)?.load(),
+        AttachPoint::BtfTracepoint(name) => {
+            <&mut BtfTracePoint>::try_from(program)?.load(name, btf.ok_or(ProgramError::NoBtf)?)
+        }
         AttachPoint::Kprobe(_) | AttachPoint::Kretprobe(_) => <&mut KProbe>::try_from(program)?.load(),
     };
-    loaded.map_err(|e| ProgramError::Verifier(verifier_error(&e)))
+    match loaded {
+        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
+        Err(e) => Err(ProgramError::Verifier(verifier_error(&e))),
+    }
+}
+
+impl ProgramError {
+    /// The error without the verifier's log: its first line and the log's last (where the
+    /// verifier says what it rejected), for a status line.
+    pub fn summary(&self) -> String {
+        let text = self.to_string();
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        match (lines.next(), lines.next_back()) {
+            (Some(first), Some(last)) => format!("{first} ... {last}"),
+            (Some(first), None) => first.to_string(),
+            _ => text,
+        }
+    }
 }
 
 /// The error with the verifier's log when there is one.
@@ -474,12 +560,15 @@ fn verifier_error(e: &aya::programs::ProgramError) -> String {
     }
 }
 
-fn attach_program(ebpf: &mut Ebpf, probe: ProbeId) -> Result<(), ProgramError> {
-    load_program(ebpf, probe)?;
+fn attach_program(ebpf: &mut Ebpf, probe: ProbeId, btf: Option<&aya::Btf>) -> Result<(), ProgramError> {
+    load_program(ebpf, probe, btf)?;
     let program = ebpf.program_mut(probe.name()).ok_or(ProgramError::Missing)?;
     match probe.attach_point() {
         AttachPoint::Tracepoint(category, name) => {
             <&mut TracePoint>::try_from(program)?.attach(category, name)?;
+        }
+        AttachPoint::BtfTracepoint(_) => {
+            <&mut BtfTracePoint>::try_from(program)?.attach()?;
         }
         AttachPoint::Kprobe(function) | AttachPoint::Kretprobe(function) => {
             <&mut KProbe>::try_from(program)?.attach(function, 0)?;

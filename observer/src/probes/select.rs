@@ -1,10 +1,13 @@
 //! Which back end serves each hook: a pure function of what the running kernel offers and of
 //! `--probes`.
 //!
-//! Each logical hook ([`Hook`]) has a tracepoint back end and a kprobe back end (see
-//! `observer-ebpf`). Exactly one is attached per hook, so no event is counted twice. `auto`
-//! prefers the tracepoints (stable ABI, layouts from tracefs) and falls back to kprobes where
-//! the kernel lacks them; `tracepoint` and `kprobe` force one back end for every hook.
+//! Each logical hook ([`Hook`]) has a tracepoint back end and a kprobe back end, and all but
+//! `accept` a BTF tracepoint back end (see `observer-ebpf`). Exactly one is attached per hook, so
+//! no event is counted twice. `auto` prefers the BTF tracepoints (the same hook points as the
+//! tracepoints, without building a record: the cheapest), then the tracepoints (stable ABI,
+//! layouts from tracefs), then kprobes, per hook, by what the kernel offers; `btf`,
+//! `tracepoint` and `kprobe` force one back end for every hook (`btf`: for every hook that has
+//! one; `accept` keeps the syscall tracepoints).
 
 use std::collections::BTreeMap;
 
@@ -13,9 +16,12 @@ use observer_common::{AttachPoint, Backend, Hook, ProbeId};
 /// `--probes`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProbeMode {
-    /// Per hook, the tracepoints if the kernel has them, else kprobes.
+    /// Per hook, the BTF tracepoints if the kernel allows them, else the tracepoints, else
+    /// kprobes.
     #[default]
     Auto,
+    /// BTF tracepoints (`tp_btf`) for every hook that has one (accept: the syscall tracepoints).
+    Btf,
     /// Tracepoints for every hook.
     Tracepoint,
     /// Kprobes for every hook.
@@ -26,6 +32,7 @@ impl ProbeMode {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",
+            Self::Btf => "btf",
             Self::Tracepoint => "tracepoint",
             Self::Kprobe => "kprobe",
         }
@@ -51,10 +58,12 @@ pub fn programs(hook: Hook, backend: Backend) -> Vec<ProbeId> {
     ProbeId::ALL.into_iter().filter(|p| p.hook() == hook && p.backend() == backend).collect()
 }
 
-/// `tracepoint/sock/inet_sock_set_state`, `kprobe/tcp_set_state`, `kretprobe/inet_csk_accept`.
+/// `tracepoint/sock/inet_sock_set_state`, `tp_btf/inet_sock_set_state`, `kprobe/tcp_set_state`,
+/// `kretprobe/inet_csk_accept`.
 pub fn attach_label(probe: ProbeId) -> String {
     match probe.attach_point() {
         AttachPoint::Tracepoint(category, name) => format!("tracepoint/{category}/{name}"),
+        AttachPoint::BtfTracepoint(name) => format!("tp_btf/{name}"),
         AttachPoint::Kprobe(function) => format!("kprobe/{function}"),
         AttachPoint::Kretprobe(function) => format!("kretprobe/{function}"),
     }
@@ -64,6 +73,7 @@ pub fn attach_label(probe: ProbeId) -> String {
 fn point(probe: ProbeId) -> String {
     match probe.attach_point() {
         AttachPoint::Tracepoint(category, name) => format!("{category}:{name}"),
+        AttachPoint::BtfTracepoint(name) => format!("tp_btf/{name}"),
         AttachPoint::Kprobe(function) | AttachPoint::Kretprobe(function) => function.to_string(),
     }
 }
@@ -72,36 +82,56 @@ fn points(programs: &[ProbeId]) -> String {
     programs.iter().map(|p| point(*p)).collect::<Vec<_>>().join(", ")
 }
 
-/// Picks the back end of every hook: forced by `mode`, or (`auto`) the tracepoints when at least
-/// one of the hook's tracepoints can be used, else the kprobes when at least one of its kprobes
-/// can, else the tracepoints (then reported as unavailable, with why).
+/// Picks the back end of every hook: forced by `mode`, or (`auto`) the first of BTF
+/// tracepoints, tracepoints and kprobes of which at least one of the hook's programs can be
+/// used, else the tracepoints (then reported as unavailable, with why).
 pub fn choose(mode: ProbeMode, unavailable: &Unavailable) -> Vec<HookChoice> {
     Hook::ALL
         .into_iter()
         .map(|hook| {
             let usable = |backend| programs(hook, backend).into_iter().any(|p| !unavailable.contains_key(&p));
-            let tracepoints = programs(hook, Backend::Tracepoint);
-            let kprobes = programs(hook, Backend::Kprobe);
+            // The first reason a back end's programs for this hook cannot be used.
+            let why_not = |backend| {
+                let programs = programs(hook, backend);
+                match programs.iter().find_map(|p| unavailable.get(p)) {
+                    Some(why) => why.clone(),
+                    None => format!("no {} program for this hook", backend.name()),
+                }
+            };
+            let has_btf = !programs(hook, Backend::Btf).is_empty();
             let (backend, why) = match mode {
+                ProbeMode::Btf if has_btf => (Backend::Btf, "forced by --probes btf".to_string()),
+                ProbeMode::Btf => (
+                    Backend::Tracepoint,
+                    "--probes btf: there is no BTF tracepoint for this hook, so its tracepoints".to_string(),
+                ),
                 ProbeMode::Tracepoint => (Backend::Tracepoint, "forced by --probes tracepoint".to_string()),
                 ProbeMode::Kprobe => (Backend::Kprobe, "forced by --probes kprobe".to_string()),
+                ProbeMode::Auto if usable(Backend::Btf) => {
+                    (Backend::Btf, "auto: the kernel allows the BTF tracepoints".to_string())
+                }
                 ProbeMode::Auto if usable(Backend::Tracepoint) => {
-                    (Backend::Tracepoint, "auto: the kernel has the tracepoints".to_string())
+                    let why = if has_btf {
+                        format!("auto: no BTF tracepoint ({}), the kernel has the tracepoints", why_not(Backend::Btf))
+                    } else {
+                        "auto: the kernel has the tracepoints".to_string()
+                    };
+                    (Backend::Tracepoint, why)
                 }
-                ProbeMode::Auto if usable(Backend::Kprobe) => {
-                    (Backend::Kprobe, format!("auto: the kernel lacks tracepoint {}", points(&tracepoints)))
-                }
+                ProbeMode::Auto if usable(Backend::Kprobe) => (
+                    Backend::Kprobe,
+                    format!("auto: the kernel lacks tracepoint {}", points(&programs(hook, Backend::Tracepoint))),
+                ),
                 ProbeMode::Auto => (
                     Backend::Tracepoint,
                     format!(
                         "auto: the kernel has neither tracepoint {} nor kprobe {}",
-                        points(&tracepoints),
-                        points(&kprobes)
+                        points(&programs(hook, Backend::Tracepoint)),
+                        points(&programs(hook, Backend::Kprobe))
                     ),
                 ),
             };
-            let programs = if backend == Backend::Tracepoint { tracepoints } else { kprobes };
-            HookChoice { hook, backend, why, programs }
+            HookChoice { hook, backend, why, programs: programs(hook, backend) }
         })
         .collect()
 }
@@ -114,45 +144,84 @@ mod tests {
         ProbeId::ALL.into_iter().filter(|p| p.backend() == backend).map(|p| (p, why.to_string())).collect()
     }
 
+    /// A kernel without BTF tracepoints (no BTF), plus `more`.
+    fn no_btf_and(more: Unavailable) -> Unavailable {
+        let mut unavailable = all_of(Backend::Btf, "no BTF");
+        unavailable.extend(more);
+        unavailable
+    }
+
     fn backends(choices: &[HookChoice]) -> Vec<(Hook, Backend)> {
         choices.iter().map(|c| (c.hook, c.backend)).collect()
     }
 
     #[test]
-    fn every_hook_has_both_back_ends() {
+    fn every_hook_has_tracepoints_and_kprobes_and_all_but_accept_btf() {
         for hook in Hook::ALL {
             assert!(!programs(hook, Backend::Tracepoint).is_empty(), "{hook:?}");
             assert!(!programs(hook, Backend::Kprobe).is_empty(), "{hook:?}");
+            assert_eq!(programs(hook, Backend::Btf).len(), usize::from(hook != Hook::Accept), "{hook:?}");
         }
         // Every program serves exactly one hook, so one back end per hook never counts twice.
-        let total: usize = Hook::ALL
-            .into_iter()
-            .map(|h| programs(h, Backend::Tracepoint).len() + programs(h, Backend::Kprobe).len())
-            .sum();
+        let total: usize =
+            Hook::ALL.into_iter().flat_map(|h| Backend::ALL.into_iter().map(move |b| programs(h, b).len())).sum();
         assert_eq!(total, ProbeId::ALL.len());
     }
 
     #[test]
-    fn auto_prefers_tracepoints_on_a_kernel_without_kprobes() {
-        // This project's machines: tracepoints, no kprobe PMU.
+    fn auto_prefers_btf_then_the_syscall_tracepoints_for_accept() {
+        // This project's machines: BTF tracepoints and tracepoints, no kprobe PMU.
         let choices = choose(ProbeMode::Auto, &all_of(Backend::Kprobe, "no kprobes"));
-        assert!(choices.iter().all(|c| c.backend == Backend::Tracepoint), "{choices:?}");
-        assert_eq!(choices[0].programs, [ProbeId::InetSockSetState]);
+        assert_eq!(
+            backends(&choices),
+            [
+                (Hook::SetState, Backend::Btf),
+                (Hook::ReceiveReset, Backend::Btf),
+                (Hook::SendReset, Backend::Btf),
+                (Hook::Destroy, Backend::Btf),
+                (Hook::Accept, Backend::Tracepoint),
+            ]
+        );
+        assert_eq!(choices[0].programs, [ProbeId::BtfInetSockSetState]);
+        assert_eq!(choices[2].programs, [ProbeId::BtfTcpSendReset]);
         assert_eq!(choices[4].programs, [ProbeId::SysExitAccept4, ProbeId::SysExitAccept]);
+        assert_eq!(choices[0].why, "auto: the kernel allows the BTF tracepoints");
+        assert_eq!(choices[4].why, "auto: the kernel has the tracepoints");
     }
 
     #[test]
-    fn auto_prefers_tracepoints_when_both_exist() {
-        let choices = choose(ProbeMode::Auto, &Unavailable::new());
+    fn auto_falls_back_from_btf_to_tracepoints_per_hook_saying_why() {
+        // A kernel whose BTF set_state program does not load (e.g. sk_protocol a bitfield).
+        let unavailable =
+            Unavailable::from([(ProbeId::BtfInetSockSetState, "kernel BTF lacks sock.sk_protocol".to_string())]);
+        let choices = choose(ProbeMode::Auto, &unavailable);
+        assert_eq!(choices[0].backend, Backend::Tracepoint);
+        assert_eq!(choices[0].programs, [ProbeId::InetSockSetState]);
+        assert!(choices[0].why.contains("kernel BTF lacks sock.sk_protocol"), "{}", choices[0].why);
+        assert!(choices[1..4].iter().all(|c| c.backend == Backend::Btf), "{choices:?}");
+    }
+
+    #[test]
+    fn auto_prefers_tracepoints_on_a_kernel_without_btf_or_kprobes() {
+        let choices = choose(ProbeMode::Auto, &no_btf_and(all_of(Backend::Kprobe, "no kprobes")));
+        assert!(choices.iter().all(|c| c.backend == Backend::Tracepoint), "{choices:?}");
+        assert_eq!(choices[0].programs, [ProbeId::InetSockSetState]);
+        assert_eq!(choices[4].programs, [ProbeId::SysExitAccept4, ProbeId::SysExitAccept]);
+        assert!(choices[0].why.contains("no BTF tracepoint (no BTF)"), "{}", choices[0].why);
+    }
+
+    #[test]
+    fn auto_prefers_tracepoints_to_kprobes_when_both_exist() {
+        let choices = choose(ProbeMode::Auto, &no_btf_and(Unavailable::new()));
         assert!(choices.iter().all(|c| c.backend == Backend::Tracepoint), "{choices:?}");
         assert!(choices[0].why.contains("auto"), "{}", choices[0].why);
     }
 
     #[test]
     fn auto_falls_back_to_kprobes_per_hook() {
-        // A kernel without syscall tracepoints (CONFIG_FTRACE_SYSCALLS=n) and without
-        // tcp:tcp_receive_reset, but with kprobes.
-        let mut unavailable = Unavailable::new();
+        // A kernel without BTF, without syscall tracepoints (CONFIG_FTRACE_SYSCALLS=n) and
+        // without tcp:tcp_receive_reset, but with kprobes.
+        let mut unavailable = no_btf_and(Unavailable::new());
         for p in [ProbeId::SysExitAccept4, ProbeId::SysExitAccept, ProbeId::TcpReceiveReset] {
             unavailable.insert(p, "no such tracepoint".into());
         }
@@ -183,10 +252,10 @@ mod tests {
     #[test]
     fn a_partly_usable_kprobe_back_end_is_still_chosen() {
         // No send-reset tracepoint, IPv6 not built: active and IPv4 passive resets by kprobe.
-        let unavailable = Unavailable::from([
+        let unavailable = no_btf_and(Unavailable::from([
             (ProbeId::TcpSendReset, "no such tracepoint".to_string()),
             (ProbeId::TcpV6SendReset, "no such function".to_string()),
-        ]);
+        ]));
         let choices = choose(ProbeMode::Auto, &unavailable);
         assert_eq!(choices[2].backend, Backend::Kprobe);
         assert_eq!(
@@ -197,7 +266,7 @@ mod tests {
 
     #[test]
     fn nothing_usable_reports_the_tracepoints() {
-        let mut unavailable = all_of(Backend::Kprobe, "no kprobes");
+        let mut unavailable = no_btf_and(all_of(Backend::Kprobe, "no kprobes"));
         unavailable.insert(ProbeId::TcpDestroySock, "no such tracepoint".into());
         let choices = choose(ProbeMode::Auto, &unavailable);
         assert_eq!(choices[3].backend, Backend::Tracepoint);
@@ -224,8 +293,17 @@ mod tests {
     }
 
     #[test]
+    fn forced_btf_keeps_the_syscall_tracepoints_for_accept() {
+        let choices = choose(ProbeMode::Btf, &all_of(Backend::Btf, "no BTF"));
+        assert!(choices[..4].iter().all(|c| c.backend == Backend::Btf), "{choices:?}");
+        assert_eq!(choices[4].backend, Backend::Tracepoint);
+        assert!(choices[4].why.contains("no BTF tracepoint for this hook"), "{}", choices[4].why);
+    }
+
+    #[test]
     fn attach_labels() {
         assert_eq!(attach_label(ProbeId::InetSockSetState), "tracepoint/sock/inet_sock_set_state");
+        assert_eq!(attach_label(ProbeId::BtfInetSockSetState), "tp_btf/inet_sock_set_state");
         assert_eq!(attach_label(ProbeId::TcpV4SendReset), "kprobe/tcp_v4_send_reset");
         assert_eq!(attach_label(ProbeId::InetCskAccept), "kretprobe/inet_csk_accept");
     }

@@ -108,7 +108,7 @@ fn refused_checks(s: &Scenario) -> Result<(), Failed> {
     )?;
     check("client premature (all kinds)", m.sum("observer_tcp_premature_closes_total", &[("comm", cli)]), n)?;
     // The tracepoint traces them since 6.10; the kprobe on tcp_v{4,6}_send_reset on every kernel.
-    let expected_no_socket = if kernel_version() >= (6, 10) || expected_probes().0 == "kprobe" { n } else { 0 };
+    let expected_no_socket = if kernel_version() >= (6, 10) || expected_probes().backend == "kprobe" { n } else { 0 };
     check(
         "no-socket resets sent",
         m.sum("observer_tcp_resets_sent_total", &with(&no_socket, ("reason", active_reason("no_socket")))),

@@ -114,7 +114,7 @@ pub fn bad_configuration_fails_with_one_line_naming_field_and_value() -> Result<
         ("unknown.toml", "max_peers = 5\nmax_peer = 5\n", vec!["unknown key `max_peer`", "valid keys: ", "max_peers"]),
         ("type.toml", "max_series = \"lots\"\n", vec!["max_series = \"lots\"", "must be a whole number at least 100"]),
         ("range.toml", "max_peers = 0\n", vec!["max_peers = 0: must be at least 1"]),
-        ("enum.toml", "probes = \"ebpf\"\n", vec!["probes = \"ebpf\"", "must be one of auto, tracepoint, kprobe"]),
+        ("enum.toml", "probes = \"ebpf\"\n", vec!["probes = \"ebpf\"", "must be one of auto, btf, tracepoint, kprobe"]),
         ("list.toml", "listen = [\"a\"]\n", vec!["listen = [\"a\"]", "must be one value"]),
         ("syntax.toml", "max_peers 5\n", vec!["line 1: "]),
     ];

@@ -10,7 +10,7 @@ use observer::{
     container::CgroupResolver,
     probes::{self, ProbeMode, select, tracefs},
 };
-use observer_common::{ABSENT, Backend, KprobeArgs, ProbeConfig, ProbeId};
+use observer_common::{ABSENT, Backend, BtfArgs, KprobeArgs, ProbeConfig, ProbeId};
 
 /// Older kernels' layouts on top of this kernel's: the verifier prunes branches on the
 /// (read-only, frozen) `CONFIG` values, so each variant checks other code paths.
@@ -25,6 +25,8 @@ fn older_layouts(mut config: ProbeConfig) -> ProbeConfig {
     config.send_reset.reason = ABSENT;
     // < 6.10: the reset senders take no reason; no IPv6; a namespace filter.
     config.kprobe = KprobeArgs::ABSENT;
+    config.btf = BtfArgs::ABSENT;
+    config.kernel.sock_protocol = ABSENT;
     config.kernel.sock_v6_daddr = ABSENT;
     config.kernel.sock_v6_rcv_saddr = ABSENT;
     config.kernel.sock_done_bit = ABSENT;
@@ -32,7 +34,7 @@ fn older_layouts(mut config: ProbeConfig) -> ProbeConfig {
     config
 }
 
-/// Every program of every back end, tracepoints and kprobes, through the kernel's verifier
+/// Every program of every back end, BTF tracepoints, tracepoints and kprobes, through the kernel's verifier
 /// (loaded, not attached: a kprobe program loads on a kernel without a kprobe PMU), under this
 /// kernel's configuration and three others.
 pub fn every_program_of_every_back_end_passes_the_verifier() -> Result<(), Failed> {
@@ -50,13 +52,14 @@ pub fn every_program_of_every_back_end_passes_the_verifier() -> Result<(), Faile
         ("reason second", second_arg_reason),
         ("nothing known", ProbeConfig::ABSENT),
     ];
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading the kernel's BTF: {e}"))?;
     let mut failures = Vec::new();
     let mut loaded = 0;
     for (what, config) in configs {
         let mut ebpf =
             probes::load_object(&config, 4096, 1024).map_err(|e| format!("{what}: loading the object: {e}"))?;
         for probe in ProbeId::ALL {
-            match probes::load_program(&mut ebpf, probe) {
+            match probes::load_program(&mut ebpf, probe, Some(&btf)) {
                 Ok(()) => {
                     loaded += 1;
                     println!("verifier: {what}: {} ({}) loaded", probe.name(), select::attach_label(probe));
@@ -71,16 +74,20 @@ pub fn every_program_of_every_back_end_passes_the_verifier() -> Result<(), Faile
     crate::support::check("programs loaded", loaded, (configs.len() * ProbeId::ALL.len()) as u64)
 }
 
-/// The kernels observer runs its tests on (this host's, the kernel matrix's) have every
-/// tracepoint: `auto` picks the tracepoints for every hook. Where the kernel has no kprobes,
-/// the kprobe programs are reported unavailable, saying so.
-pub fn auto_picks_the_tracepoints_where_the_kernel_has_them() -> Result<(), Failed> {
+/// The kernels observer runs its tests on (this host's, the kernel matrix's) have BTF and every
+/// tracepoint: `auto` picks the BTF tracepoints for every hook that has one, the syscall
+/// tracepoints for accept. Where the kernel has no kprobes, the kprobe programs are reported
+/// unavailable, saying so.
+pub fn auto_picks_the_btf_tracepoints_where_the_kernel_has_them() -> Result<(), Failed> {
     let setup = probes::kernel_setup().map_err(|e| format!("reading tracefs and BTF: {e}"))?;
     let choices = select::choose(ProbeMode::Auto, &setup.unavailable);
-    if let Some(c) = choices.iter().find(|c| c.backend != Backend::Tracepoint) {
-        return Err(format!("auto chose {c:?}").into());
+    for c in &choices {
+        let want = if c.hook == observer_common::Hook::Accept { Backend::Tracepoint } else { Backend::Btf };
+        if c.backend != want {
+            return Err(format!("auto chose {c:?}, want {want:?}").into());
+        }
     }
-    for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Tracepoint) {
+    for probe in ProbeId::ALL.into_iter().filter(|p| matches!(p.backend(), Backend::Tracepoint | Backend::Btf)) {
         if let Some(why) = setup.unavailable.get(&probe) {
             return Err(format!("{}: {why}", probe.name()).into());
         }

@@ -9,8 +9,8 @@ use observer_testkit::{Metrics, kernel_version, process::Signal};
 use crate::{
     shared_daemon,
     support::{
-        KPROBE_PROBES, N, OBSERVER, PATIENCE, Settle as _, TRACEPOINT_PROBES, both_closed, check, expected_probes,
-        scenario, start_daemon,
+        BTF_PROBES, KPROBE_PROBES, N, OBSERVER, PATIENCE, Settle as _, TRACEPOINT_PROBES, both_closed, check,
+        expected_probes, scenario, start_daemon,
     },
     traffic::Mode,
 };
@@ -33,8 +33,8 @@ pub fn status_lists_every_probe() -> Result<(), Failed> {
         }
     }
     let probes = status["probes"].as_array().ok_or("probes is not a list")?;
-    let (backend, expected) = expected_probes();
-    for &(name, attach) in expected {
+    let expected = expected_probes().probes;
+    for &(name, attach, backend) in &expected {
         let p = probes
             .iter()
             .find(|p| p["probe"] == name)
@@ -47,7 +47,7 @@ pub fn status_lists_every_probe() -> Result<(), Failed> {
         return Err(format!("status lists probes of a back end not chosen: {body}").into());
     }
     let m = daemon.metrics()?;
-    for &(name, attach) in expected {
+    for &(name, attach, backend) in &expected {
         check(
             &format!("observer_probe_info {name}"),
             m.sum("observer_probe_info", &[("probe", name), ("attach", attach), ("backend", backend)]),
@@ -73,7 +73,7 @@ pub fn status_command() -> Result<(), Failed> {
     if !out.status.success() {
         return Err(format!("observer status failed: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
-    for &(name, attach) in expected_probes().1 {
+    for (name, attach, _) in expected_probes().probes {
         if !text.lines().any(|l| l.starts_with(name) && l.contains("attached") && l.contains(attach)) {
             return Err(format!("observer status does not show {name} attached:\n{text}").into());
         }
@@ -98,7 +98,8 @@ pub fn status_command() -> Result<(), Failed> {
 
 /// `--probes kprobe` on a kernel without kprobes (this project's machines) is a clear error
 /// naming what is missing; where the kernel has them, every hook runs on kprobes.
-/// `--probes tracepoint` runs every hook on tracepoints.
+/// `--probes tracepoint` runs every hook on tracepoints, `--probes btf` every hook but accept on
+/// BTF tracepoints.
 pub fn forced_back_end() -> Result<(), Failed> {
     if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         let daemon = start_daemon(&["--probes", "kprobe"])?;
@@ -134,6 +135,20 @@ pub fn forced_back_end() -> Result<(), Failed> {
         || probes.iter().any(|p| p["backend"] != "tracepoint" || p["state"] != "attached")
     {
         return Err(format!("--probes tracepoint: {body}").into());
+    }
+    drop(daemon);
+    // BTF tracepoints for every hook that has one; accept keeps the syscall tracepoints.
+    let daemon = start_daemon(&["--probes", "btf"])?;
+    let (_, body) = daemon.get("/api/v1/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
+    let probes = status["probes"].as_array().ok_or("probes is not a list")?;
+    let attached = |&(name, attach, backend): &(&str, &str, &str)| {
+        probes
+            .iter()
+            .any(|p| p["probe"] == name && p["attach"] == attach && p["backend"] == backend && p["state"] == "attached")
+    };
+    if probes.len() != BTF_PROBES.len() || !BTF_PROBES.iter().all(attached) {
+        return Err(format!("--probes btf: {body}").into());
     }
     Ok(())
 }
@@ -211,23 +226,34 @@ pub fn held_by(pid: u32) -> Result<Held, Failed> {
     Ok(Held { programs, links })
 }
 
-/// After the daemon is gone, none of its programs is loaded and none of its links exists.
+/// After the daemon is gone, none of its programs is loaded and none of its links exists. The
+/// kernel frees a program after an RCU grace period once its last reference is gone (tracing
+/// programs, the BTF tracepoints, wait for the tracepoint's callers), so give it a few seconds.
 pub fn nothing_left(held: &Held) -> Result<(), Failed> {
-    let loaded: Vec<u64> = bpftool_list("prog")?.iter().filter_map(|p| p["id"].as_u64()).collect();
-    let programs: Vec<u64> = held.programs.iter().copied().filter(|id| loaded.contains(id)).collect();
-    let links: Vec<u64> =
-        bpftool_list("link")?.iter().filter_map(|l| l["id"].as_u64()).filter(|id| held.links.contains(id)).collect();
-    if !programs.is_empty() || !links.is_empty() {
-        return Err(format!("left after exit: programs {programs:?}, links {links:?}").into());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let loaded: Vec<u64> = bpftool_list("prog")?.iter().filter_map(|p| p["id"].as_u64()).collect();
+        let programs: Vec<u64> = held.programs.iter().copied().filter(|id| loaded.contains(id)).collect();
+        let links: Vec<u64> = bpftool_list("link")?
+            .iter()
+            .filter_map(|l| l["id"].as_u64())
+            .filter(|id| held.links.contains(id))
+            .collect();
+        if programs.is_empty() && links.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("left 10 s after exit: programs {programs:?}, links {links:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(())
 }
 
 pub fn sigterm_detaches() -> Result<(), Failed> {
     let mut daemon = start_daemon(&[])?;
     let pid = daemon.pid;
     let held = held_by(pid)?;
-    check("programs held by the daemon", held.programs.len() as u64, expected_probes().1.len() as u64)?;
+    check("programs held by the daemon", held.programs.len() as u64, expected_probes().probes.len() as u64)?;
     daemon.signal(Signal::TERM)?;
     let status = daemon.wait_exit(PATIENCE)?;
     if !status.success() {
@@ -247,10 +273,10 @@ pub fn probe_stats_count_each_programs_runs_and_time() -> Result<(), Failed> {
     ns.round()?;
     ns.release()?;
     let m = daemon.settled_metrics(&s.peers(), |m| both_closed(m, &s))?;
-    let (set_state, receive_reset) = if expected_probes().0 == "kprobe" {
-        ("tcp_set_state", "tcp_reset")
-    } else {
-        ("inet_sock_set_state", "tcp_receive_reset")
+    let (set_state, receive_reset) = match expected_probes().backend {
+        "kprobe" => ("tcp_set_state", "tcp_reset"),
+        "btf" => ("btf_inet_sock_set_state", "btf_tcp_receive_reset"),
+        _ => ("inet_sock_set_state", "tcp_receive_reset"),
     };
     let runs = |m: &Metrics, probe: &str| m.sum("observer_probe_runs_total", &[("probe", probe)]);
     let n = N as u64;

@@ -98,8 +98,8 @@ fn main() {
             kernel::every_program_of_every_back_end_passes_the_verifier,
         ),
         Trial::test(
-            "auto_picks_the_tracepoints_where_the_kernel_has_them",
-            kernel::auto_picks_the_tracepoints_where_the_kernel_has_them,
+            "auto_picks_the_btf_tracepoints_where_the_kernel_has_them",
+            kernel::auto_picks_the_btf_tracepoints_where_the_kernel_has_them,
         ),
         Trial::test(
             "a_real_cgroup_resolves_by_its_id_without_walking",

@@ -67,7 +67,7 @@ pub fn filters() -> Result<(), Failed> {
     let n = N as u64;
     // No-socket resets are traced since 6.10 on tracepoints, and on every kernel by the kprobe
     // back end (tcp_v4_send_reset).
-    let k = if kernel_version() >= (6, 10) || expected_probes().0 == "kprobe" { n } else { 0 };
+    let k = if kernel_version() >= (6, 10) || expected_probes().backend == "kprobe" { n } else { 0 };
     daemon.settled_metrics(&s.peers(), |m| {
         both_closed(m, &s) && m.sum("observer_tcp_premature_closes_total", &[("comm", s.client_comm)]) >= 2 * n
     })?;

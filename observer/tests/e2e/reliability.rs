@@ -87,7 +87,7 @@ pub fn cardinality_attack() -> Result<(), Failed> {
     check("client refused", m.sum("observer_tcp_premature_closes_total", &[("kind", "refused")]), 1000)?;
     // Folded series keep their reason but not their comm ("other").
     // Traced by the tracepoint since 6.10, by the kprobe back end on every kernel.
-    match (kernel_version() >= (6, 10), expected_probes().0 == "kprobe") {
+    match (kernel_version() >= (6, 10), expected_probes().backend == "kprobe") {
         (true, _) => {
             check("no-socket resets", m.sum("observer_tcp_resets_sent_total", &[("reason", "no_socket")]), 1000)?
         }
@@ -112,6 +112,7 @@ pub fn cardinality_attack() -> Result<(), Failed> {
         "observer_tcp_closes_total",
         "observer_tcp_premature_closes_total",
         "observer_tcp_retransmits_total",
+        "observer_tcp_connections_opened_total",
     ]
     .iter()
     .map(|name| m.matching(name, &[]).count() as u64)

@@ -120,12 +120,33 @@ pub const KPROBE_PROBES: [(&str, &str); 7] = [
     ("inet_csk_accept", "kretprobe/inet_csk_accept"),
 ];
 
+/// The BTF tracepoint back end: every hook but accept, which keeps the syscall tracepoints.
+pub const BTF_PROBES: [(&str, &str, &str); 6] = [
+    ("btf_inet_sock_set_state", "tp_btf/inet_sock_set_state", "btf"),
+    ("btf_tcp_receive_reset", "tp_btf/tcp_receive_reset", "btf"),
+    ("btf_tcp_send_reset", "tp_btf/tcp_send_reset", "btf"),
+    ("btf_tcp_destroy_sock", "tp_btf/tcp_destroy_sock", "btf"),
+    ("sys_exit_accept4", "tracepoint/syscalls/sys_exit_accept4", "tracepoint"),
+    ("sys_exit_accept", "tracepoint/syscalls/sys_exit_accept", "tracepoint"),
+];
+
+/// The back end the daemons of this suite run on, and its probes as (probe, attach, the
+/// back end of its hook).
+pub struct ExpectedProbes {
+    /// `btf`, `tracepoint` or `kprobe`: the back end of the hooks that have one of each.
+    pub backend: &'static str,
+    pub probes: Vec<(&'static str, &'static str, &'static str)>,
+}
+
 /// The daemons this suite starts inherit `OBSERVER_PROBES` (`observer run --probes`): with
-/// `kprobe` (on a kernel that has kprobes) the whole suite runs on the kprobe back end.
-/// Otherwise `auto` picks the tracepoints, which every kernel this suite runs on has.
-pub fn expected_probes() -> (&'static str, &'static [(&'static str, &'static str)]) {
+/// `kprobe` (on a kernel that has kprobes) the whole suite runs on the kprobe back end, with
+/// `tracepoint` on the tracepoints. Otherwise (`auto` or `btf`) on the BTF tracepoints, which
+/// every kernel this suite runs on has (5.5+ with BTF), accept on the syscall tracepoints.
+pub fn expected_probes() -> ExpectedProbes {
+    let of = |probes: &[(&'static str, &'static str)], backend| probes.iter().map(|&(p, a)| (p, a, backend)).collect();
     match std::env::var("OBSERVER_PROBES").as_deref() {
-        Ok("kprobe") => ("kprobe", &KPROBE_PROBES),
-        _ => ("tracepoint", &TRACEPOINT_PROBES),
+        Ok("kprobe") => ExpectedProbes { backend: "kprobe", probes: of(&KPROBE_PROBES, "kprobe") },
+        Ok("tracepoint") => ExpectedProbes { backend: "tracepoint", probes: of(&TRACEPOINT_PROBES, "tracepoint") },
+        _ => ExpectedProbes { backend: "btf", probes: BTF_PROBES.to_vec() },
     }
 }
