@@ -100,9 +100,9 @@ pub struct Programs {
 /// Builds `orderbackend` and `ordercli` into `dir` with Debian's Go (standard library only: no
 /// module is downloaded; the build cache is `dir/go-cache`, kept for the next build).
 pub fn build_programs(dir: &Path) -> Result<Programs> {
-    let go = on_path("go").with_context(|| {
-        "`go` is not installed (not on PATH): `apt-get install golang-go` (cargo xtask test installs it)"
-    })?;
+    let go = on_path("go").with_context(
+        || "`go` is not installed (not on PATH): `apt-get install golang-go` (cargo xtask test installs it)",
+    )?;
     let src = dir.join("src");
     fs::create_dir_all(&src).with_context(|| format!("creating {}", src.display()))?;
     let mut built = Vec::new();
@@ -164,6 +164,11 @@ impl Spawned {
     /// Starts `program ARGS` in `netns` (`ip netns exec`, which execs it: the child is the
     /// program itself), its stderr to `stderr_file`, its stdout piped.
     fn start(netns: &str, program: &Path, args: &[String], stderr_file: PathBuf) -> Result<Self> {
+        Self::start_to(netns, program, args, stderr_file, Stdio::piped())
+    }
+
+    /// [`Spawned::start`] with its stdout to `stdout`.
+    fn start_to(netns: &str, program: &Path, args: &[String], stderr_file: PathBuf, stdout: Stdio) -> Result<Self> {
         let stderr = fs::File::create(&stderr_file).with_context(|| format!("creating {}", stderr_file.display()))?;
         let mut command = Command::new("ip");
         command
@@ -171,7 +176,7 @@ impl Spawned {
             .arg(program)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(stderr);
         // SAFETY: the closure only makes one system call (prctl), which is async-signal-safe.
         // Nothing may outlive the test or xtask that started it, even when that is killed.
@@ -331,19 +336,15 @@ impl Incident {
     /// dropped; its rounds go to `ordercli.out` in the directory, its complaints to
     /// `ordercli.log`.
     pub fn start_client_loop(&mut self, users: &[&str], every: Duration) -> Result<()> {
-        let mut client = Spawned::start(
+        let out = self.dir.join("ordercli.out");
+        let file = fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        let client = Spawned::start_to(
             &self.netns,
             &self.programs.client,
             &self.client_args(users, Some(every)),
             self.dir.join("ordercli.log"),
+            Stdio::from(file),
         )?;
-        let stdout = client.stdout()?;
-        let out = self.dir.join("ordercli.out");
-        let mut file = fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        std::thread::spawn(move || {
-            let mut stdout = stdout;
-            let _ = std::io::copy(&mut stdout, &mut file);
-        });
         self.client_loop = Some(client);
         Ok(())
     }
@@ -491,10 +492,14 @@ impl NginxLogs {
 }
 
 fn parse_access(line: &str) -> Result<AccessRecord> {
-    let v: Value = serde_json::from_str(line).with_context(|| format!("nginx's access log line is not JSON: {line}"))?;
+    let v: Value =
+        serde_json::from_str(line).with_context(|| format!("nginx's access log line is not JSON: {line}"))?;
     let s = |k: &str| v[k].as_str().map(str::to_string).with_context(|| format!("no {k} in {line}"));
     Ok(AccessRecord {
-        status: v["status"].as_u64().and_then(|n| u16::try_from(n).ok()).with_context(|| format!("no status in {line}"))?,
+        status: v["status"]
+            .as_u64()
+            .and_then(|n| u16::try_from(n).ok())
+            .with_context(|| format!("no status in {line}"))?,
         upstream_status: s("upstream_status")?,
         upstream_addr: s("upstream_addr")?,
         upstream_bytes_received: s("upstream_bytes_received")?,

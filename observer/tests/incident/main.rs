@@ -39,8 +39,8 @@ use observer::api::{EventRecord, TopReport};
 use observer_testkit::{
     Daemon, Metrics, Problems, active_reset_reason,
     incident::{
-        ATTEMPTS_PER_FAILED_ORDER, BACKEND_COMM, CLIENT_COMM, CUT_STATUS_LINE, ClientRound, Failure, Incident, NGINX_COMM,
-        NGINX_UPSTREAM_CLOSED, NGINX_UPSTREAM_RESET, NginxLogs, Ports, build_programs,
+        ATTEMPTS_PER_FAILED_ORDER, BACKEND_COMM, CLIENT_COMM, CUT_STATUS_LINE, ClientRound, Failure, Incident,
+        NGINX_COMM, NGINX_UPSTREAM_CLOSED, NGINX_UPSTREAM_RESET, NginxLogs, Ports, build_programs,
     },
     net::NamedNetns,
     process,
@@ -124,7 +124,12 @@ impl Plan {
 
     /// The same orders `rounds` times over.
     fn times(&self, rounds: u64) -> Self {
-        Self { known: self.known * rounds, cut: self.cut * rounds, silent: self.silent * rounds, abort: self.abort * rounds }
+        Self {
+            known: self.known * rounds,
+            cut: self.cut * rounds,
+            silent: self.silent * rounds,
+            abort: self.abort * rounds,
+        }
     }
 }
 
@@ -256,14 +261,7 @@ fn check_the_scenario(p: &mut Problems, plan: &Plan, round: &ClientRound, logs: 
 }
 
 /// observer's counters against nginx's logs, the client's account and the kernel's OutRsts.
-fn check_metrics(
-    p: &mut Problems,
-    m: &Metrics,
-    logs: &NginxLogs,
-    round: &ClientRound,
-    rsts_sent: u64,
-    ports: &Ports,
-) {
+fn check_metrics(p: &mut Problems, m: &Metrics, logs: &NginxLogs, round: &ClientRound, rsts_sent: u64, ports: &Ports) {
     let resets = logs.errors_saying(NGINX_UPSTREAM_RESET);
     let eofs = logs.errors_saying(NGINX_UPSTREAM_CLOSED);
     let requests = logs.access.len() as u64;
@@ -313,7 +311,11 @@ fn check_metrics(
             sum(closes, &with(&nginx_up, &[])),
             upstream,
         ),
-        ("nginx: connections from clients closed = access log lines".into(), sum(closes, &with(&nginx_down, &[])), requests),
+        (
+            "nginx: connections from clients closed = access log lines".into(),
+            sum(closes, &with(&nginx_down, &[])),
+            requests,
+        ),
         ("nginx: premature closes of client connections".into(), sum(premature, &with(&nginx_down, &[])), 0),
         ("nginx: resets received from clients".into(), sum(rx, &with(&nginx_down, &[])), 0),
         (
@@ -328,7 +330,11 @@ fn check_metrics(
             resets,
         ),
         ("the backend: premature closes, every kind".into(), sum(premature, &with(&backend, &[])), resets),
-        ("the backend: connections closed = requests passed upstream".into(), sum(closes, &with(&backend, &[])), upstream),
+        (
+            "the backend: connections closed = requests passed upstream".into(),
+            sum(closes, &with(&backend, &[])),
+            upstream,
+        ),
         (
             "the client: connections to nginx closed = its attempts (retries included)".into(),
             sum(closes, &with(&client, &[])),
@@ -354,10 +360,14 @@ fn check_metrics(
 /// `observer events --json ARGS` against the daemon: the records.
 fn events(daemon: &Daemon, args: &[&str]) -> Result<Vec<EventRecord>> {
     let out = process::stdout(
-        Command::new(OBSERVER).args(["events", "--json", "--limit", "4096", "--endpoint", &daemon.endpoint()]).args(args),
+        Command::new(OBSERVER)
+            .args(["events", "--json", "--limit", "4096", "--endpoint", &daemon.endpoint()])
+            .args(args),
     )?;
     out.lines()
-        .map(|l| serde_json::from_str(l).with_context(|| format!("`observer events {args:?}` printed a non-record: {l}")))
+        .map(|l| {
+            serde_json::from_str(l).with_context(|| format!("`observer events {args:?}` printed a non-record: {l}"))
+        })
         .collect()
 }
 
@@ -416,7 +426,11 @@ fn check_events(p: &mut Problems, daemon: &Daemon, incident: &Incident, logs: &N
     if zero_byte_resets > 0 {
         want_bytes.insert(0, zero_byte_resets);
     }
-    p.eq("peer_reset records of nginx, count by bytes received (nginx's $upstream_bytes_received)", got_bytes, want_bytes);
+    p.eq(
+        "peer_reset records of nginx, count by bytes received (nginx's $upstream_bytes_received)",
+        got_bytes,
+        want_bytes,
+    );
 
     let sent = events(daemon, &["--kind", "reset_sent", "--comm", BACKEND_COMM])?;
     p.eq("`observer events --kind reset_sent --comm orderbackend`: records", sent.len() as u64, resets);
@@ -444,9 +458,11 @@ fn check_top(p: &mut Problems, daemon: &Daemon, ports: &Ports) -> Result<()> {
             "--endpoint",
             &daemon.endpoint(),
         ]))?;
-        let report: TopReport = serde_json::from_str(out.trim()).with_context(|| format!("`observer top` printed {out}"))?;
+        let report: TopReport =
+            serde_json::from_str(out.trim()).with_context(|| format!("`observer top` printed {out}"))?;
         match report.rows.first() {
-            Some(row) if row.comm == comm && row.role == role && row.port == backend_port && row.peer == "127.0.0.1" => {}
+            Some(row)
+                if row.comm == comm && row.role == role && row.port == backend_port && row.peer == "127.0.0.1" => {}
             other => p.push(format!(
                 "`observer top --sort {sort}`: the first row is not {comm} ({role}) with peer 127.0.0.1 port \
                  {backend_port}: {other:?}"
@@ -460,7 +476,13 @@ fn check_top(p: &mut Problems, daemon: &Daemon, ports: &Ports) -> Result<()> {
 /// showed the final counts, the sums by label are those counts, and the rate queries of the
 /// walk-through name the same series (the backend as the one resetting, nginx towards the
 /// backend's port as the one cut).
-fn check_promql(p: &mut Problems, prom: &Prometheus, daemon: &Daemon, final_counts: &Metrics, ports: &Ports) -> Result<()> {
+fn check_promql(
+    p: &mut Problems,
+    prom: &Prometheus,
+    daemon: &Daemon,
+    final_counts: &Metrics,
+    ports: &Ports,
+) -> Result<()> {
     let counted = now_ms();
     // The final counts must be what the daemon still shows (nothing came after).
     let now = daemon.metrics()?;
@@ -507,7 +529,8 @@ fn check_promql(p: &mut Problems, prom: &Prometheus, daemon: &Daemon, final_coun
         p.eq(&format!("the series with a rate in `{walkthrough}`"), rated_sorted, want_keys);
         let culprit = rates.iter().all(|(l, _)| {
             l.get("port") == Some(&backend_port)
-                && l.get("comm").map(String::as_str) == Some(if family.contains("sent") { BACKEND_COMM } else { NGINX_COMM })
+                && l.get("comm").map(String::as_str)
+                    == Some(if family.contains("sent") { BACKEND_COMM } else { NGINX_COMM })
         });
         if !culprit {
             p.push(format!("`{walkthrough}` names someone else than the backend's port {backend_port}: {rates:?}"));
