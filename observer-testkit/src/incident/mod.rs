@@ -181,7 +181,7 @@ impl Spawned {
         // SAFETY: the closure only makes one system call (prctl), which is async-signal-safe.
         // Nothing may outlive the test or xtask that started it, even when that is killed.
         unsafe {
-            command.pre_exec(|| process::die_with_parent());
+            command.pre_exec(process::die_with_parent);
         }
         let what = process::display(&command);
         let child = command.spawn().with_context(|| format!("starting `{what}`"))?;
