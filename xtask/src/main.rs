@@ -3,6 +3,7 @@ mod bench;
 mod build;
 mod cmd;
 mod image;
+mod incident;
 mod lint;
 mod run;
 mod setup;
@@ -45,6 +46,10 @@ enum Task {
     /// archive (also a `docker save` archive) without a registry or a container engine:
     /// the binary and exactly what it links, reproducibly.
     Image(image::Args),
+    /// Set up, build, then reproduce the README's incident (nginx, a Go backend that cuts,
+    /// closes and aborts, a Go client that retries) in a network namespace of its own, with a
+    /// daemon observing it on 127.0.0.1:9645 and Prometheus on 127.0.0.1:9090, until Ctrl-C.
+    Incident(incident::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         Task::Lint => lint::lint().map(|()| ExitCode::SUCCESS),
         Task::Bench(args) => bench::bench(args),
         Task::Image(args) => image::image(args).map(|()| ExitCode::SUCCESS),
+        Task::Incident(args) => incident::incident(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

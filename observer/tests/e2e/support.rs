@@ -8,7 +8,7 @@ use std::{
 };
 
 use libtest_mimic::Failed;
-use observer_testkit::{Daemon, Metrics, daemon::Options, kernel_version};
+use observer_testkit::{Daemon, Metrics, daemon::Options};
 
 use crate::traffic::{Mode, Scenario};
 
@@ -68,7 +68,7 @@ pub fn with<'a>(base: &[(&'a str, &'a str)], extra: (&'a str, &'a str)) -> Vec<(
 /// The reason label the running kernel gives an active reset: 6.12 named them; 6.10-6.11 and
 /// older kernels report none.
 pub fn active_reason(name: &'static str) -> &'static str {
-    if kernel_version() >= (6, 12) { name } else { "not_specified" }
+    observer_testkit::active_reset_reason(name)
 }
 
 /// Connections per scenario.

@@ -9,7 +9,9 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 
-use crate::{NamedNetns, Problems, daemon_shows, require_root, run_worker, server, start_observer, tool};
+use observer_testkit::Problems;
+
+use crate::{NamedNetns, daemon_shows, require_root, run_worker, server, start_observer, tool};
 
 /// Complaints of promtool that only renaming a metric or a label would fix: names are a
 /// contract (README "Metrics"), so such a complaint is listed here, each with why, instead of

@@ -19,7 +19,6 @@
 //! fail, saying what to install; they never skip.
 
 mod lint;
-mod prom;
 mod scrape;
 
 use std::{
@@ -170,22 +169,5 @@ pub fn daemon_shows(daemon: &Daemon, what: &str, done: impl Fn(&Metrics) -> bool
             daemon.log().join("\n")
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The problems one trial found: it goes on checking after the first, and fails with all of them.
-#[derive(Default)]
-pub struct Problems(Vec<String>);
-
-impl Problems {
-    pub fn push(&mut self, problem: impl Into<String>) {
-        self.0.push(problem.into());
-    }
-
-    pub fn finish(self) -> Result<()> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        bail!("{} problem(s):\n- {}", self.0.len(), self.0.join("\n- "))
     }
 }

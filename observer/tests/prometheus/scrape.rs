@@ -33,11 +33,12 @@ use anyhow::{Context as _, Result, anyhow, ensure};
 use observer_testkit::{Daemon, Metrics};
 use serde_json::Value;
 
-use crate::{
-    NamedNetns, PATIENCE, Problems, daemon_shows,
-    prom::{Ms, Prometheus, shown},
-    require_root, run_worker, server, start_observer, tool,
+use observer_testkit::{
+    Problems,
+    prometheus::{Ms, Prometheus, shown},
 };
+
+use crate::{NamedNetns, PATIENCE, daemon_shows, require_root, run_worker, server, start_observer, tool};
 
 /// One round of traffic: so many connections of each kind.
 #[derive(Debug, Clone, Copy, Default)]

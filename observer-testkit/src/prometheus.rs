@@ -1,5 +1,7 @@
-//! A Prometheus server of the test's own (Debian's 2.42), scraping one target every second, and
+//! A Prometheus server of a test's own (Debian's 2.42), scraping one target every second, and
 //! its HTTP API: instant queries (`/api/v1/query`, at a given time), targets, its own metrics.
+//! The `prometheus` suite checks PromQL with it; the `incident` suite and `cargo xtask incident`
+//! run one beside the daemon.
 
 use std::{
     collections::BTreeMap,
@@ -11,14 +13,16 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use observer_testkit::{
+use serde_json::Value;
+
+use crate::{
     http,
     net::free_port,
     process::{self, Signal},
 };
-use serde_json::Value;
 
-use crate::PATIENCE;
+/// How long Prometheus may take to become ready before that counts as a hang.
+const PATIENCE: Duration = Duration::from_secs(120);
 
 /// A time on Prometheus's clock, in milliseconds since the epoch (the resolution of its
 /// timestamps and of the `time` parameter of its queries).
@@ -36,9 +40,15 @@ pub struct Prometheus {
 
 impl Prometheus {
     /// Starts `prometheus` scraping `target` (job `observer`) every second, storing into a
-    /// directory of its own, and waits until `/-/ready` answers 200.
+    /// directory of its own, and waits until `/-/ready` answers 200. It listens on a free port
+    /// of 127.0.0.1.
     pub fn start(prometheus: &std::path::Path, target: SocketAddr) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("observer-prometheus-test-{}", std::process::id()));
+        Self::start_on(prometheus, target, SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+    }
+
+    /// [`Prometheus::start`], listening on `addr`.
+    pub fn start_on(prometheus: &std::path::Path, target: SocketAddr, addr: SocketAddr) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("observer-prometheus-{}-{}", std::process::id(), addr.port()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("data")).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("prometheus.yml");
@@ -49,7 +59,6 @@ impl Prometheus {
                  scrape_configs:\n  - job_name: observer\n    static_configs:\n      - targets: [\"{target}\"]\n"
             ),
         )?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let log = fs::File::create(dir.join("prometheus.log"))?;
         let mut command = Command::new(prometheus);
         command
