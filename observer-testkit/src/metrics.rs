@@ -85,6 +85,17 @@ impl Metrics {
     }
 
     /// `observer_build_info{revision}`.
+    /// The per-connection counters (`observer_tcp_*_total`), one sample a line, for failure
+    /// messages.
+    pub fn per_connection_summary(&self) -> String {
+        self.samples
+            .iter()
+            .filter(|(name, _, _)| name.starts_with("observer_tcp_") && name.ends_with("_total"))
+            .map(|(name, labels, v)| format!("  {name}{labels:?} {v}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn revision(&self) -> Option<String> {
         self.matching("observer_build_info", &[]).find_map(|(labels, _)| labels.get("revision").cloned())
     }

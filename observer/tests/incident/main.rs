@@ -214,7 +214,7 @@ fn incident() -> Result<()> {
     check_events(&mut p, &daemon, &incident, &logs)?;
     check_top(&mut p, &daemon, &ports)?;
     check_promql(&mut p, &prom, &daemon, &m, &ports)?;
-    let summary = summary(&m);
+    let summary = m.per_connection_summary();
     drop(prom);
     drop(incident);
     daemon.stop()?;
@@ -564,14 +564,4 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The per-connection counters of a scrape, one a line, for failure messages.
-fn summary(m: &Metrics) -> String {
-    m.samples
-        .iter()
-        .filter(|(name, _, _)| name.starts_with("observer_tcp_") && name.ends_with("_total"))
-        .map(|(name, labels, v)| format!("  {name}{labels:?} {v}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }

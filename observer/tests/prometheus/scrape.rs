@@ -318,7 +318,7 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
     let last = daemon.metrics()?;
     drop(prom);
     daemon.stop()?;
-    p.finish().map_err(|e| anyhow!("{e:#}\nthe daemon's last scrape:\n{}", summary(&last)))
+    p.finish().map_err(|e| anyhow!("{e:#}\nthe daemon's last scrape:\n{}", last.per_connection_summary()))
 }
 
 /// The target was up at every scrape, and Prometheus stored every sample it scraped.
@@ -439,14 +439,4 @@ fn eq_map(p: &mut Problems, what: &str, expr: &str, at: Ms, got: BTreeMap<String
     if got != want {
         p.push(format!("{what}: `{expr}` at {}: got {got:?}, want {want:?}", shown(at)));
     }
-}
-
-/// The per-connection samples of a scrape, one a line, for failure messages.
-fn summary(m: &Metrics) -> String {
-    m.samples
-        .iter()
-        .filter(|(name, _, _)| name.starts_with("observer_tcp_") && name.ends_with("_total"))
-        .map(|(name, labels, v)| format!("  {name}{labels:?} {v}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
