@@ -187,7 +187,7 @@ pub fn on_reset_sent(probe: ProbeId, sk: u64, reason: u32, state: u8, endpoints:
             probe: probe as u16,
             state,
             flags: flags::RESET_SENT,
-            timestamp_ns: bpf_ktime_get_ns(),
+            timestamp_ns: now(),
             sk,
             reason,
             ..SocketEvent::default()
@@ -216,8 +216,7 @@ pub fn on_accept(probe: ProbeId, sk: u64, adopt: bool) {
         // SAFETY: see known_socket.
         Some(info) => unsafe { &mut *info },
         None if adopt => {
-            // SAFETY: helper without arguments.
-            let now = unsafe { bpf_ktime_get_ns() };
+            let now = now();
             let Some(info) = create_entry(sk, |e| read_sock_endpoints(sk, e), Role::Server, now) else { return };
             enter_state(info, kread(sk, get(&CONFIG.kernel.sock_state)), now);
             info
