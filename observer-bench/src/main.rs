@@ -76,6 +76,11 @@ pub struct Args {
     /// The command that ran those in-process benchmarks, for the report.
     #[arg(long, value_name = "COMMAND", default_value = "cargo bench -p observer --bench pipeline")]
     pub micro_command: String,
+    /// Only what each kernel program costs under the churn load (the diagnostics run: every
+    /// back end and bpftrace, with the kernel's BPF statistics): printed and written to
+    /// target/bench/cost.json; BENCHMARKS.md is left alone.
+    #[arg(long, conflicts_with = "report_only")]
+    pub cost: bool,
     /// Internal: run as the load generator process named NAME.
     #[arg(long, hide = true, value_name = "NAME")]
     pub worker: Option<String>,
@@ -267,6 +272,15 @@ fn bench(args: Args) -> Result<ExitCode> {
     };
     let setup = Setup { observer, tcplife, build_command };
     let plan = Plan::new(args.quick);
+    if args.cost {
+        let diagnostics = diagnose::run(&setup, &plan).context("kernel program costs")?;
+        print!("{}", report::program_costs(&diagnostics));
+        let path = dir.join("cost.json");
+        fs::write(&path, serde_json::to_string_pretty(&diagnostics)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("observer bench: raw results in {}", path.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut results = run(&setup, &plan, &root, args.quick, command)?;
     results.micro = micro;
 

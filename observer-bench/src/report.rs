@@ -1,7 +1,7 @@
 //! BENCHMARKS.md, written from `results.json` alone (so `--report-only` can rewrite it).
 use std::fmt::Write as _;
 
-use super::{Check, Results, churn::ArmRun, storm::Run};
+use super::{Check, Results, churn::ArmRun, diagnose::Diagnostics, storm::Run};
 
 /// The hand-written analysis of the published run (why targets were missed, what the
 /// bottlenecks are), kept next to the code that measures it.
@@ -606,6 +606,13 @@ fn diagnostics(o: &mut String, r: &Results) {
          {per_connection_us:.1} µs of CPU in all (busy cores over connections per second in the `none` runs).\n",
         r.plan.diagnose_seconds
     );
+    o.push_str(&program_costs(d));
+    let _ = writeln!(o);
+}
+
+/// The per-program cost table of a diagnostics run (also what `--cost` prints).
+pub fn program_costs(d: &Diagnostics) -> String {
+    let mut o = String::new();
     let _ = writeln!(
         o,
         "| tool | program | runs per connection | mean ns per run | ns per connection | verified insns | xlated / jited bytes |\n|---|---|---:|---:|---:|---:|---:|"
@@ -627,7 +634,7 @@ fn diagnostics(o: &mut String, r: &Results) {
         }
         let _ = writeln!(o, "| {} | **all** | | | **{:.0}** | | |", t.tool, t.ns_per_connection);
     }
-    let _ = writeln!(o);
+    o
 }
 
 fn checks(o: &mut String, title: &str, checks: &[Check]) {

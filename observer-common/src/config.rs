@@ -164,6 +164,11 @@ pub struct KernelOffsets {
     /// `sock.sk_protocol` (u16 since 5.6; a bitfield before, then absent): the BTF
     /// `inet_sock_set_state` program filters TCP with it, as the record's `protocol` does.
     pub sock_protocol: u32,
+    /// Not an offset: `BPF_FUNC_get_current_task_btf` from the kernel's `enum bpf_func_id`
+    /// (5.11+), absent where the kernel has no such helper. Where it has it, every program
+    /// reads the current task (its files, its group leader's `comm`) with plain typed loads
+    /// instead of `bpf_probe_read_kernel` calls.
+    pub current_task_btf: u32,
 }
 
 impl KernelOffsets {
@@ -211,6 +216,7 @@ impl KernelOffsets {
         tcphdr_source: ABSENT,
         tcphdr_dest: ABSENT,
         sock_protocol: ABSENT,
+        current_task_btf: ABSENT,
     };
 }
 
@@ -323,9 +329,9 @@ mod tests {
         assert_eq!(size_of::<SkTupleFields>(), 8 * 4);
         assert_eq!(size_of::<SetStateFields>(), 12 * 4);
         assert_eq!(size_of::<SendResetFields>(), 13 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 43 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 44 * 4);
         assert_eq!(size_of::<KprobeArgs>(), 3 * 4);
         assert_eq!(size_of::<BtfArgs>(), 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 43 + 3 + 1) * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 44 + 3 + 1) * 4);
     }
 }

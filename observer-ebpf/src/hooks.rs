@@ -26,19 +26,27 @@ use observer_common::{Endpoints, EventKind, ProbeId, Role, SocketEvent, SocketIn
 use crate::{
     emit::{emit, emit_close},
     maps::{CONFIG, EVENTS, SOCKETS, bump, get},
-    read::{current_owner, kread, read_facts, read_sock_endpoints},
+    read::{KernelMemory, ProbeRead, current_owner, kread, read_close, read_sock_endpoints},
     socket::{create_entry, enter_state, fresh_info, insert_new, known_socket, socket_entry},
 };
 
 /// `sk` (a TCP socket in an observed namespace) goes from state `old` to `new`. `endpoints`
 /// reads the socket's addresses: only called where they are kept (at the start, when the
-/// connection is established, for a socket new to us), never on the other transitions.
+/// connection is established, for a socket new to us), never on the other transitions. `m`
+/// reads the socket's members.
 ///
 /// This runs about ten times per connection, so each arm does only what its transition needs:
 /// no map access for transitions nothing counts (a listener's), one lookup for the others, the
 /// clock only where a time is kept (start, CLOSE-WAIT's age, the duration at CLOSE).
 #[inline(always)]
-pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: impl Fn(&mut Endpoints)) {
+pub fn on_state_change(
+    m: impl KernelMemory,
+    probe: ProbeId,
+    sk: u64,
+    old: u8,
+    new: u8,
+    endpoints: impl Fn(&mut Endpoints),
+) {
     match (old, new) {
         // A listener's own life: no connection.
         (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
@@ -69,7 +77,7 @@ pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: imp
             insert_new(sk, info);
         }
         (_, tcp_state::ESTABLISHED) => {
-            let info = match known_socket(sk) {
+            let info = match known_socket(m, sk) {
                 Some(info) => info,
                 // A child whose LISTEN→SYN_RECV was not seen: always so with the kprobe back end
                 // (inet_csk_clone_lock() sets SYN_RECV directly), or the daemon started between.
@@ -91,22 +99,15 @@ pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: imp
             enter_state(info, new, 0);
         }
         (_, tcp_state::CLOSE) => {
-            let Some(info) = socket_entry(sk, &endpoints) else { return };
+            let Some(info) = socket_entry(m, sk, &endpoints) else { return };
             if info.endpoints.remote_port == 0 || info.endpoints.local_port == 0 {
                 endpoints(&mut info.endpoints);
             }
-            let kernel = &CONFIG.kernel;
-            // __tcp_close() purges the receive queue without advancing copied_seq, so this is
-            // still the number of bytes the application never read.
-            let rcv_nxt: u32 = kread(sk, get(&kernel.tcp_rcv_nxt));
-            let copied_seq: u32 = kread(sk, get(&kernel.tcp_copied_seq));
-            info.unread_bytes = rcv_nxt.wrapping_sub(copied_seq);
-            info.sk_err = kread::<i32>(sk, get(&kernel.sock_err)) as u32;
             info.close_state = old;
             info.close_pending = 1;
             let now = now();
             enter_state(info, new, now);
-            read_facts(sk, info, now);
+            read_close(m, sk, info, now);
             // A received reset or an error is the whole story. Otherwise the kernel may still
             // send an RST for this close (unread data, SO_LINGER 0): wait for it or for destroy.
             if info.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0 || info.sk_err != 0 {
@@ -117,7 +118,7 @@ pub fn on_state_change(probe: ProbeId, sk: u64, old: u8, new: u8, endpoints: imp
             // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, ...: follow the state of every socket,
             // including ones that predate the daemon (owner unknown). Only CLOSE-WAIT's age is
             // reported (a leak waits there), so only it reads the clock.
-            if let Some(info) = socket_entry(sk, &endpoints) {
+            if let Some(info) = socket_entry(m, sk, &endpoints) {
                 enter_state(info, new, if new == tcp_state::CLOSE_WAIT { now() } else { 0 });
             }
         }
@@ -152,10 +153,10 @@ fn insert_connection(probe: ProbeId, sk: u64, info: &SocketInfo) {
 
 /// The kernel resets `sk` (an observed socket) because of an RST: `tcp_reset()`.
 #[inline(always)]
-pub fn on_reset_received(probe: ProbeId, sk: u64, endpoints: impl Fn(&mut Endpoints)) {
-    let Some(info) = socket_entry(sk, endpoints) else { return };
+pub fn on_reset_received(m: impl KernelMemory, probe: ProbeId, sk: u64, endpoints: impl Fn(&mut Endpoints)) {
+    let Some(info) = socket_entry(m, sk, endpoints) else { return };
     info.flags |= flags::RESET_RECEIVED;
-    info.reset_state = kread(sk, get(&CONFIG.kernel.sock_state));
+    info.reset_state = m.read(sk, get(&CONFIG.kernel.sock_state));
     emit(EventKind::ResetReceived, probe, sk, info.reset_state, info);
 }
 
@@ -163,11 +164,18 @@ pub fn on_reset_received(probe: ProbeId, sk: u64, endpoints: impl Fn(&mut Endpoi
 /// `state` (0 without a socket). `endpoints` fills in what to report when `sk` is not a socket we
 /// track; `local` is the RST's sender (this host).
 #[inline(always)]
-pub fn on_reset_sent(probe: ProbeId, sk: u64, reason: u32, state: u8, endpoints: impl FnOnce(&mut Endpoints)) {
+pub fn on_reset_sent(
+    m: impl KernelMemory,
+    probe: ProbeId,
+    sk: u64,
+    reason: u32,
+    state: u8,
+    endpoints: impl FnOnce(&mut Endpoints),
+) {
     // A full socket we track: the reset is its owner's. Anything else (no socket, a TIME_WAIT
     // or request minisock, a listener) is reported with its endpoints and no owner.
     if sk != 0
-        && let Some(info) = known_socket(sk)
+        && let Some(info) = known_socket(m, sk)
     {
         info.flags |= flags::RESET_SENT;
         info.reason = reason;
@@ -209,7 +217,8 @@ pub fn on_destroy(probe: ProbeId, sk: u64) {
 
 /// `accept()` handed `sk` to the current process, in its context: it is the owner, and the
 /// connection counts as opened. `adopt` creates the entry when the socket is new to us, for
-/// callers that know `sk` is a TCP child.
+/// callers that know `sk` is a TCP child. Both accept programs hold `sk` as an untyped address
+/// (read from the fd table, or a kretprobe's return value): probe reads.
 #[inline(always)]
 pub fn on_accept(probe: ProbeId, sk: u64, adopt: bool) {
     let info = match SOCKETS.get_ptr_mut(&sk) {
@@ -217,7 +226,9 @@ pub fn on_accept(probe: ProbeId, sk: u64, adopt: bool) {
         Some(info) => unsafe { &mut *info },
         None if adopt => {
             let now = now();
-            let Some(info) = create_entry(sk, |e| read_sock_endpoints(sk, e), Role::Server, now) else { return };
+            let Some(info) = create_entry(sk, |e| read_sock_endpoints(ProbeRead, sk, e), Role::Server, now) else {
+                return;
+            };
             enter_state(info, kread(sk, get(&CONFIG.kernel.sock_state)), now);
             info
         }

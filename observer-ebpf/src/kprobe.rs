@@ -13,7 +13,7 @@ use observer_common::{ProbeId, REASON_NONE, tcp_state};
 use crate::{
     hooks::{on_accept, on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
-    read::{kread, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
+    read::{ProbeRead, kread, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
 };
 
 /// A pointer argument of a kprobed function (0 if absent).
@@ -46,23 +46,23 @@ const TCP_FLAG_RST: u8 = 0x04;
 #[kprobe]
 pub fn tcp_set_state(ctx: ProbeContext) -> u32 {
     let sk = ptr_arg(&ctx, 0);
-    if sk == 0 || !observed_sock(sk) {
+    if sk == 0 || !observed_sock(ProbeRead, sk) {
         return 0;
     }
     // Called before the state is stored: the socket still holds the old one.
     let old: u8 = kread(sk, get(&CONFIG.kernel.sock_state));
     let new = ctx.arg::<i32>(1).unwrap_or(0) as u8;
-    on_state_change(ProbeId::TcpSetState, sk, old, new, |e| read_sock_endpoints(sk, e));
+    on_state_change(ProbeRead, ProbeId::TcpSetState, sk, old, new, |e| read_sock_endpoints(ProbeRead, sk, e));
     0
 }
 
 #[kprobe]
 pub fn tcp_reset(ctx: ProbeContext) -> u32 {
     let sk = ptr_arg(&ctx, 0);
-    if sk == 0 || !observed_sock(sk) {
+    if sk == 0 || !observed_sock(ProbeRead, sk) {
         return 0;
     }
-    on_reset_received(ProbeId::TcpReset, sk, |e| read_sock_endpoints(sk, e));
+    on_reset_received(ProbeRead, ProbeId::TcpReset, sk, |e| read_sock_endpoints(ProbeRead, sk, e));
     0
 }
 
@@ -71,12 +71,12 @@ pub fn tcp_reset(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     let sk = ptr_arg(&ctx, 0);
-    if sk == 0 || !observed_sock(sk) {
+    if sk == 0 || !observed_sock(ProbeRead, sk) {
         return 0;
     }
     let reason = reason_arg(&ctx, get(&CONFIG.kprobe.active_reset_reason));
     let state: u8 = kread(sk, get(&CONFIG.kernel.sock_state));
-    on_reset_sent(ProbeId::TcpSendActiveReset, sk, reason, state, |e| read_sock_endpoints(sk, e));
+    on_reset_sent(ProbeRead, ProbeId::TcpSendActiveReset, sk, reason, state, |e| read_sock_endpoints(ProbeRead, sk, e));
     0
 }
 
@@ -97,7 +97,7 @@ fn passive_reset(ctx: &ProbeContext, probe: ProbeId, reason_index: u32) -> u32 {
     if head != 0 && kread::<u8>(th, TCPHDR_FLAGS) & TCP_FLAG_RST != 0 {
         return 0;
     }
-    let observed = if sk != 0 { observed_sock(sk) } else { observed_skb(skb) };
+    let observed = if sk != 0 { observed_sock(ProbeRead, sk) } else { observed_skb(skb) };
     if !observed {
         return 0;
     }
@@ -107,13 +107,9 @@ fn passive_reset(ctx: &ProbeContext, probe: ProbeId, reason_index: u32) -> u32 {
     // the same as the segment's, so take the segment's.
     let full =
         sk != 0 && state != tcp_state::LISTEN && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
-    on_reset_sent(
-        probe,
-        sk,
-        reason,
-        state,
-        |e| if full { read_sock_endpoints(sk, e) } else { read_skb_endpoints(skb, e) },
-    );
+    on_reset_sent(ProbeRead, probe, sk, reason, state, |e| {
+        if full { read_sock_endpoints(ProbeRead, sk, e) } else { read_skb_endpoints(skb, e) }
+    });
     0
 }
 
@@ -141,7 +137,7 @@ pub fn tcp_v4_destroy_sock(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn inet_csk_accept(ctx: RetProbeContext) -> u32 {
     let sk: u64 = ctx.ret();
-    if sk == 0 || !observed_sock(sk) {
+    if sk == 0 || !observed_sock(ProbeRead, sk) {
         return 0;
     }
     on_accept(ProbeId::InetCskAccept, sk, true);

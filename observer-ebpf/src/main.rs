@@ -20,7 +20,10 @@
 //!    fields, or registers), skips what is not observed
 //!    (not TCP, another network namespace) and calls its hook.
 //! 2. [`read`]: every read of kernel memory, at offsets from `CONFIG`: record fields, struct
-//!    members, and what is built from them (endpoints, the owner, a connection's facts).
+//!    members, and what is built from them (endpoints, the owner, a connection's facts). A
+//!    socket's own members are read through a `KernelMemory`: plain loads the verifier checks
+//!    against BTF in the BTF tracepoint programs (their `struct sock *` is typed), a
+//!    `bpf_probe_read_kernel` per read elsewhere.
 //! 3. [`hooks`]: the logic both back ends share, one `on_*` function per hook; it decides what
 //!    to remember and what to report.
 //! 4. [`socket`]: the per-socket state (`SocketInfo` in `SOCKETS`): lookup, creation, adoption of

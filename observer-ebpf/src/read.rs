@@ -4,14 +4,17 @@
 //!
 //! * tracepoint records: [`field`], and the endpoints a record names ([`read_tuple`],
 //!   [`read_send_reset_endpoints`]);
-//! * kernel structs: [`kread`], and what the programs and the hooks read through it: a socket's
-//!   or a segment's endpoints, the socket behind a file descriptor, the namespace filter, the
-//!   current process as owner, a connection's facts at CLOSE.
+//! * kernel structs: [`kread`], and what the programs and the hooks read through it: a segment's
+//!   endpoints, the socket behind a file descriptor, the current process as owner;
+//! * a socket's own members (its endpoints, the namespace filter, a connection's facts at CLOSE)
+//!   through a [`KernelMemory`]: [`ProbeRead`] (a helper call per read, for any pointer) or, in the
+//!   BTF tracepoint programs, [`TypedLoad`] (plain loads the verifier checks against the kernel's
+//!   BTF, with no helper call).
 
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_cgroup_id, bpf_get_current_task},
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_get_current_task_btf, bpf_skc_to_tcp_sock},
     },
     programs::TracePointContext,
 };
@@ -94,21 +97,84 @@ pub fn kread<T: Default>(base: u64, offset: u32) -> T {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.unwrap_or_default()
 }
 
+/// How a program reads the members of a kernel struct it holds a pointer to: a socket's (its
+/// `struct sock`, the `struct tcp_sock` around it, the `struct net` it points to) or the current
+/// task's. Offsets come from `CONFIG` either way.
+///
+/// A state change runs about ten times per connection and each run reads several members, so
+/// the read itself matters: a `bpf_probe_read_kernel` call costs far more than a load.
+pub trait KernelMemory: Copy {
+    /// The member at `offset` of the struct `base` points to; `T::default()` for a NULL `base`
+    /// or an `ABSENT` member.
+    fn read<T: Default>(self, base: u64, offset: u32) -> T;
+    /// `sk` as a `struct tcp_sock *`, for the members past `struct sock` (0 if it is not a full
+    /// TCP socket).
+    fn tcp_sock(self, sk: u64) -> u64;
+}
+
+/// Reads through `bpf_probe_read_kernel`: works on any address, as the classic tracepoint and
+/// kprobe programs have them (untyped integers).
+#[derive(Clone, Copy)]
+pub struct ProbeRead;
+
+impl KernelMemory for ProbeRead {
+    #[inline(always)]
+    fn read<T: Default>(self, base: u64, offset: u32) -> T {
+        kread(base, offset)
+    }
+
+    #[inline(always)]
+    fn tcp_sock(self, sk: u64) -> u64 {
+        sk
+    }
+}
+
+/// Plain loads, for the BTF tracepoint programs: their socket argument is a BTF-typed `struct
+/// sock *`, and the verifier checks each load at a constant offset (`CONFIG` is frozen, so its
+/// offsets are constants to the verifier) against the member the kernel's BTF has there and turns
+/// it into a fault-safe load: no helper call. Only members of the pointed-to struct can be read
+/// this way, so `tcp_sock` members go through `bpf_skc_to_tcp_sock`, which hands back a
+/// `struct tcp_sock *` (NULL unless `sk` is a full TCP socket).
+#[derive(Clone, Copy)]
+pub struct TypedLoad;
+
+impl KernelMemory for TypedLoad {
+    #[inline(always)]
+    fn read<T: Default>(self, base: u64, offset: u32) -> T {
+        if base == 0 || offset == ABSENT {
+            return T::default();
+        }
+        // SAFETY: `base` is a BTF-typed kernel pointer (a tracepoint argument or a pointer member
+        // loaded from one): the verifier checks the offset and size against the kernel's type
+        // and makes the load fault-safe.
+        unsafe { core::ptr::read_volatile((base + offset as u64) as *const T) }
+    }
+
+    #[inline(always)]
+    fn tcp_sock(self, sk: u64) -> u64 {
+        if sk == 0 {
+            return 0;
+        }
+        // SAFETY: `sk` is a BTF-typed `struct sock *`; the helper checks what it is.
+        unsafe { bpf_skc_to_tcp_sock(sk as *mut core::ffi::c_void) as u64 }
+    }
+}
+
 /// A socket's endpoints from its `struct sock_common` (also valid for TIME_WAIT and request
 /// minisocks, which share it). IPv4 addresses are stored v4-mapped, as the records have them.
 #[inline(always)]
-pub fn read_sock_endpoints(sk: u64, e: &mut Endpoints) {
+pub fn read_sock_endpoints(m: impl KernelMemory, sk: u64, e: &mut Endpoints) {
     let k = &CONFIG.kernel;
-    e.family = kread(sk, get(&k.sock_family));
-    e.local_port = kread(sk, get(&k.sock_num));
-    e.remote_port = u16::from_be(kread(sk, get(&k.sock_dport)));
+    e.family = m.read(sk, get(&k.sock_family));
+    e.local_port = m.read(sk, get(&k.sock_num));
+    e.remote_port = u16::from_be(m.read(sk, get(&k.sock_dport)));
     if e.family == AF_INET6 && get(&k.sock_v6_daddr) != ABSENT {
         // v4-mapped for an AF_INET6 socket talking IPv4, exactly as the tracepoints show it.
-        e.local_addr = kread(sk, get(&k.sock_v6_rcv_saddr));
-        e.remote_addr = kread(sk, get(&k.sock_v6_daddr));
+        e.local_addr = m.read(sk, get(&k.sock_v6_rcv_saddr));
+        e.remote_addr = m.read(sk, get(&k.sock_v6_daddr));
     } else {
-        e.local_addr = v4_mapped(kread(sk, get(&k.sock_rcv_saddr)));
-        e.remote_addr = v4_mapped(kread(sk, get(&k.sock_daddr)));
+        e.local_addr = v4_mapped(m.read(sk, get(&k.sock_rcv_saddr)));
+        e.remote_addr = v4_mapped(m.read(sk, get(&k.sock_daddr)));
     }
 }
 
@@ -136,19 +202,39 @@ pub fn read_skb_endpoints(skb: u64, e: &mut Endpoints) {
     }
 }
 
+/// True where the kernel has `bpf_get_current_task_btf` (5.11+): the current task is then a
+/// BTF-typed pointer whose members are plain loads ([`TypedLoad`]). `CONFIG` is frozen, so the
+/// verifier drops the branch a kernel cannot take, helper call and all.
+#[inline(always)]
+fn typed_task() -> bool {
+    get(&CONFIG.kernel.current_task_btf) != ABSENT
+}
+
 /// `struct sock *` behind file descriptor `fd` of the current task, or 0.
 #[inline(always)]
 pub fn sock_of_fd(fd: u64) -> u64 {
+    if typed_task() {
+        // SAFETY: helper without arguments.
+        sock_of_fd_in(TypedLoad, unsafe { bpf_get_current_task_btf() } as u64, fd)
+    } else {
+        // SAFETY: helper without arguments.
+        sock_of_fd_in(ProbeRead, unsafe { bpf_get_current_task() }, fd)
+    }
+}
+
+/// The walk task → files → fd table, through `m` as far as the pointers are typed: the fd
+/// array is `struct file **` and a file's `private_data` a `void *`, which BTF types say
+/// nothing about, so the rest is probe reads.
+#[inline(always)]
+fn sock_of_fd_in(m: impl KernelMemory, task: u64, fd: u64) -> u64 {
     let k = &CONFIG.kernel;
-    // SAFETY: helper without arguments.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = kread(task, get(&k.task_files));
-    let fdt: u64 = kread(files, get(&k.files_fdt));
-    let max_fds: u32 = kread(fdt, get(&k.fdtable_max_fds));
+    let files: u64 = m.read(task, get(&k.task_files));
+    let fdt: u64 = m.read(files, get(&k.files_fdt));
+    let max_fds: u32 = m.read(fdt, get(&k.fdtable_max_fds));
     if fd >= max_fds as u64 {
         return 0;
     }
-    let fd_array: u64 = kread(fdt, get(&k.fdtable_fd));
+    let fd_array: u64 = m.read(fdt, get(&k.fdtable_fd));
     if fd_array == 0 {
         return 0;
     }
@@ -159,16 +245,16 @@ pub fn sock_of_fd(fd: u64) -> u64 {
 
 /// Inode number of the network namespace behind a `possible_net_t` at `base + offset`.
 #[inline(always)]
-fn netns_inum(base: u64, offset: u32) -> u32 {
-    let net: u64 = kread(base, offset);
-    kread(net, get(&CONFIG.kernel.net_inum))
+fn netns_inum(m: impl KernelMemory, base: u64, offset: u32) -> u32 {
+    let net: u64 = m.read(base, offset);
+    m.read(net, get(&CONFIG.kernel.net_inum))
 }
 
 /// False when a namespace filter is set and `sk` lives elsewhere.
 #[inline(always)]
-pub fn observed_sock(sk: u64) -> bool {
+pub fn observed_sock(m: impl KernelMemory, sk: u64) -> bool {
     let filter = get(&CONFIG.netns_filter);
-    filter == 0 || netns_inum(sk, get(&CONFIG.kernel.sock_net)) == filter
+    filter == 0 || netns_inum(m, sk, get(&CONFIG.kernel.sock_net)) == filter
 }
 
 /// The same for a segment that matched no socket, by the device it arrived on.
@@ -179,37 +265,57 @@ pub fn observed_skb(skb: u64) -> bool {
         return true;
     }
     let dev: u64 = kread(skb, get(&CONFIG.kernel.skb_dev));
-    netns_inum(dev, get(&CONFIG.kernel.netdev_net)) == filter
+    netns_inum(ProbeRead, dev, get(&CONFIG.kernel.netdev_net)) == filter
 }
 
 /// The current process, for hooks that run in its syscall.
 #[inline(always)]
 pub fn current_owner() -> Owner {
-    let kernel = &CONFIG.kernel;
     let mut owner = Owner { tgid: (bpf_get_current_pid_tgid() >> 32) as u32, ..Owner::default() };
     // SAFETY: helpers without arguments.
     owner.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let task = unsafe { bpf_get_current_task() };
-    let leader: u64 = kread(task, get(&kernel.task_group_leader));
-    let comm: [u8; TASK_COMM_LEN] = kread(leader, get(&kernel.task_comm));
+    let comm = if typed_task() {
+        // SAFETY: helper without arguments.
+        leader_comm(TypedLoad, unsafe { bpf_get_current_task_btf() } as u64)
+    } else {
+        // SAFETY: helper without arguments.
+        leader_comm(ProbeRead, unsafe { bpf_get_current_task() })
+    };
     owner.comm = if comm[0] != 0 { comm } else { bpf_get_current_comm().unwrap_or_default() };
     owner
 }
 
-/// Reads what `tcp_sock` knows about the connection as it reaches CLOSE.
+/// The `comm` of `task`'s thread group leader: the process's name, whichever thread runs.
 #[inline(always)]
-pub fn read_facts(sk: u64, info: &mut SocketInfo, now: u64) {
+fn leader_comm(m: impl KernelMemory, task: u64) -> [u8; TASK_COMM_LEN] {
+    let kernel = &CONFIG.kernel;
+    let leader: u64 = m.read(task, get(&kernel.task_group_leader));
+    m.read(leader, get(&kernel.task_comm))
+}
+
+/// Reads what the socket knows about the connection as it reaches CLOSE: the bytes the
+/// application never read and the error (for the classification), and its `tcp_sock` facts.
+#[inline(always)]
+pub fn read_close(m: impl KernelMemory, sk: u64, info: &mut SocketInfo, now: u64) {
     let k = &CONFIG.kernel;
+    let tp = m.tcp_sock(sk);
+    // __tcp_close() purges the receive queue without advancing copied_seq, so this is still the
+    // number of bytes the application never read.
+    let rcv_nxt: u32 = m.read(tp, get(&k.tcp_rcv_nxt));
+    let copied_seq: u32 = m.read(tp, get(&k.tcp_copied_seq));
+    info.unread_bytes = rcv_nxt.wrapping_sub(copied_seq);
+    info.sk_err = m.read::<i32>(sk, get(&k.sock_err)) as u32;
     let done_bit = get(&k.sock_done_bit);
-    let fin = if done_bit < 64 { (kread::<u64>(sk, get(&k.sock_flags)) >> done_bit) & 1 } else { 0 };
+    let fin = if done_bit < 64 { (m.read::<u64>(sk, get(&k.sock_flags)) >> done_bit) & 1 } else { 0 };
     let f = &mut info.facts;
     f.fin_received = fin as u8;
     // Both counters are in sequence space: the FIN received counts one byte.
-    f.bytes_received = kread::<u64>(sk, get(&k.tcp_bytes_received)).saturating_sub(fin);
-    f.bytes_sent = kread::<u64>(sk, get(&k.tcp_bytes_sent)).saturating_sub(kread::<u64>(sk, get(&k.tcp_bytes_retrans)));
-    f.srtt_us = kread::<u32>(sk, get(&k.tcp_srtt_us)) >> 3;
-    f.retransmits = kread(sk, get(&k.tcp_total_retrans));
-    f.data_segs_in = kread(sk, get(&k.tcp_data_segs_in));
-    f.data_segs_out = kread(sk, get(&k.tcp_data_segs_out));
+    f.bytes_received = m.read::<u64>(tp, get(&k.tcp_bytes_received)).saturating_sub(fin);
+    f.bytes_sent =
+        m.read::<u64>(tp, get(&k.tcp_bytes_sent)).saturating_sub(m.read::<u64>(tp, get(&k.tcp_bytes_retrans)));
+    f.srtt_us = m.read::<u32>(tp, get(&k.tcp_srtt_us)) >> 3;
+    f.retransmits = m.read(tp, get(&k.tcp_total_retrans));
+    f.data_segs_in = m.read(tp, get(&k.tcp_data_segs_in));
+    f.data_segs_out = m.read(tp, get(&k.tcp_data_segs_out));
     f.duration_ns = if info.start_ns != 0 { now.saturating_sub(info.start_ns) } else { 0 };
 }

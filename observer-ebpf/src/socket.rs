@@ -6,7 +6,7 @@ use observer_common::{Endpoints, Role, SocketInfo, counter};
 
 use crate::{
     maps::{CONFIG, SCRATCH, SEEDS, SOCKETS, bump, get},
-    read::kread,
+    read::KernelMemory,
 };
 
 /// Follows a socket's state: what the connection-state gauges and `states_seen` need. `since`
@@ -42,13 +42,13 @@ pub fn insert_new(sk: u64, info: &SocketInfo) {
 
 /// The map entry for `sk`, adopted from `SEEDS` if the daemon found the socket at start-up.
 #[inline(always)]
-pub fn known_socket(sk: u64) -> Option<&'static mut SocketInfo> {
+pub fn known_socket(m: impl KernelMemory, sk: u64) -> Option<&'static mut SocketInfo> {
     if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
         // SAFETY: map values live as long as the entry; programs on one socket are serialised
         // by the socket lock.
         return Some(unsafe { &mut *info });
     }
-    let cookie: u64 = kread(sk, get(&CONFIG.kernel.sock_cookie));
+    let cookie: u64 = m.read(sk, get(&CONFIG.kernel.sock_cookie));
     if cookie == 0 {
         return None;
     }
@@ -62,8 +62,12 @@ pub fn known_socket(sk: u64) -> Option<&'static mut SocketInfo> {
 
 /// The map entry for `sk`, created (owner unknown) if we have not seen the socket yet.
 #[inline(always)]
-pub fn socket_entry(sk: u64, endpoints: impl FnOnce(&mut Endpoints)) -> Option<&'static mut SocketInfo> {
-    if let Some(info) = known_socket(sk) {
+pub fn socket_entry(
+    m: impl KernelMemory,
+    sk: u64,
+    endpoints: impl FnOnce(&mut Endpoints),
+) -> Option<&'static mut SocketInfo> {
+    if let Some(info) = known_socket(m, sk) {
         return Some(info);
     }
     create_entry(sk, endpoints, Role::Unknown, 0)

@@ -9,7 +9,7 @@ use observer_common::{ABSENT, ProbeId, REASON_NONE};
 use crate::{
     hooks::{on_accept, on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
-    read::{field, observed_skb, observed_sock, read_send_reset_endpoints, read_tuple, sock_of_fd},
+    read::{ProbeRead, field, observed_skb, observed_sock, read_send_reset_endpoints, read_tuple, sock_of_fd},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -26,12 +26,12 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let sk: u64 = field(&ctx, get(&f.tuple.skaddr));
-    if !observed_sock(sk) {
+    if !observed_sock(ProbeRead, sk) {
         return 0;
     }
     let old = field::<i32>(&ctx, get(&f.oldstate)) as u8;
     let new = field::<i32>(&ctx, get(&f.newstate)) as u8;
-    on_state_change(ProbeId::InetSockSetState, sk, old, new, |e| *e = read_tuple(&ctx, &f.tuple));
+    on_state_change(ProbeRead, ProbeId::InetSockSetState, sk, old, new, |e| *e = read_tuple(&ctx, &f.tuple));
     0
 }
 
@@ -39,10 +39,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let f = &CONFIG.receive_reset;
     let sk: u64 = field(&ctx, get(&f.skaddr));
-    if !observed_sock(sk) {
+    if !observed_sock(ProbeRead, sk) {
         return 0;
     }
-    on_reset_received(ProbeId::TcpReceiveReset, sk, |e| *e = read_tuple(&ctx, f));
+    on_reset_received(ProbeRead, ProbeId::TcpReceiveReset, sk, |e| *e = read_tuple(&ctx, f));
     0
 }
 
@@ -50,13 +50,13 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let f = &CONFIG.send_reset;
     let sk: u64 = field(&ctx, get(&f.tuple.skaddr));
-    let observed = if sk != 0 { observed_sock(sk) } else { observed_skb(field(&ctx, get(&f.skbaddr))) };
+    let observed = if sk != 0 { observed_sock(ProbeRead, sk) } else { observed_skb(field(&ctx, get(&f.skbaddr))) };
     if !observed {
         return 0;
     }
     let reason = if get(&f.reason) != ABSENT { field::<u32>(&ctx, get(&f.reason)) } else { REASON_NONE };
     let state = field::<i32>(&ctx, get(&f.state)) as u8;
-    on_reset_sent(ProbeId::TcpSendReset, sk, reason, state, |e| read_send_reset_endpoints(&ctx, e));
+    on_reset_sent(ProbeRead, ProbeId::TcpSendReset, sk, reason, state, |e| read_send_reset_endpoints(&ctx, e));
     0
 }
 

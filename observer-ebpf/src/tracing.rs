@@ -2,7 +2,8 @@
 //! of the tracepoint back end, on the same hook points, but the kernel hands it the tracepoint's
 //! arguments (`struct sock *`, `struct sk_buff *`, ...) directly instead of building a record
 //! first, which is most of what a classic tracepoint costs. Endpoints come from `struct
-//! sock_common` or the segment's headers (member offsets from BTF, as for the kprobes); the
+//! sock_common` or the segment's headers (member offsets from BTF, as for the kprobes), the
+//! socket's members by plain typed loads (`read::TypedLoad`: no helper call per read); the
 //! position of `tcp_send_reset`'s `reason` from its `btf_trace_tcp_send_reset` prototype. Then
 //! the shared logic in `hooks`. The program names are the `ProbeId` names the daemon loads them
 //! by. There is no BTF tracepoint for `accept()`: that hook keeps the syscall tracepoints.
@@ -13,7 +14,7 @@ use observer_common::{ProbeId, REASON_NONE, tcp_state};
 use crate::{
     hooks::{on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
-    read::{kread, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
+    read::{KernelMemory, TypedLoad, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -29,22 +30,22 @@ fn ptr_arg(ctx: &BtfTracePointContext, n: usize) -> u64 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk = ptr_arg(&ctx, 0);
-    if kread::<u16>(sk, get(&CONFIG.kernel.sock_protocol)) != IPPROTO_TCP || !observed_sock(sk) {
+    if TypedLoad.read::<u16>(sk, get(&CONFIG.kernel.sock_protocol)) != IPPROTO_TCP || !observed_sock(TypedLoad, sk) {
         return 0;
     }
     let old = ctx.arg::<i32>(1) as u8;
     let new = ctx.arg::<i32>(2) as u8;
-    on_state_change(ProbeId::BtfInetSockSetState, sk, old, new, |e| read_sock_endpoints(sk, e));
+    on_state_change(TypedLoad, ProbeId::BtfInetSockSetState, sk, old, new, |e| read_sock_endpoints(TypedLoad, sk, e));
     0
 }
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn btf_tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     let sk = ptr_arg(&ctx, 0);
-    if sk == 0 || !observed_sock(sk) {
+    if sk == 0 || !observed_sock(TypedLoad, sk) {
         return 0;
     }
-    on_reset_received(ProbeId::BtfTcpReceiveReset, sk, |e| read_sock_endpoints(sk, e));
+    on_reset_received(TypedLoad, ProbeId::BtfTcpReceiveReset, sk, |e| read_sock_endpoints(TypedLoad, sk, e));
     0
 }
 
@@ -55,7 +56,7 @@ pub fn btf_tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let sk = ptr_arg(&ctx, 0);
     let skb = ptr_arg(&ctx, 1);
-    let observed = if sk != 0 { observed_sock(sk) } else { skb != 0 && observed_skb(skb) };
+    let observed = if sk != 0 { observed_sock(TypedLoad, sk) } else { skb != 0 && observed_skb(skb) };
     if !observed {
         return 0;
     }
@@ -66,14 +67,14 @@ pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
         2 => ctx.arg::<u64>(2) as u32,
         _ => REASON_NONE,
     };
-    let state: u8 = if sk != 0 { kread(sk, get(&CONFIG.kernel.sock_state)) } else { 0 };
+    let state: u8 = if sk != 0 { TypedLoad.read(sk, get(&CONFIG.kernel.sock_state)) } else { 0 };
     // A connection's own endpoints when it has them; a listener's or a minisock's are partial or
     // the same as the segment's, so take the segment's (as the kprobe back end does).
     let full = sk != 0
         && (skb == 0
             || (state != tcp_state::LISTEN && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV));
-    on_reset_sent(ProbeId::BtfTcpSendReset, sk, reason, state, |e| {
-        if full { read_sock_endpoints(sk, e) } else { read_skb_endpoints(skb, e) }
+    on_reset_sent(TypedLoad, ProbeId::BtfTcpSendReset, sk, reason, state, |e| {
+        if full { read_sock_endpoints(TypedLoad, sk, e) } else { read_skb_endpoints(skb, e) }
     });
     0
 }

@@ -25,6 +25,11 @@ pub struct Args {
     /// Benchmark this observer binary instead of building one (e.g. another revision's).
     #[arg(long, value_name = "PATH")]
     pub observer: Option<PathBuf>,
+    /// Only what each kernel program costs (ns per run and per connection under the churn load,
+    /// every back end and bpftrace; about a minute): printed and written to
+    /// target/bench/cost.json, BENCHMARKS.md left alone. For working on the kernel programs.
+    #[arg(long, conflicts_with = "report_only")]
+    pub cost: bool,
 }
 
 pub fn bench(args: Args) -> Result<ExitCode> {
@@ -32,6 +37,9 @@ pub fn bench(args: Args) -> Result<ExitCode> {
     let mut bench = vec![format!("--root={}", root.display())];
     if args.quick {
         bench.push("--quick".into());
+    }
+    if args.cost {
+        bench.push("--cost".into());
     }
     let invoked =
         std::iter::once("cargo xtask bench".to_string()).chain(std::env::args().skip(2)).collect::<Vec<_>>().join(" ");
@@ -57,6 +65,8 @@ pub fn bench(args: Args) -> Result<ExitCode> {
             let (exe, display) = build_observer(&ready)?;
             if let Some(target) = exe.parent().and_then(Path::parent) {
                 bench.push(format!("--target-dir={}", target.display()));
+            }
+            if let Some(target) = exe.parent().and_then(Path::parent).filter(|_| !args.cost) {
                 // The in-process benchmarks of the same source, first (about a minute).
                 let micro = run_micro(&ready, args.quick)?;
                 bench.push(format!("--criterion-dir={}", target.join("criterion").display()));

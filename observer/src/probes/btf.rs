@@ -292,9 +292,21 @@ impl KernelBtf {
             tcp_data_segs_in: get("tcp_sock.data_segs_in"),
             tcp_data_segs_out: get("tcp_sock.data_segs_out"),
             sock_cookie: get("sock.__sk_common.skc_cookie"),
+            current_task_btf: self.current_task_btf(),
             // Filled by `endpoint_offsets`.
             ..KernelOffsets::ABSENT
         }
+    }
+
+    /// `BPF_FUNC_get_current_task_btf` (5.11+) if the kernel has the helper, else [`ABSENT`]:
+    /// not a missing fact (the programs read the task through probe reads then), so not
+    /// reported.
+    fn current_task_btf(&self) -> u32 {
+        self.enum_values("bpf_func_id")
+            .ok()
+            .and_then(|values| values.into_iter().find(|(_, name)| name == "BPF_FUNC_get_current_task_btf"))
+            .and_then(|(value, _)| u32::try_from(value).ok())
+            .unwrap_or(ABSENT)
     }
 
     /// The value of `variant` in `enum name`, or [`ABSENT`] (reported in `missing`).
@@ -332,6 +344,8 @@ mod tests {
         assert_eq!(offsets.file_private_data % 8, 0);
         assert!(offsets.tcp_rcv_nxt > offsets.sock_err);
         assert_eq!(offsets.sock_done_bit, 1, "SOCK_DONE is the second sock flag on every kernel");
+        // The helper has had this number since it came (5.11): UAPI numbers never change.
+        assert_eq!(offsets.current_task_btf, 158, "this kernel (5.11+) has bpf_get_current_task_btf");
         assert!(offsets.tcp_bytes_received > offsets.tcp_rcv_nxt);
         let reasons = btf.reset_reasons();
         assert_eq!(reasons.label(reasons.value_of("no_socket").unwrap()), "no_socket");

@@ -30,6 +30,8 @@ fn older_layouts(mut config: ProbeConfig) -> ProbeConfig {
     config.kernel.sock_v6_daddr = ABSENT;
     config.kernel.sock_v6_rcv_saddr = ABSENT;
     config.kernel.sock_done_bit = ABSENT;
+    // < 5.11: no bpf_get_current_task_btf, so the task is walked with probe reads.
+    config.kernel.current_task_btf = ABSENT;
     config.netns_filter = 4026531840;
     config
 }
