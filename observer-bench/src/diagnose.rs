@@ -148,16 +148,28 @@ struct ProgramShown {
     bytes_jited: u64,
 }
 
-/// The program's name (else its id) and sizes as `bpftool` reports them.
+/// The program's name (else its id) and sizes as `bpftool` reports them. The verifier's
+/// instruction count comes from the kernel's program info directly (5.16+): bpftool before 7.2
+/// (Debian 12 has 7.1) does not print it.
 fn program_shown(id: u64) -> ProgramShown {
     let v = cmd::stdout(Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]))
         .ok()
         .and_then(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
         .unwrap_or_default();
+    let verified_insns = v["verified_insns"].as_u64().or_else(|| verified_instructions(id)).unwrap_or(0);
     ProgramShown {
         name: v["name"].as_str().map_or_else(|| format!("prog {id}"), String::from),
-        verified_insns: v["verified_insns"].as_u64().unwrap_or(0),
+        verified_insns,
         bytes_xlated: v["bytes_xlated"].as_u64().unwrap_or(0),
         bytes_jited: v["bytes_jited"].as_u64().unwrap_or(0),
     }
+}
+
+/// `verified_insns` of program `id` from `BPF_OBJ_GET_INFO_BY_FD`, if the kernel reports it.
+fn verified_instructions(id: u64) -> Option<u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| u64::from(p.id()) == id)
+        .and_then(|p| p.verified_instruction_count())
+        .map(u64::from)
 }
