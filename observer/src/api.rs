@@ -53,10 +53,11 @@ pub struct ProbeReport {
     /// The logical hook it serves: `set_state`, `receive_reset`, `send_reset`, `destroy`, `accept`.
     #[serde(default)]
     pub hook: String,
-    /// The back end chosen for that hook: `tracepoint` or `kprobe`.
+    /// The back end chosen for that hook: `btf`, `tracepoint` or `kprobe`.
     #[serde(default)]
     pub backend: String,
-    /// `tracepoint/<category>/<name>`, `kprobe/<function>` or `kretprobe/<function>`.
+    /// `tp_btf/<name>`, `tracepoint/<category>/<name>`, `kprobe/<function>` or
+    /// `kretprobe/<function>`.
     pub attach: String,
     /// `attached`, `unavailable` or `failed`.
     pub state: String,
