@@ -496,44 +496,73 @@ fn check_promql(
     let key = |labels: &BTreeMap<String, String>, names: &[&str]| -> String {
         names.iter().map(|n| format!("{n}={}", labels.get(*n).map_or("", String::as_str))).collect::<Vec<_>>().join(",")
     };
-    let queries: [(&str, &str, &[&str], &str); 2] = [
-        (
-            "sum by (comm, port, reason) (observer_tcp_resets_sent_total)",
-            "topk(5, sum by (comm, port, reason) (rate(observer_tcp_resets_sent_total[1m])))",
-            &["comm", "port", "reason"],
-            "observer_tcp_resets_sent_total",
-        ),
-        (
-            "sum by (comm, peer, port, kind) (observer_tcp_premature_closes_total{role=\"client\"})",
-            "topk(5, sum by (comm, peer, port, kind) (rate(observer_tcp_premature_closes_total{role=\"client\"}[1m])))",
-            &["comm", "peer", "port", "kind"],
-            "observer_tcp_premature_closes_total",
-        ),
+    // The README walk-through's four queries, verbatim: each against the same sum of the final
+    // counts, and (the reset and premature-close ones) naming the culprit on the backend's port.
+    struct Walkthrough {
+        totals: &'static str,
+        query: &'static str,
+        labels: &'static [&'static str],
+        family: &'static str,
+        client_only: bool,
+        culprit: Option<&'static str>,
+    }
+    let queries = [
+        Walkthrough {
+            totals: "sum by (comm, peer, port, kind) (observer_tcp_premature_closes_total{role=\"client\"})",
+            query: "topk(5, sum by (comm, peer, port, kind) (rate(observer_tcp_premature_closes_total{role=\"client\"}[1m])))",
+            labels: &["comm", "peer", "port", "kind"],
+            family: "observer_tcp_premature_closes_total",
+            client_only: true,
+            culprit: Some(NGINX_COMM),
+        },
+        Walkthrough {
+            totals: "sum by (comm, port, reason) (observer_tcp_resets_sent_total)",
+            query: "sum by (comm, port, reason) (rate(observer_tcp_resets_sent_total[1m]))",
+            labels: &["comm", "port", "reason"],
+            family: "observer_tcp_resets_sent_total",
+            client_only: false,
+            culprit: Some(BACKEND_COMM),
+        },
+        Walkthrough {
+            totals: "sum by (comm, peer, port) (observer_tcp_closes_total{role=\"client\"})",
+            query: "sum by (comm, peer, port) (rate(observer_tcp_closes_total{role=\"client\"}[1m]))",
+            labels: &["comm", "peer", "port"],
+            family: "observer_tcp_closes_total",
+            client_only: true,
+            culprit: None,
+        },
+        Walkthrough {
+            totals: "sum by (comm, peer, port) (observer_tcp_connections_opened_total{role=\"client\"})",
+            query: "sum by (comm, peer, port) (rate(observer_tcp_connections_opened_total{role=\"client\"}[1m]))",
+            labels: &["comm", "peer", "port"],
+            family: "observer_tcp_connections_opened_total",
+            client_only: true,
+            culprit: None,
+        },
     ];
-    for (totals, walkthrough, labels, family) in queries {
+    for q in queries {
         let got: BTreeMap<String, f64> =
-            prom.query(totals, Some(at))?.into_iter().map(|(l, v)| (key(&l, labels), v)).collect();
+            prom.query(q.totals, Some(at))?.into_iter().map(|(l, v)| (key(&l, q.labels), v)).collect();
         let mut want: BTreeMap<String, f64> = BTreeMap::new();
-        for (l, v) in final_counts.matching(family, &[]) {
-            if family.contains("premature") && l.get("role").map(String::as_str) != Some("client") {
+        for (l, v) in final_counts.matching(q.family, &[]) {
+            if q.client_only && l.get("role").map(String::as_str) != Some("client") {
                 continue;
             }
-            *want.entry(key(l, labels)).or_default() += v;
+            *want.entry(key(l, q.labels)).or_default() += v;
         }
-        p.eq(&format!("`{totals}` at {}", observer_testkit::prometheus::shown(at)), &got, &want);
-        let rates = prom.query(walkthrough, Some(at))?;
-        let rated: Vec<String> = rates.iter().filter(|(_, v)| *v > 0.0).map(|(l, _)| key(l, labels)).collect();
-        let mut rated_sorted = rated.clone();
-        rated_sorted.sort();
+        p.eq(&format!("`{}` at {}", q.totals, observer_testkit::prometheus::shown(at)), &got, &want);
+        let rates = prom.query(q.query, Some(at))?;
+        let mut rated: Vec<String> = rates.iter().filter(|(_, v)| *v > 0.0).map(|(l, _)| key(l, q.labels)).collect();
+        rated.sort();
         let want_keys: Vec<String> = want.keys().cloned().collect();
-        p.eq(&format!("the series with a rate in `{walkthrough}`"), rated_sorted, want_keys);
-        let culprit = rates.iter().all(|(l, _)| {
-            l.get("port") == Some(&backend_port)
-                && l.get("comm").map(String::as_str)
-                    == Some(if family.contains("sent") { BACKEND_COMM } else { NGINX_COMM })
-        });
-        if !culprit {
-            p.push(format!("`{walkthrough}` names someone else than the backend's port {backend_port}: {rates:?}"));
+        p.eq(&format!("the series with a rate in `{}`", q.query), rated, want_keys);
+        if let Some(comm) = q.culprit {
+            let culprit = rates
+                .iter()
+                .all(|(l, _)| l.get("port") == Some(&backend_port) && l.get("comm").map(String::as_str) == Some(comm));
+            if !culprit {
+                p.push(format!("`{}` names someone else than {comm} on port {backend_port}: {rates:?}", q.query));
+            }
         }
     }
     Ok(())
