@@ -429,7 +429,8 @@ fn scrape(o: &mut String, r: &Results) {
         "`GET /metrics` on a new connection, timed from connect to the last byte, every {} ms while `bench-scrape` \
          keeps making graceful connections at {} per second over the same (port, client address) pairs, so events \
          flow and normally add no series. The series are made on purpose: one connection from each of 99 client \
-         addresses to each of P server ports gives 99 P server-side and P client-side series (the daemon's \
+         addresses to each of P server ports gives 99 P server-side and P client-side series in each of the two \
+         families a graceful connection counts in (closes and connections opened), 200 P in all (the daemon's \
          `observer_series` gauge is checked, and shown). Daemon: `{}`.\n",
         s.interval_ms, s.background_rate, s.daemon_command
     );

@@ -2,8 +2,10 @@
 //! while connections keep flowing and being counted.
 //!
 //! The series are made on purpose: one graceful connection from each of C client addresses
-//! (127.1.x.y) to each of P server ports gives P × C server-side `observer_tcp_closes_total`
-//! series (peer = client address) and P client-side ones (peer = 127.0.0.1). The background
+//! (127.1.x.y) to each of P server ports gives P × C server-side series (peer = client address)
+//! and P client-side ones (peer = 127.0.0.1) in each of the two families every graceful
+//! connection counts in, `observer_tcp_closes_total` and `observer_tcp_connections_opened_total`:
+//! 2 × P × (C + 1) series. The background
 //! traffic cycles over the same pairs, so it adds events and, normally, no series. On a busy
 //! loopback the odd connection ends otherwise than gracefully (a SYN retransmitted when the
 //! listen queue overflows, a SYN meeting a TIME_WAIT socket of the same four addresses), which
@@ -24,8 +26,11 @@ use super::{
     worker::{Command, Mark, Worker},
 };
 
-/// Client addresses per port: with one client-side series per port, P × 99 + P = 100 P.
+/// Client addresses per port: with one client-side series per port, P × 99 + P = 100 P per
+/// family.
 const CLIENTS: u16 = 99;
+/// The families a graceful connection counts in: closed, and opened.
+const FAMILIES: u64 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Level {
@@ -72,8 +77,9 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Scrape> {
         .collect::<Vec<_>>();
     let daemon = daemon::start(&setup.observer, &args)?;
     let mut levels = Vec::new();
-    for ports in [10u16, 100] {
-        let series = u64::from(ports) * (u64::from(CLIENTS) + 1);
+    // 1,000 and 10,000 series: the levels the targets name.
+    for ports in [5u16, 50] {
+        let series = FAMILIES * u64::from(ports) * (u64::from(CLIENTS) + 1);
         worker.run(&Command::Series { ports, clients: CLIENTS }, |_| Ok(()))?;
         let settled = daemon.settled()?;
         let gauge = settled.sum("observer_series", &[]);

@@ -129,12 +129,13 @@ impl KernelMemory for ProbeRead {
     }
 }
 
-/// Plain loads, for the BTF tracepoint programs: their socket argument is a BTF-typed `struct
-/// sock *`, and the verifier checks each load at a constant offset (`CONFIG` is frozen, so its
-/// offsets are constants to the verifier) against the member the kernel's BTF has there and turns
-/// it into a fault-safe load: no helper call. Only members of the pointed-to struct can be read
-/// this way, so `tcp_sock` members go through `bpf_skc_to_tcp_sock`, which hands back a
-/// `struct tcp_sock *` (NULL unless `sk` is a full TCP socket).
+/// Plain loads, for BTF-typed pointers: the BTF tracepoint programs' `struct sock *` argument,
+/// the current task from `bpf_get_current_task_btf` (any program, 5.11+), and the struct
+/// pointers loaded from either. The verifier checks each load at a constant offset (`CONFIG` is
+/// frozen, so its offsets are constants to the verifier) against the member the kernel's BTF has
+/// there and turns it into a fault-safe load: no helper call. Only members of the pointed-to
+/// struct can be read this way, so `tcp_sock` members go through `bpf_skc_to_tcp_sock`, which
+/// hands back a `struct tcp_sock *` (NULL unless `sk` is a full TCP socket).
 #[derive(Clone, Copy)]
 pub struct TypedLoad;
 
