@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]`: sets up, builds the release daemon, installs the tools the
+//! `cargo xtask bench [--quick | --cost]`: sets up, builds the release daemon, installs the tools the
 //! churn benchmark compares with, then runs the benchmarks (the `observer-bench` crate) on it.
 use std::{
     path::{Path, PathBuf},
@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub observer: Option<PathBuf>,
     /// Only what each kernel program costs (ns per run and per connection under the churn load,
-    /// every back end and bpftrace; about a minute): printed and written to
+    /// every back end and bpftrace; about two minutes): printed and written to
     /// target/bench/cost.json, BENCHMARKS.md left alone. For working on the kernel programs.
     #[arg(long, conflicts_with = "report_only")]
     pub cost: bool,
