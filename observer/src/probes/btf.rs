@@ -302,11 +302,7 @@ impl KernelBtf {
     /// not a missing fact (the programs read the task through probe reads then), so not
     /// reported.
     fn current_task_btf(&self) -> u32 {
-        self.enum_values("bpf_func_id")
-            .ok()
-            .and_then(|values| values.into_iter().find(|(_, name)| name == "BPF_FUNC_get_current_task_btf"))
-            .and_then(|(value, _)| u32::try_from(value).ok())
-            .unwrap_or(ABSENT)
+        self.enum_value("bpf_func_id", "BPF_FUNC_get_current_task_btf", &mut Vec::new())
     }
 
     /// The value of `variant` in `enum name`, or [`ABSENT`] (reported in `missing`).
