@@ -4,12 +4,13 @@
 //!
 //! * tracepoint records: [`field`], and the endpoints a record names ([`read_tuple`],
 //!   [`read_send_reset_endpoints`]);
-//! * kernel structs: [`kread`], and what the programs and the hooks read through it: a segment's
-//!   endpoints, the socket behind a file descriptor, the current process as owner;
-//! * a socket's own members (its endpoints, the namespace filter, a connection's facts at CLOSE)
-//!   through a [`KernelMemory`]: [`ProbeRead`] (a helper call per read, for any pointer) or, in the
-//!   BTF tracepoint programs, [`TypedLoad`] (plain loads the verifier checks against the kernel's
-//!   BTF, with no helper call).
+//! * kernel structs: [`kread`], for untyped pointers (a segment's headers, the fd array, a file's
+//!   `private_data`);
+//! * a socket's members (its endpoints, the namespace filter, a connection's facts at CLOSE) and
+//!   the current task's (the socket behind a file descriptor, the owner's `comm`) through a
+//!   [`KernelMemory`]: [`ProbeRead`] (a helper call per read, for any pointer) or [`TypedLoad`]
+//!   (plain loads the verifier checks against the kernel's BTF, with no helper call) for the BTF
+//!   tracepoint programs' socket and, on 5.11+, the current task.
 
 use aya_ebpf::{
     helpers::{
