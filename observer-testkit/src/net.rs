@@ -245,6 +245,53 @@ impl NamedNetns {
             crate::process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "cat", "/proc/net/snmp"]))?;
         snmp_tcp(&snmp, counter)
     }
+
+    /// Every `Tcp:` and `TcpExt:` counter of the namespace (`/proc/net/snmp` and
+    /// `/proc/net/netstat`), as `Tcp:OutRsts`, `TcpExt:TCPAbortOnData`, ...: taken before and
+    /// after a test's traffic, [`counter_changes`] says which kernel paths it went through.
+    pub fn tcp_counters(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let text = crate::process::stdout(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.name,
+            "cat",
+            "/proc/net/snmp",
+            "/proc/net/netstat",
+        ]))?;
+        Ok(tcp_counters(&text))
+    }
+}
+
+/// The `Tcp:` and `TcpExt:` counters of `/proc/net/snmp` and `/proc/net/netstat` texts (a line
+/// of names, then a line of values, per group), keyed `Group:Name`.
+pub fn tcp_counters(text: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut counters = std::collections::BTreeMap::new();
+    for group in ["Tcp:", "TcpExt:"] {
+        let mut lines = text.lines().filter(|l| l.starts_with(group));
+        while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()).skip(1) {
+                if let Ok(v) = v.parse() {
+                    counters.insert(format!("{group}{n}"), v);
+                }
+            }
+        }
+    }
+    counters
+}
+
+/// The counters that changed from `before` to `after`, as `Name +N` (for a failure message).
+pub fn counter_changes(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    after
+        .iter()
+        .filter_map(|(name, v)| {
+            let was = before.get(name).copied().unwrap_or(0);
+            (*v != was).then(|| format!("{name} {:+}", *v as i128 - was as i128))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A `Tcp:` counter (`OutRsts`, `ActiveOpens`, `PassiveOpens`, ...) of a `/proc/net/snmp` text:
@@ -295,6 +342,20 @@ mod tests {
         drop(server);
         let mut buf = [0u8; 1];
         assert_eq!(client.read(&mut buf).unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn tcp_counters_of_both_files_and_their_changes() {
+        let snmp = "Ip: Forwarding\nIp: 1\nTcp: RtoAlgorithm OutRsts\nTcp: 1 18\n";
+        let netstat = "TcpExt: SyncookiesSent TCPAbortOnData\nTcpExt: 0 3\nIpExt: InNoRoutes\nIpExt: 0\n";
+        let before = super::tcp_counters(&format!("{snmp}{netstat}"));
+        assert_eq!(before.get("Tcp:OutRsts"), Some(&18));
+        assert_eq!(before.get("TcpExt:TCPAbortOnData"), Some(&3));
+        assert_eq!(before.len(), 4);
+        let mut after = before.clone();
+        after.insert("Tcp:OutRsts".into(), 19);
+        after.insert("TcpExt:TCPAbortOnData".into(), 4);
+        assert_eq!(super::counter_changes(&before, &after), "Tcp:OutRsts +1, TcpExt:TCPAbortOnData +1");
     }
 
     #[test]

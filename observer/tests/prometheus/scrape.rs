@@ -29,8 +29,8 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, Result, anyhow, ensure};
-use observer_testkit::{Daemon, Metrics};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use observer_testkit::{Daemon, Metrics, net::counter_changes};
 use serde_json::Value;
 
 use observer_testkit::{
@@ -133,6 +133,7 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
     let prometheus_bin = tool("prometheus")?;
     tool("promtool")?;
     let netns = NamedNetns::new("prom", "scrape")?;
+    let counters_before = netns.tcp_counters()?;
     let rsts_before = netns.out_rsts()?;
     let opens_before = (netns.tcp_counter("ActiveOpens")?, netns.tcp_counter("PassiveOpens")?);
     let daemon = start_observer(&netns, &["--cri-socket", "none"])?;
@@ -173,11 +174,17 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
 
     let mut p = Problems::default();
     let whole = format!("{}ms", end - first);
-    ensure!(
-        rsts_sent as f64 == total.resets(),
-        "the namespace's kernel sent {rsts_sent} RSTs (Tcp: OutRsts), but the traffic should have made {}",
-        total.resets()
-    );
+    if rsts_sent as f64 != total.resets() {
+        // Which kernel paths the traffic took, and what the daemon saw, say where the extra or
+        // missing RST came from.
+        let changes = counter_changes(&counters_before, &netns.tcp_counters()?);
+        let (_, events) = daemon.get("/api/v1/events?limit=200")?;
+        bail!(
+            "the namespace's kernel sent {rsts_sent} RSTs (Tcp: OutRsts), but the traffic should have made {}; \
+             its TCP counters changed by {changes}; the daemon's events:\n{events}",
+            total.resets()
+        );
+    }
 
     // Totals: the last values, and the peaks over the whole test.
     let at = Some(end);
