@@ -108,6 +108,9 @@ impl Plan {
                 Some(Failure::Cut) => plan.cut += 1,
                 Some(Failure::Silent) => plan.silent += 1,
                 Some(Failure::Abort) => plan.abort += 1,
+                Some(other @ (Failure::Panic | Failure::Truncated | Failure::Chunked)) => {
+                    panic!("{user}: this test places no {other:?} order")
+                }
             }
         }
         plan
