@@ -18,11 +18,13 @@ use super::{
 };
 
 /// `observer`: the default back end (`auto`: BTF tracepoints on kernels that allow them);
-/// `observer-tracepoint`: every hook on the classic tracepoints (`--probes tracepoint`), the
-/// back end before BTF tracepoints, for comparison on the same machine in the same run.
-pub const ARMS: [&str; 5] = ["none", "observer", "observer-tracepoint", "bpftrace", "tcplife"];
+/// `observer-http`: the same with the HTTP capture (`--http`; the load's graceful connections
+/// are HTTP/1.1 exchanges, so every one is captured); `observer-tracepoint`: every hook on the
+/// classic tracepoints (`--probes tracepoint`), the back end before BTF tracepoints, for
+/// comparison on the same machine in the same run.
+pub const ARMS: [&str; 6] = ["none", "observer", "observer-http", "observer-tracepoint", "bpftrace", "tcplife"];
 /// The arms compared with the baseline.
-const TOOLS: [&str; 4] = ["observer", "observer-tracepoint", "bpftrace", "tcplife"];
+const TOOLS: [&str; 5] = ["observer", "observer-http", "observer-tracepoint", "bpftrace", "tcplife"];
 
 /// The load generator's name in this benchmark (its `comm`).
 const LOAD: &str = "bench-churn";
@@ -151,7 +153,7 @@ impl Watcher {
 fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun> {
     let mut worker = Worker::spawn(LOAD)?;
     let watcher = match arm {
-        "observer" | "observer-tracepoint" => {
+        "observer" | "observer-http" | "observer-tracepoint" => {
             Watcher::Observer(daemon::start(&setup.observer, &observer_args(arm, &worker.netns.display().to_string()))?)
         }
         "bpftrace" => Watcher::Tool(Tool::bpftrace()?),
@@ -225,11 +227,14 @@ fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun
     })
 }
 
-/// The daemon's arguments in arm `arm` (`observer`, `observer-tracepoint`), watching `netns`.
+/// The daemon's arguments in arm `arm` (`observer`, `observer-http`, `observer-tracepoint`),
+/// watching `netns`.
 pub fn observer_args(arm: &str, netns: &str) -> Vec<String> {
     let mut args = vec!["--netns".to_string(), netns.to_string()];
-    if arm == "observer-tracepoint" {
-        args.extend(["--probes".to_string(), "tracepoint".to_string()]);
+    match arm {
+        "observer-tracepoint" => args.extend(["--probes".to_string(), "tracepoint".to_string()]),
+        "observer-http" => args.push("--http".to_string()),
+        _ => {}
     }
     args
 }

@@ -257,6 +257,59 @@ impl BtfArgs {
 /// The argument positions the BTF `tcp_send_reset` program can read a reason from.
 pub const BTF_REASON_ARGS: [u32; 1] = [2];
 
+/// What the HTTP capture programs (`--http`) need to find the application's buffer: where the
+/// current task's syscall number and arguments sit in its `struct pt_regs` (BTF; x86_64 only so
+/// far), the members of the user-space structs an argument may point to (BTF), and the numbers
+/// of the syscalls whose buffer they read (the architecture's syscall ABI). Any other way into
+/// `sock_sendmsg`/`sock_recvmsg` (sendfile, splice, io_uring, `sendmmsg`) is counted but not
+/// captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadConfig {
+    /// `pt_regs.orig_ax`: the syscall number.
+    pub regs_syscall: u32,
+    /// `pt_regs.si`: the second argument (the buffer, the iovec array or the msghdr).
+    pub regs_arg1: u32,
+    /// `pt_regs.dx`: the third argument (the iovec count of `readv`/`writev`).
+    pub regs_arg2: u32,
+    /// `iovec.iov_base`, `iovec.iov_len`, and `sizeof(struct iovec)`.
+    pub iovec_base: u32,
+    pub iovec_len: u32,
+    pub iovec_size: u32,
+    /// `user_msghdr.msg_iov`, `user_msghdr.msg_iovlen`.
+    pub msghdr_iov: u32,
+    pub msghdr_iovlen: u32,
+    pub nr_read: u32,
+    pub nr_write: u32,
+    pub nr_readv: u32,
+    pub nr_writev: u32,
+    pub nr_recvfrom: u32,
+    pub nr_sendto: u32,
+    pub nr_recvmsg: u32,
+    pub nr_sendmsg: u32,
+}
+
+impl PayloadConfig {
+    pub const ABSENT: Self = Self {
+        regs_syscall: ABSENT,
+        regs_arg1: ABSENT,
+        regs_arg2: ABSENT,
+        iovec_base: ABSENT,
+        iovec_len: ABSENT,
+        iovec_size: ABSENT,
+        msghdr_iov: ABSENT,
+        msghdr_iovlen: ABSENT,
+        nr_read: ABSENT,
+        nr_write: ABSENT,
+        nr_readv: ABSENT,
+        nr_writev: ABSENT,
+        nr_recvfrom: ABSENT,
+        nr_sendto: ABSENT,
+        nr_recvmsg: ABSENT,
+        nr_sendmsg: ABSENT,
+    };
+}
+
 /// Everything the kernel programs need to know about the running kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,6 +327,7 @@ pub struct ProbeConfig {
     pub kernel: KernelOffsets,
     pub kprobe: KprobeArgs,
     pub btf: BtfArgs,
+    pub payload: PayloadConfig,
 }
 
 impl ProbeConfig {
@@ -302,6 +356,7 @@ impl ProbeConfig {
         kernel: KernelOffsets::ABSENT,
         kprobe: KprobeArgs::ABSENT,
         btf: BtfArgs::ABSENT,
+        payload: PayloadConfig::ABSENT,
     };
 }
 
@@ -332,6 +387,7 @@ mod tests {
         assert_eq!(size_of::<KernelOffsets>(), 44 * 4);
         assert_eq!(size_of::<KprobeArgs>(), 3 * 4);
         assert_eq!(size_of::<BtfArgs>(), 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 44 + 3 + 1) * 4);
+        assert_eq!(size_of::<PayloadConfig>(), 16 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 44 + 3 + 1 + 16) * 4);
     }
 }

@@ -1,6 +1,7 @@
-//! The event layouts: the one record that crosses the ring buffer, a [`SocketEvent`] with a
-//! stable numeric kind, and what it is made of ([`Endpoints`], [`Owner`], [`ConnectionFacts`],
-//! [`flags`], [`tcp_state`]), plus [`SocketInfo`], the per-socket map value the daemon reads too.
+//! The event layouts: the records that cross the ring buffer, each starting with a stable numeric
+//! kind: a [`SocketEvent`] and what it is made of ([`Endpoints`], [`Owner`], [`ConnectionFacts`],
+//! [`PayloadFacts`], [`flags`], [`tcp_state`]), and, with `--http`, a [`MessageHead`]; plus
+//! [`SocketInfo`], the per-socket map value the daemon reads too.
 //! Which program emitted an event (`SocketEvent::probe`) is a [`ProbeId`](crate::probe::ProbeId).
 
 /// Linux TCP states (`include/net/tcp_states.h`); stable kernel ABI.
@@ -39,6 +40,10 @@ pub enum EventKind {
     /// A connection was opened: a `connect()` began (client, at CLOSE→SYN_SENT, whether or not
     /// it succeeds) or `accept()` returned it (server). Once per connection, with its owner.
     ConnectionOpened = 4,
+    /// `--http`: the application sent or received a chunk of a tracked connection's byte stream
+    /// that begins like an HTTP/1.x message (a request method or `HTTP/1.`). A [`MessageHead`],
+    /// not a [`SocketEvent`].
+    MessageHead = 5,
 }
 
 impl EventKind {
@@ -48,6 +53,7 @@ impl EventKind {
             2 => Some(Self::ResetSent),
             3 => Some(Self::ConnectionClosed),
             4 => Some(Self::ConnectionOpened),
+            5 => Some(Self::MessageHead),
             _ => None,
         }
     }
@@ -135,6 +141,96 @@ impl ConnectionFacts {
     }
 }
 
+/// What the HTTP capture (`--http`) follows of a connection's byte streams: the application's
+/// sends and receives, counted where they return. Zero without `--http`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PayloadFacts {
+    /// Bytes the application handed to `send()`/`write()` (and friends) that the kernel took.
+    pub sent: u64,
+    /// Bytes the application read (`recv()`/`read()` and friends; `MSG_PEEK` excluded).
+    pub received: u64,
+    /// `bpf_ktime_get_ns()` of the last send or receive.
+    pub last_data_ns: u64,
+    /// The last 8 bytes sent and received, oldest first (zero-filled while fewer crossed): a
+    /// chunked body's last chunk (`0\r\n\r\n`) is at the end of its stream.
+    pub tail_sent: [u8; 8],
+    pub tail_received: [u8; 8],
+    /// A [`payload_protocol`] value: what the first bytes looked like.
+    pub protocol: u8,
+    pub _pad: [u8; 7],
+}
+
+/// [`PayloadFacts::protocol`]: decided once per connection, by its first captured bytes.
+pub mod payload_protocol {
+    /// Nothing captured yet.
+    pub const UNKNOWN: u8 = 0;
+    /// The first bytes were an HTTP/1.x request or status line: heads are captured.
+    pub const HTTP: u8 = 1;
+    /// Anything else, or a connection whose start was not seen: ignored from then on.
+    pub const OTHER: u8 = 2;
+}
+
+/// Bytes of a chunk a [`MessageHead`] carries at most: enough for a request or status line and
+/// the framing headers of most messages.
+pub const HEAD_CAPTURE: usize = 512;
+
+/// [`MessageHead::direction`].
+pub mod direction {
+    /// The socket's application sent the chunk.
+    pub const SENT: u8 = 1;
+    /// The socket's application received it.
+    pub const RECEIVED: u8 = 2;
+}
+
+/// `--http`: the first bytes of a send or receive that begins like an HTTP/1.x message, with
+/// where it sits in its direction's byte stream. 552 bytes, 8-aligned, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageHead {
+    /// [`EventKind::MessageHead`] as u16.
+    pub kind: u16,
+    /// [`ProbeId`](crate::probe::ProbeId) of the program that emitted it.
+    pub probe: u16,
+    /// A [`direction`] value.
+    pub direction: u8,
+    /// 1: the chunk does not begin a message but continues the head of the one before, within
+    /// its first `HEAD_CAPTURE` bytes (an application that reads a little at a time); 0: it
+    /// begins a message.
+    pub continuation: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns()` at the send or receive.
+    pub timestamp_ns: u64,
+    /// Kernel address of the socket.
+    pub sk: u64,
+    /// Offset of the chunk's first byte in its direction's stream (bytes before it).
+    pub offset: u64,
+    /// Bytes the call moved.
+    pub len: u32,
+    /// Bytes of `head` filled: `min(len, HEAD_CAPTURE)`, or less where the buffer was in pieces
+    /// (the first piece of a `writev`/`sendmsg`) or unreadable.
+    pub captured: u32,
+    pub head: [u8; HEAD_CAPTURE],
+}
+
+impl Default for MessageHead {
+    fn default() -> Self {
+        Self {
+            kind: 0,
+            probe: 0,
+            direction: 0,
+            continuation: 0,
+            _pad: [0; 2],
+            timestamp_ns: 0,
+            sk: 0,
+            offset: 0,
+            len: 0,
+            captured: 0,
+            head: [0; HEAD_CAPTURE],
+        }
+    }
+}
+
 /// What the kernel side keeps per socket (the `SOCKETS` map value). Shared because the daemon
 /// reads the map to count open connections by state (`observer_tcp_connections`).
 #[repr(C)]
@@ -167,6 +263,11 @@ pub struct SocketInfo {
     pub state_since_ns: u64,
     /// Read at CLOSE.
     pub facts: ConnectionFacts,
+    /// `--http`: followed at every send and receive.
+    pub payload: PayloadFacts,
+    /// `--http`: per direction (sent, received), the stream offset up to which chunks continue
+    /// the head of the last message begun: `HEAD_CAPTURE` bytes past its start.
+    pub head_until: [u64; 2],
 }
 
 /// Bits of [`SocketEvent::flags`].
@@ -184,7 +285,7 @@ pub mod flags {
 /// `reason` value when the kernel gave none (kernels before 6.10 have no reason field).
 pub const REASON_NONE: u32 = u32::MAX;
 
-/// One event, as written to the ring buffer. 160 bytes, 8-aligned, no implicit padding.
+/// One event, as written to the ring buffer. 208 bytes, 8-aligned, no implicit padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketEvent {
@@ -214,6 +315,8 @@ pub struct SocketEvent {
     pub sk_err: u32,
     pub _pad: u32,
     pub facts: ConnectionFacts,
+    /// With `ConnectionClosed`, under `--http`; zero otherwise.
+    pub payload: PayloadFacts,
 }
 
 #[cfg(feature = "user")]
@@ -223,6 +326,8 @@ mod pod {
     unsafe impl aya::Pod for super::Owner {}
     unsafe impl aya::Pod for super::ConnectionFacts {}
     unsafe impl aya::Pod for super::SocketInfo {}
+    unsafe impl aya::Pod for super::PayloadFacts {}
+    unsafe impl aya::Pod for super::MessageHead {}
 }
 
 #[cfg(test)]
@@ -246,8 +351,21 @@ mod tests {
         assert_eq!(offset_of!(SocketEvent, unread_bytes), 100);
         assert_eq!(offset_of!(SocketEvent, sk_err), 104);
         assert_eq!(offset_of!(SocketEvent, facts), 112);
-        assert_eq!(size_of::<SocketEvent>(), 160);
+        assert_eq!(size_of::<PayloadFacts>(), 48);
+        assert_eq!(offset_of!(PayloadFacts, protocol), 40);
+        assert_eq!(offset_of!(SocketEvent, payload), 160);
+        assert_eq!(size_of::<SocketEvent>(), 208);
         assert_eq!(align_of::<SocketEvent>(), 8);
+    }
+
+    #[test]
+    fn message_head_layout_has_no_implicit_padding() {
+        assert_eq!(offset_of!(MessageHead, timestamp_ns), 8);
+        assert_eq!(offset_of!(MessageHead, offset), 24);
+        assert_eq!(offset_of!(MessageHead, captured), 36);
+        assert_eq!(offset_of!(MessageHead, head), 40);
+        assert_eq!(size_of::<MessageHead>(), 40 + HEAD_CAPTURE);
+        assert_eq!(align_of::<MessageHead>(), 8);
     }
 
     #[test]
@@ -257,14 +375,19 @@ mod tests {
         assert_eq!(offset_of!(SocketInfo, reason), 80);
         assert_eq!(offset_of!(SocketInfo, start_ns), 96);
         assert_eq!(offset_of!(SocketInfo, facts), 112);
-        assert_eq!(size_of::<SocketInfo>(), 160);
+        assert_eq!(offset_of!(SocketInfo, payload), 160);
+        assert_eq!(size_of::<SocketInfo>(), 224);
     }
 
     #[test]
     fn event_kinds_round_trip() {
-        for kind in
-            [EventKind::ResetReceived, EventKind::ResetSent, EventKind::ConnectionClosed, EventKind::ConnectionOpened]
-        {
+        for kind in [
+            EventKind::ResetReceived,
+            EventKind::ResetSent,
+            EventKind::ConnectionClosed,
+            EventKind::ConnectionOpened,
+            EventKind::MessageHead,
+        ] {
             assert_eq!(EventKind::from_u16(kind as u16), Some(kind));
         }
         assert_eq!(EventKind::from_u16(0), None);

@@ -37,6 +37,10 @@ pub enum ProbeId {
     BtfTcpSendReset = 15,
     /// tp_btf `tcp_destroy_sock(sk)`.
     BtfTcpDestroySock = 16,
+    /// tp_btf `sock_send_length(sk, ret, flags)` (`--http`).
+    BtfSockSendLength = 17,
+    /// tp_btf `sock_recv_length(sk, ret, flags)` (`--http`).
+    BtfSockRecvLength = 18,
 }
 
 /// The logical hooks the kernel programs need; each is served by one back end at a time.
@@ -52,9 +56,13 @@ pub enum Hook {
     Destroy,
     /// `accept()` returned a socket in its owner's context.
     Accept,
+    /// `--http`: the application's sends and receives, for the heads of HTTP/1.x messages.
+    /// Not in [`Hook::ALL`]: attached only when asked for.
+    HttpCapture,
 }
 
 impl Hook {
+    /// The hooks every daemon attaches.
     pub const ALL: [Hook; 5] = [Self::SetState, Self::ReceiveReset, Self::SendReset, Self::Destroy, Self::Accept];
 
     pub const fn name(self) -> &'static str {
@@ -64,6 +72,7 @@ impl Hook {
             Self::SendReset => "send_reset",
             Self::Destroy => "destroy",
             Self::Accept => "accept",
+            Self::HttpCapture => "http_capture",
         }
     }
 }
@@ -116,7 +125,7 @@ impl AttachPoint {
 }
 
 impl ProbeId {
-    pub const ALL: [ProbeId; 17] = [
+    pub const ALL: [ProbeId; 19] = [
         Self::InetSockSetState,
         Self::TcpReceiveReset,
         Self::TcpSendReset,
@@ -134,6 +143,8 @@ impl ProbeId {
         Self::BtfTcpReceiveReset,
         Self::BtfTcpSendReset,
         Self::BtfTcpDestroySock,
+        Self::BtfSockSendLength,
+        Self::BtfSockRecvLength,
     ];
 
     pub const fn from_u16(v: u16) -> Option<Self> {
@@ -155,6 +166,8 @@ impl ProbeId {
             14 => Some(Self::BtfTcpReceiveReset),
             15 => Some(Self::BtfTcpSendReset),
             16 => Some(Self::BtfTcpDestroySock),
+            17 => Some(Self::BtfSockSendLength),
+            18 => Some(Self::BtfSockRecvLength),
             _ => None,
         }
     }
@@ -179,6 +192,8 @@ impl ProbeId {
             Self::BtfTcpReceiveReset => "btf_tcp_receive_reset",
             Self::BtfTcpSendReset => "btf_tcp_send_reset",
             Self::BtfTcpDestroySock => "btf_tcp_destroy_sock",
+            Self::BtfSockSendLength => "btf_sock_send_length",
+            Self::BtfSockRecvLength => "btf_sock_recv_length",
         }
     }
 
@@ -202,6 +217,8 @@ impl ProbeId {
             Self::BtfTcpReceiveReset => AttachPoint::BtfTracepoint("tcp_receive_reset"),
             Self::BtfTcpSendReset => AttachPoint::BtfTracepoint("tcp_send_reset"),
             Self::BtfTcpDestroySock => AttachPoint::BtfTracepoint("tcp_destroy_sock"),
+            Self::BtfSockSendLength => AttachPoint::BtfTracepoint("sock_send_length"),
+            Self::BtfSockRecvLength => AttachPoint::BtfTracepoint("sock_recv_length"),
         }
     }
 
@@ -225,6 +242,7 @@ impl ProbeId {
             | Self::BtfTcpSendReset => Hook::SendReset,
             Self::TcpDestroySock | Self::TcpV4DestroySock | Self::BtfTcpDestroySock => Hook::Destroy,
             Self::SysExitAccept4 | Self::SysExitAccept | Self::InetCskAccept => Hook::Accept,
+            Self::BtfSockSendLength | Self::BtfSockRecvLength => Hook::HttpCapture,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! socket we do not track, is written by `hooks::on_reset_sent` the same way.)
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use observer_common::{ConnectionFacts, EventKind, ProbeId, SocketEvent, SocketInfo, counter};
+use observer_common::{ConnectionFacts, EventKind, PayloadFacts, ProbeId, SocketEvent, SocketInfo, counter};
 
 use crate::maps::{EVENTS, bump};
 
@@ -32,7 +32,9 @@ pub fn emit(kind: EventKind, probe: ProbeId, sk: u64, state: u8, info: &SocketIn
         (*ev).unread_bytes = info.unread_bytes;
         (*ev).sk_err = info.sk_err;
         (*ev)._pad = 0;
-        (*ev).facts = if kind == EventKind::ConnectionClosed { info.facts } else { ConnectionFacts::default() };
+        let closed = kind == EventKind::ConnectionClosed;
+        (*ev).facts = if closed { info.facts } else { ConnectionFacts::default() };
+        (*ev).payload = if closed { info.payload } else { PayloadFacts::default() };
     }
     entry.submit(0);
 }

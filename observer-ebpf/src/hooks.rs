@@ -21,7 +21,9 @@
 //! destroy when no reset follows (graceful close).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use observer_common::{Endpoints, EventKind, ProbeId, Role, SocketEvent, SocketInfo, counter, flags, tcp_state};
+use observer_common::{
+    Endpoints, EventKind, ProbeId, Role, SocketEvent, SocketInfo, counter, flags, payload_protocol, tcp_state,
+};
 
 use crate::{
     emit::{emit, emit_close},
@@ -110,7 +112,11 @@ pub fn on_state_change(
             read_close(m, sk, info, now);
             // A received reset or an error is the whole story. Otherwise the kernel may still
             // send an RST for this close (unread data, SO_LINGER 0): wait for it or for destroy.
-            if info.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0 || info.sk_err != 0 {
+            // An HTTP connection (`--http`) waits for the end of the send or receive in which
+            // this happened, or for destroy (`payload::on_payload`).
+            if (info.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) != 0 || info.sk_err != 0)
+                && info.payload.protocol != payload_protocol::HTTP
+            {
                 emit_close(probe, sk, info);
             }
         }

@@ -12,6 +12,7 @@
 //! | send_reset | `tp_btf/tcp_send_reset` | `tcp:tcp_send_reset` | `tcp_send_active_reset`, `tcp_v4_send_reset`, `tcp_v6_send_reset` | [`hooks::on_reset_sent`] |
 //! | destroy | `tp_btf/tcp_destroy_sock` | `tcp:tcp_destroy_sock` | `tcp_v4_destroy_sock(sk)` | [`hooks::on_destroy`] |
 //! | accept | (the syscall tracepoints) | `syscalls:sys_exit_accept{,4}` | kretprobe `inet_csk_accept` | [`hooks::on_accept`] |
+//! | http_capture (`--http`) | `tp_btf/sock_send_length`, `tp_btf/sock_recv_length` | | | [`payload::on_payload`] |
 //!
 //! The modules, in the order an event passes them:
 //!
@@ -25,7 +26,7 @@
 //!    against BTF in the BTF tracepoint programs (their `struct sock *` is typed), a
 //!    `bpf_probe_read_kernel` per read elsewhere.
 //! 3. [`hooks`]: the logic both back ends share, one `on_*` function per hook; it decides what
-//!    to remember and what to report.
+//!    to remember and what to report. [`payload`]: the HTTP capture's (`--http`).
 //! 4. [`socket`]: the per-socket state (`SocketInfo` in `SOCKETS`): lookup, creation, adoption of
 //!    a start-up seed from `SEEDS`, the state it follows.
 //! 5. [`emit`]: writes a tracked socket's `SocketEvent` into the ring buffer (`on_reset_sent`
@@ -43,6 +44,7 @@ mod emit;
 mod hooks;
 mod kprobe;
 mod maps;
+mod payload;
 mod read;
 mod socket;
 mod tracepoint;

@@ -7,13 +7,17 @@
 //! position of `tcp_send_reset`'s `reason` from its `btf_trace_tcp_send_reset` prototype. Then
 //! the shared logic in `hooks`. The program names are the `ProbeId` names the daemon loads them
 //! by. There is no BTF tracepoint for `accept()`: that hook keeps the syscall tracepoints.
+//!
+//! With `--http`, two more: `sock_send_length` and `sock_recv_length`, the application's sends
+//! and receives, for `payload`.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use observer_common::{ProbeId, REASON_NONE, tcp_state};
+use observer_common::{ProbeId, REASON_NONE, direction, tcp_state};
 
 use crate::{
     hooks::{on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
+    payload::on_payload,
     read::{KernelMemory, TypedLoad, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
 };
 
@@ -82,5 +86,27 @@ pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
     on_destroy(ProbeId::BtfTcpDestroySock, ptr_arg(&ctx, 0));
+    0
+}
+
+/// `sock_send_length(sk, ret, flags)`: `sock_sendmsg()` returned `ret` for `sk`, in the sender's
+/// context.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn btf_sock_send_length(ctx: BtfTracePointContext) -> i32 {
+    let sk = ptr_arg(&ctx, 0);
+    if sk != 0 {
+        on_payload(ProbeId::BtfSockSendLength, direction::SENT, sk, ctx.arg::<i32>(1), ctx.arg::<i32>(2));
+    }
+    0
+}
+
+/// `sock_recv_length(sk, ret, flags)`: `sock_recvmsg()` returned `ret` for `sk`, in the
+/// receiver's context.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn btf_sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    let sk = ptr_arg(&ctx, 0);
+    if sk != 0 {
+        on_payload(ProbeId::BtfSockRecvLength, direction::RECEIVED, sk, ctx.arg::<i32>(1), ctx.arg::<i32>(2));
+    }
     0
 }

@@ -17,7 +17,7 @@ use observer::{
     attribution::Attribution,
     classify::classify,
     container::CgroupResolver,
-    decode::decode,
+    decode::{Record, decode},
     exposition,
     pipeline::Pipeline,
     reasons::ResetReasons,
@@ -100,7 +100,7 @@ fn per_event(c: &mut Criterion) {
     group.throughput(Throughput::Elements(records.len() as u64));
     group.bench_function("pipeline", |b| {
         let state = Arc::new(DaemonState::new("bench".into(), Limits::default(), Default::default()));
-        let pipeline = Pipeline::new(reasons(), attribution(), state);
+        let mut pipeline = Pipeline::new(reasons(), attribution(), state);
         b.iter(|| {
             for r in &records {
                 pipeline.handle(black_box(r));
@@ -112,8 +112,8 @@ fn per_event(c: &mut Criterion) {
         let mut aggregator = Aggregator::with_limits(Limits::default());
         b.iter(|| {
             for r in &records {
-                let Ok(event) = decode(black_box(r)) else { continue };
-                let outcome = classify(&event, &reasons);
+                let Ok(Record::Event(event)) = decode(black_box(r)) else { continue };
+                let outcome = classify(&event, &reasons, None);
                 let attributed = attribution.attribute(&event);
                 aggregator.count(outcome, attributed.key, &event.raw.facts);
             }
@@ -127,7 +127,7 @@ fn scrape(c: &mut Criterion) {
     let mut group = c.benchmark_group("render_metrics");
     for series in [1_000u32, 10_000] {
         let state = Arc::new(DaemonState::new("bench".into(), Limits::default(), Default::default()));
-        let pipeline = Pipeline::new(reasons(), attribution(), state.clone());
+        let mut pipeline = Pipeline::new(reasons(), attribution(), state.clone());
         // Graceful closes only, one series each: 50 peers (the default --max-peers) per port.
         for i in 0..series {
             pipeline.handle(&record(i, 3, i % 50, i / 50));

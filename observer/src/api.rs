@@ -169,8 +169,42 @@ pub struct EventRecord {
     pub remote: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<Facts>,
+    /// `--http`: where in the HTTP/1.x exchange a `closed` connection ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpExchange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<Cause>,
+}
+
+/// Where in its HTTP/1.x exchange a connection ended (`--http`), from this end's view.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HttpExchange {
+    /// `no_request`, `in_request`, `awaiting_response`, `in_response_headers`,
+    /// `in_response_body`, `idle_keepalive` or `complete`.
+    pub stage: String,
+    /// `client` (this end sent the requests) or `server`.
+    pub side: String,
+    /// Requests seen on the connection.
+    pub requests: u32,
+    /// The last request's method and path (at most 64 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The last final response's status code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `in_response_body` / `in_request`: the body's `Content-Length`, and the body bytes that
+    /// crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_body_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transferred_body_bytes: Option<u64>,
+    /// `idle_keepalive` while truly idle: how long since the last byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_seconds: Option<f64>,
+    /// `ended in the 200 response to GET /orders: received 8 of 100 body bytes`.
+    pub summary: String,
 }
 
 /// Per-connection facts of a `closed` record.

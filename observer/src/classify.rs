@@ -1,12 +1,18 @@
-//! How a connection ended: the decision from an event's facts to an [`Outcome`].
+//! How a connection ended: the decision from an event's facts (and, with `--http`, the HTTP/1.x
+//! exchange's [`Verdict`]) to an [`Outcome`].
 
 use observer_common::{EventKind, Role, SocketEvent, flags, tcp_state};
 
-use crate::{decode::Event, reasons::ResetReasons};
+use crate::{
+    decode::Event,
+    exchange::{Stage, Verdict},
+    reasons::ResetReasons,
+};
 
 /// Ways a connection ends prematurely, mutually exclusive. When several facts hold, the first
-/// listed wins: `Refused` > `ConnectTimeout` > `PeerReset` > `Timeout` > `UnreadData` >
-/// `LocalReset` > `EofBeforeResponse` > `Abandoned` (README "How a connection ended").
+/// listed wins: `Refused` > `ConnectTimeout` > `TruncatedResponse` > `PeerReset` > `Timeout` >
+/// `UnreadData` > `LocalReset` > `EofBeforeResponse` > `Abandoned` (README "How a connection
+/// ended").
 /// The discriminants are stable: they key aggregated series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -30,12 +36,17 @@ pub enum PrematureClose {
     Timeout = 7,
     /// SYN retries exhausted: `connect()` gave `ETIMEDOUT`.
     ConnectTimeout = 8,
+    /// `--http`: the connection ended (FIN or RST) while an HTTP/1.x response was incomplete by
+    /// its own framing: headers unfinished, fewer body bytes than its `Content-Length`, or a
+    /// chunked body without its last chunk. Both ends get it: the sender and the receiver.
+    TruncatedResponse = 9,
 }
 
 impl PrematureClose {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Refused,
         Self::ConnectTimeout,
+        Self::TruncatedResponse,
         Self::PeerReset,
         Self::Timeout,
         Self::UnreadData,
@@ -54,6 +65,7 @@ impl PrematureClose {
             6 => Some(Self::Abandoned),
             7 => Some(Self::Timeout),
             8 => Some(Self::ConnectTimeout),
+            9 => Some(Self::TruncatedResponse),
             _ => None,
         }
     }
@@ -69,6 +81,7 @@ impl PrematureClose {
             Self::Abandoned => "abandoned",
             Self::Timeout => "timeout",
             Self::ConnectTimeout => "connect_timeout",
+            Self::TruncatedResponse => "truncated_response",
         }
     }
 }
@@ -90,19 +103,31 @@ pub enum Outcome {
 /// `ETIMEDOUT` as the kernel stores it in `sk_err` (positive).
 const ETIMEDOUT: u32 = libc::ETIMEDOUT as u32;
 
-pub fn classify(event: &Event, reasons: &ResetReasons) -> Outcome {
+/// What `event` means; `http` is the exchange's verdict for a closed connection (`--http`).
+/// `MessageHead` records are not events: they never reach here (see `pipeline`).
+pub fn classify(event: &Event, reasons: &ResetReasons, http: Option<&Verdict>) -> Outcome {
     let raw = &event.raw;
     match event.kind {
         EventKind::ResetReceived => Outcome::ResetReceived,
         EventKind::ResetSent => Outcome::ResetSent { reason: raw.reason },
-        EventKind::ConnectionClosed => Outcome::Closed { premature: premature(raw, reasons) },
+        EventKind::ConnectionClosed | EventKind::MessageHead => {
+            Outcome::Closed { premature: premature(raw, reasons, http) }
+        }
         EventKind::ConnectionOpened => Outcome::Opened,
     }
 }
 
+/// With the HTTP verdict: a request was outstanding when the connection ended (sent and not
+/// answered on the client's side, received and not answered on the server's), on its first
+/// exchange or on a reused connection (`idle_keepalive` without an idle time: the keep-alive
+/// race).
+fn request_outstanding(http: Option<&Verdict>) -> bool {
+    http.is_some_and(|v| v.stage == Stage::AwaitingResponse || (v.stage == Stage::IdleKeepalive && v.idle_ns.is_none()))
+}
+
 /// How a closed connection ended, in precedence order. `raw.state` is the state it left for
 /// CLOSE.
-fn premature(raw: &SocketEvent, reasons: &ResetReasons) -> Option<PrematureClose> {
+fn premature(raw: &SocketEvent, reasons: &ResetReasons, http: Option<&Verdict>) -> Option<PrematureClose> {
     let reset_received = raw.flags & flags::RESET_RECEIVED != 0;
     let reset_sent = raw.flags & flags::RESET_SENT != 0;
     let timed_out = raw.sk_err == ETIMEDOUT && !reset_received;
@@ -115,6 +140,8 @@ fn premature(raw: &SocketEvent, reasons: &ResetReasons) -> Option<PrematureClose
         Some(PrematureClose::Refused)
     } else if timed_out && raw.state == tcp_state::SYN_SENT {
         Some(PrematureClose::ConnectTimeout)
+    } else if http.is_some_and(|v| v.stage.truncated_response()) {
+        Some(PrematureClose::TruncatedResponse)
     } else if reset_received {
         Some(PrematureClose::PeerReset)
     } else if timed_out {
@@ -132,9 +159,17 @@ fn premature(raw: &SocketEvent, reasons: &ResetReasons) -> Option<PrematureClose
     } else if !peer_closed_first {
         None
     } else {
+        // The HTTP verdict sees past the first exchange: a request outstanding on a reused
+        // connection is the same story as on a new one.
+        let outstanding = request_outstanding(http);
+        let client_side = http.map(|v| v.client_side);
         match Role::from_u8(raw.role) {
-            Role::Client if sent_payload && !received_payload => Some(PrematureClose::EofBeforeResponse),
-            Role::Server if received_payload && !sent_payload => Some(PrematureClose::Abandoned),
+            Role::Client if (sent_payload && !received_payload) || (outstanding && client_side == Some(true)) => {
+                Some(PrematureClose::EofBeforeResponse)
+            }
+            Role::Server if (received_payload && !sent_payload) || (outstanding && client_side == Some(false)) => {
+                Some(PrematureClose::Abandoned)
+            }
             _ => None,
         }
     }
@@ -162,7 +197,11 @@ mod tests {
     }
 
     fn kind(ev: &Event) -> Option<PrematureClose> {
-        match classify(ev, &reasons()) {
+        kind_with(ev, None)
+    }
+
+    fn kind_with(ev: &Event, http: Option<&Verdict>) -> Option<PrematureClose> {
+        match classify(ev, &reasons(), http) {
             Outcome::Closed { premature } => premature,
             other => panic!("not a close: {other:?}"),
         }
@@ -296,7 +335,7 @@ mod tests {
             assert!(labels.insert(k.label()));
         }
         assert_eq!(PrematureClose::from_index(0), None);
-        assert_eq!(PrematureClose::from_index(9), None);
+        assert_eq!(PrematureClose::from_index(10), None);
     }
 
     #[test]
@@ -306,6 +345,63 @@ mod tests {
             probe: ProbeId::TcpSendReset,
             raw: SocketEvent { reason: 14, ..Default::default() },
         };
-        assert_eq!(classify(&ev, &reasons()), Outcome::ResetSent { reason: 14 });
+        assert_eq!(classify(&ev, &reasons(), None), Outcome::ResetSent { reason: 14 });
+    }
+
+    fn verdict(stage: Stage, client_side: bool, idle_ns: Option<u64>) -> Verdict {
+        Verdict {
+            stage,
+            client_side,
+            requests: 3,
+            method: Some("POST".into()),
+            path: Some("/order".into()),
+            status: Some(200),
+            declared_body: None,
+            transferred_body: None,
+            idle_ns,
+        }
+    }
+
+    #[test]
+    fn a_truncated_response_wins_over_the_reset_that_cut_it_on_both_ends() {
+        let cut = verdict(Stage::InResponseHeaders, true, None);
+        let mut receiver = ended(Role::Client, &[SYN_SENT, ESTABLISHED], 1, 1, 0, ESTABLISHED);
+        receiver.raw.flags = flags::RESET_RECEIVED;
+        receiver.raw.reset_state = ESTABLISHED;
+        assert_eq!(kind_with(&receiver, Some(&cut)), Some(PrematureClose::TruncatedResponse));
+        assert_eq!(kind(&receiver), Some(PrematureClose::PeerReset));
+        let mut sender = ended(Role::Server, &[ESTABLISHED], 1, 1, 0, ESTABLISHED);
+        sender.raw.flags = flags::RESET_SENT;
+        let body = verdict(Stage::InResponseBody, false, None);
+        assert_eq!(kind_with(&sender, Some(&body)), Some(PrematureClose::TruncatedResponse));
+        // A FIN after part of the body: no TCP-level kind at all without the verdict.
+        let fin = ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT, LAST_ACK], 2, 1, 0, LAST_ACK);
+        assert_eq!(kind(&fin), None);
+        assert_eq!(
+            kind_with(&fin, Some(&verdict(Stage::InResponseBody, true, None))),
+            Some(PrematureClose::TruncatedResponse)
+        );
+        // A refused connect is still refused.
+        let refused = closed(flags::RESET_RECEIVED, SYN_SENT, SYN_SENT, REASON_NONE, 0);
+        assert_eq!(kind_with(&refused, Some(&cut)), Some(PrematureClose::Refused));
+    }
+
+    #[test]
+    fn the_keepalive_race_is_eof_before_response_on_a_reused_connection() {
+        // Earlier responses arrived, so the TCP facts alone see a normal close.
+        let reused = ended(Role::Client, &[SYN_SENT, ESTABLISHED, CLOSE_WAIT, LAST_ACK], 4, 3, 0, LAST_ACK);
+        assert_eq!(kind(&reused), None);
+        let race = verdict(Stage::IdleKeepalive, true, None);
+        assert_eq!(kind_with(&reused, Some(&race)), Some(PrematureClose::EofBeforeResponse));
+        // Closed while truly idle (an idle time): normal.
+        let idle = verdict(Stage::IdleKeepalive, true, Some(5_000_000_000));
+        assert_eq!(kind_with(&reused, Some(&idle)), None);
+        // The server side of a reused connection whose client gave up on a request.
+        let gave_up = ended(Role::Server, &[ESTABLISHED, CLOSE_WAIT, LAST_ACK], 3, 2, 0, LAST_ACK);
+        assert_eq!(kind(&gave_up), None);
+        let pending = verdict(Stage::AwaitingResponse, false, None);
+        assert_eq!(kind_with(&gave_up, Some(&pending)), Some(PrematureClose::Abandoned));
+        // Complete exchanges stay clean.
+        assert_eq!(kind_with(&reused, Some(&verdict(Stage::Complete, true, None))), None);
     }
 }

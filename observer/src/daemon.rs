@@ -182,7 +182,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let rates = spawn_rates(state.clone());
     let pod_names = spawn_pod_names(&options.pods, state.clone())?;
     let event_writer = options.log_events.then(|| spawn_event_writer(state.clone()));
-    let pipeline = Pipeline::new(reasons, Attribution::for_host(resolver, state.pods.clone()), state.clone());
+    let mut pipeline = Pipeline::new(reasons, Attribution::for_host(resolver, state.pods.clone()), state.clone());
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which only happens through this AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring_buffer) }

@@ -5,7 +5,8 @@
 //!
 //! 1. [`probes`] loads and attaches the kernel programs (`observer-ebpf`), which write
 //!    `SocketEvent`s into a ring buffer; [`daemon`] drains it into the [`pipeline`];
-//! 2. [`decode`] checks a record's bytes;
+//! 2. [`decode`] checks a record's bytes; with `--http`, [`exchange`] follows each connection's
+//!    HTTP/1.x exchange from the message heads and gives a closed connection its verdict;
 //! 3. [`classify`] decides how the connection ended;
 //! 4. [`attribution`] names owner, role, peer, port and container: the series key (and tells
 //!    [`pods`] of each container, which asks the container runtime for its pod);
@@ -29,6 +30,7 @@ pub mod container;
 pub mod daemon;
 pub mod decode;
 pub mod event_log;
+pub mod exchange;
 pub mod exposition;
 pub mod http;
 pub mod metrics;

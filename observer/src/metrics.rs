@@ -190,6 +190,11 @@ impl Metrics {
         }
     }
 
+    /// Counts a message head (`--http`): the event path's work for it is the exchange tracker's.
+    pub fn record_head(&self, probe: crate::ProbeId) {
+        self.probe_events(probe).inc();
+    }
+
     /// Replaces the connection-state gauges with a new scan of the socket map; `pods` names the
     /// containers' pods.
     pub fn set_connections(&self, by_state: &ByState, oldest: &OldestCloseWait, pods: &PodNames) {

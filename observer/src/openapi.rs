@@ -118,7 +118,7 @@ pub fn document() -> Value {
         "timestamp_ns": count(),
         "time": { "type": "string", "format": "date-time" },
         "event": { "type": "string", "enum": ["reset_received", "reset_sent", "closed"] },
-        "kind": { "type": "string", "enum": &KINDS[..8] },
+        "kind": { "type": "string", "enum": &KINDS[..9] },
         "reason": string(),
         "comm": string(),
         "pid": count(),
@@ -127,6 +127,7 @@ pub fn document() -> Value {
         "local": string(),
         "remote": string(),
         "facts": { "$ref": "#/components/schemas/Facts" },
+        "http": { "$ref": "#/components/schemas/HttpExchange" },
         "cause": { "$ref": "#/components/schemas/Cause" },
     }))
     .unwrap_or_default();
@@ -229,6 +230,21 @@ pub fn document() -> Value {
                     "close_initiator": { "type": "string", "enum": ["local", "peer", "reset", "timeout", "unknown"] }
                 }
             },
+            "HttpExchange": {
+                "type": "object",
+                "description": "`--http`: where in the HTTP/1.x exchange a closed connection ended, from this end's view.",
+                "required": ["stage", "side", "requests", "summary"],
+                "properties": {
+                    "stage": { "type": "string", "enum": crate::exchange::Stage::ALL.map(crate::exchange::Stage::label) },
+                    "side": { "type": "string", "enum": ["client", "server"] },
+                    "requests": count(),
+                    "method": string(), "path": string(),
+                    "status": { "type": "integer", "minimum": 100, "maximum": 999 },
+                    "declared_body_bytes": count(), "transferred_body_bytes": count(),
+                    "idle_seconds": { "type": "number", "minimum": 0 },
+                    "summary": string()
+                }
+            },
             "StatusReport": {
                 "type": "object",
                 "required": ["version", "revision", "kernel", "uptime_seconds", "ready", "probes", "degraded", "series", "series_folded", "events"],
@@ -306,7 +322,7 @@ mod tests {
     use super::*;
     use crate::{
         aggregate::Limits,
-        api::{Cause, EventRecord, EventsPage, Facts, PodLabels},
+        api::{Cause, EventRecord, EventsPage, Facts, HttpExchange, PodLabels},
         state::DaemonState,
     };
 
@@ -353,6 +369,18 @@ mod tests {
                 final_state: "ESTABLISHED".into(),
                 close_initiator: "reset".into(),
             }),
+            http: Some(HttpExchange {
+                stage: "in_response_body".into(),
+                side: "client".into(),
+                requests: 2,
+                method: Some("GET".into()),
+                path: Some("/orders".into()),
+                status: Some(200),
+                declared_body_bytes: Some(100),
+                transferred_body_bytes: Some(8),
+                idle_seconds: Some(0.5),
+                summary: "s".into(),
+            }),
             cause: Some(Cause { comm: "b".into(), pid: 4, owner: pod, reason: "r".into(), summary: "s".into() }),
         }
     }
@@ -364,6 +392,7 @@ mod tests {
         conforms(&doc, "EventRecord", &record).expect("record");
         conforms(&doc, "Cause", &record["cause"]).expect("cause");
         conforms(&doc, "Facts", &record["facts"]).expect("facts");
+        conforms(&doc, "HttpExchange", &record["http"]).expect("http");
         let page = serde_json::to_value(EventsPage { next: 1, latest: 1, events: vec![full_record()] }).expect("page");
         conforms(&doc, "EventsPage", &page).expect("page");
         // Every field of the record is described, none more: the document lists no property

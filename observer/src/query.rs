@@ -7,7 +7,7 @@ use std::{net::IpAddr, time::Duration};
 use crate::api::EventRecord;
 
 /// Every value `kind` takes: the premature kinds of `closed` records and the two reset events.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "refused",
     "peer_reset",
     "unread_data",
@@ -16,6 +16,7 @@ pub const KINDS: [&str; 10] = [
     "abandoned",
     "timeout",
     "connect_timeout",
+    "truncated_response",
     "reset_received",
     "reset_sent",
 ];
@@ -281,6 +282,7 @@ mod tests {
             local: local.into(),
             remote: remote.into(),
             facts: None,
+            http: None,
             cause: None,
         }
     }

@@ -212,6 +212,9 @@ pub fn render(r: &EventRecord) -> String {
             f.bytes_received, f.bytes_sent, f.srtt_us, f.retransmits, f.close_initiator
         ));
     }
+    if let Some(h) = &r.http {
+        line.push_str(&format!(" http={}: {}", h.stage, h.summary));
+    }
     if let Some(c) = &r.cause {
         line.push_str(&format!("  <- {}", c.summary));
     }

@@ -53,6 +53,13 @@ pub struct RunArgs {
     /// kernel.bpf_stats_enabled is 1.
     #[arg(long, value_parser = parse_switch, env = "OBSERVER_PROBE_STATS")]
     pub probe_stats: bool,
+    /// Follow the HTTP/1.x exchanges on TCP connections (plain-text HTTP/1.x only: not TLS, not
+    /// HTTP/2): each closed connection says where in its exchange it ended (`http` in
+    /// /api/v1/events), and a response cut short counts as premature kind truncated_response.
+    /// Needs the BTF tracepoints sock_send_length and sock_recv_length (Linux 6.3+, x86_64).
+    /// Costs a map lookup per send and receive on tracked TCP sockets (BENCHMARKS.md).
+    #[arg(long, value_parser = parse_switch, env = "OBSERVER_HTTP")]
+    pub http: bool,
     /// The container runtime's CRI socket, asked which pod each container belongs to (the
     /// namespace, pod and container labels). By default the usual sockets of containerd, CRI-O,
     /// k3s and cri-dockerd are tried (also under /host); `none` turns pod names off.
@@ -156,6 +163,7 @@ pub async fn run(args: RunArgs, config: BTreeMap<String, ConfigSetting>) -> anyh
             max_sockets: args.max_sockets,
             netns,
             mode: args.probes,
+            http: args.http,
         },
         limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },
         probe_stats: args.probe_stats,

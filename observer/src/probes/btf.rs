@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use observer_common::{ABSENT, BtfArgs, KernelOffsets, KprobeArgs};
+use observer_common::{ABSENT, BtfArgs, KernelOffsets, KprobeArgs, PayloadConfig};
 
 use crate::reasons::ResetReasons;
 
@@ -151,6 +151,67 @@ impl KernelBtf {
         offsets.tcphdr_dest = get("tcphdr.dest");
         // A bitfield before 5.6 (then absent: the BTF set_state program is not used).
         offsets.sock_protocol = get("sock.sk_protocol");
+    }
+
+    /// What the HTTP capture programs read to find a syscall's buffer (`PayloadConfig`): the
+    /// registers' places in `struct pt_regs` and the members of `struct iovec` and `struct
+    /// user_msghdr` from BTF, the syscall numbers from the architecture's ABI. Why not, where
+    /// the capture cannot work here.
+    pub fn payload_config(&self) -> Result<PayloadConfig, String> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err(format!(
+                "the HTTP capture reads a syscall's arguments from the x86_64 registers, and this is {}",
+                std::env::consts::ARCH
+            ));
+        }
+        for (name, want) in [("sock_send_length", ["sock", "int", "int"]), ("sock_recv_length", ["sock", "int", "int"])]
+        {
+            match self.btf_tracepoint_args(name) {
+                Some(args) if args == want => {}
+                Some(args) => {
+                    return Err(format!(
+                        "BTF tracepoint {name} takes ({}), not the (sock, int ret, int flags) the program reads",
+                        args.join(", ")
+                    ));
+                }
+                None => return Err(format!("this kernel has no BTF tracepoint {name} (Linux 6.3+)")),
+            }
+        }
+        let m = |path: &str| self.member_offset(path).map_err(|e| format!("kernel BTF lacks {e}"));
+        let nr = |n: libc::c_long| n as u32;
+        Ok(PayloadConfig {
+            regs_syscall: m("pt_regs.orig_ax")?,
+            regs_arg1: m("pt_regs.si")?,
+            regs_arg2: m("pt_regs.dx")?,
+            iovec_base: m("iovec.iov_base")?,
+            iovec_len: m("iovec.iov_len")?,
+            iovec_size: self.struct_size("iovec").map_err(|e| format!("kernel BTF lacks {e}"))?,
+            msghdr_iov: m("user_msghdr.msg_iov")?,
+            msghdr_iovlen: m("user_msghdr.msg_iovlen")?,
+            nr_read: nr(libc::SYS_read),
+            nr_write: nr(libc::SYS_write),
+            nr_readv: nr(libc::SYS_readv),
+            nr_writev: nr(libc::SYS_writev),
+            nr_recvfrom: nr(libc::SYS_recvfrom),
+            nr_sendto: nr(libc::SYS_sendto),
+            nr_recvmsg: nr(libc::SYS_recvmsg),
+            nr_sendmsg: nr(libc::SYS_sendmsg),
+        })
+    }
+
+    /// Byte size of struct `name`.
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        let missing = || BtfError::Missing(format!("struct `{name}`"));
+        match self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|_| missing())?
+            .into_iter()
+            .find(|t| matches!(t, Type::Struct(_)))
+        {
+            Some(Type::Struct(s)) => u32::try_from(s.size()).map_err(|_| missing()),
+            _ => Err(missing()),
+        }
     }
 
     /// Byte offset of `path` (`"sock.__sk_common.skc_state"`): a struct name followed by member

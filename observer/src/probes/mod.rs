@@ -24,7 +24,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, KProbe, TracePoint},
 };
-use observer_common::{ABSENT, AttachPoint, Backend, KernelOffsets, ProbeConfig, ProbeId, counter};
+use observer_common::{ABSENT, AttachPoint, Backend, Hook, KernelOffsets, ProbeConfig, ProbeId, counter};
 
 pub use self::select::ProbeMode;
 use self::{
@@ -53,6 +53,8 @@ pub enum LoadError {
     NothingAttached(String),
     #[error("--netns needs the kernel's BTF to find a socket's namespace, and it lacks {0}")]
     NetnsFilter(String),
+    #[error("--http cannot follow HTTP exchanges on this kernel: {0}. Run without --http (every other metric works)")]
+    HttpCapture(String),
     #[error("kernel map {0} is missing from the eBPF object (build mismatch)")]
     MissingMap(&'static str),
     #[error("opening kernel map {name}: {source}")]
@@ -70,7 +72,13 @@ pub struct ProbeOptions {
     pub netns: Option<u32>,
     /// `--probes`: the back end of every hook, or `auto` to pick per hook.
     pub mode: ProbeMode,
+    /// `--http`: attach the HTTP capture programs too.
+    pub http: bool,
 }
+
+/// The HTTP capture's programs (`--http`): BTF tracepoints whatever `--probes` says, since no
+/// other back end has them.
+pub const HTTP_CAPTURE: [ProbeId; 2] = [ProbeId::BtfSockSendLength, ProbeId::BtfSockRecvLength];
 
 /// Whether a probe is attached and, if not, why not, in a word (the `error` says the rest).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +224,14 @@ pub fn kernel_setup() -> Result<KernelSetup, LoadError> {
             btf.endpoint_offsets(&mut config.kernel, &mut kprobe_missing);
             config.kprobe = btf.kprobe_args();
             config.btf = btf.btf_args();
+            match btf.payload_config() {
+                Ok(payload) => config.payload = payload,
+                Err(why) => {
+                    for probe in HTTP_CAPTURE {
+                        unavailable.insert(probe, why.clone());
+                    }
+                }
+            }
             if config.btf.send_reset_reason != ABSENT
                 && !observer_common::BTF_REASON_ARGS.contains(&config.btf.send_reset_reason)
             {
@@ -406,7 +422,7 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     };
     if options.mode == ProbeMode::Auto {
         for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
-            if unavailable.contains_key(&probe) {
+            if unavailable.contains_key(&probe) || HTTP_CAPTURE.contains(&probe) {
                 continue;
             }
             if let Err(e) = load_program(&mut ebpf, probe, program_btf.as_ref()) {
@@ -456,6 +472,34 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     }
     if statuses.iter().all(|s| s.state != ProbeState::Attached) {
         return Err(LoadError::NothingAttached(nothing_attached(&statuses)));
+    }
+    if options.http {
+        // Asked for by name: a kernel that cannot do it is an error, not a warning.
+        let program_btf = match program_btf {
+            Some(btf) => btf,
+            None => {
+                aya::Btf::from_sys_fs().map_err(|e| LoadError::HttpCapture(format!("reading the kernel's BTF: {e}")))?
+            }
+        };
+        for probe in HTTP_CAPTURE {
+            if let Some(why) = unavailable.get(&probe) {
+                return Err(LoadError::HttpCapture(why.clone()));
+            }
+            let attach = select::attach_label(probe);
+            attach_program(&mut ebpf, probe, Some(&program_btf))
+                .map_err(|e| LoadError::HttpCapture(format!("{attach}: {e}")))?;
+            log::info!("probe {} attached to {attach} (--http)", probe.name());
+            let id = ebpf.program(probe.name()).and_then(|p| p.info().ok()).map(|info| info.id());
+            statuses.push(ProbeStatus {
+                probe: probe.name(),
+                hook: Hook::HttpCapture.name(),
+                backend: Backend::Btf.name(),
+                attach,
+                state: ProbeState::Attached,
+                error: None,
+                program_id: id,
+            });
+        }
     }
     for d in &degraded {
         log::warn!("{d}");
@@ -515,7 +559,9 @@ fn fill_config(config: &mut ProbeConfig, probe: ProbeId, format: &EventFormat) -
         ProbeId::BtfInetSockSetState
         | ProbeId::BtfTcpReceiveReset
         | ProbeId::BtfTcpSendReset
-        | ProbeId::BtfTcpDestroySock => {}
+        | ProbeId::BtfTcpDestroySock
+        | ProbeId::BtfSockSendLength
+        | ProbeId::BtfSockRecvLength => {}
     }
     Ok(())
 }

@@ -162,10 +162,13 @@ mod tests {
             assert!(!programs(hook, Backend::Kprobe).is_empty(), "{hook:?}");
             assert_eq!(programs(hook, Backend::Btf).len(), usize::from(hook != Hook::Accept), "{hook:?}");
         }
-        // Every program serves exactly one hook, so one back end per hook never counts twice.
+        // Every program serves exactly one hook, so one back end per hook never counts twice; the
+        // HTTP capture (`--http`) is apart, BTF tracepoints only.
         let total: usize =
             Hook::ALL.into_iter().flat_map(|h| Backend::ALL.into_iter().map(move |b| programs(h, b).len())).sum();
-        assert_eq!(total, ProbeId::ALL.len());
+        assert_eq!(total + programs(Hook::HttpCapture, Backend::Btf).len(), ProbeId::ALL.len());
+        assert_eq!(programs(Hook::HttpCapture, Backend::Btf), crate::probes::HTTP_CAPTURE);
+        assert!(programs(Hook::HttpCapture, Backend::Tracepoint).is_empty());
     }
 
     #[test]

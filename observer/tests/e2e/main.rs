@@ -16,6 +16,7 @@
 
 mod basics;
 mod config;
+mod http;
 mod intelligence;
 mod kernel;
 mod lifecycle;
@@ -60,6 +61,10 @@ fn main() {
         Trial::test("eof_before_response_when_the_server_closes_without_answering", intelligence::eof_before_response),
         Trial::test("ipv6_eof_before_response", intelligence::eof_before_response_v6),
         Trial::test("abandoned_when_the_client_gives_up_before_the_answer", intelligence::abandoned),
+        Trial::test(
+            "http_truncations_keepalive_race_and_clean_exchanges_get_their_verdict_on_both_ends",
+            http::http_verdicts,
+        ),
         Trial::test("timeout_when_the_link_goes_down_under_tcp_user_timeout_is_the_clients", intelligence::timeout),
         Trial::test("connect_timeout_when_syn_retries_run_out", intelligence::connect_timeout),
         Trial::test("a_process_in_a_container_cgroup_gets_its_container_label", intelligence::container_label),

@@ -248,7 +248,7 @@ pub fn bad_parameters() -> Result<(), Failed> {
     for (query, says) in [
         (
             "kind=foo",
-            r#"kind: \"foo\" is not one of refused, peer_reset, unread_data, local_reset, eof_before_response, abandoned, timeout, connect_timeout, reset_received, reset_sent"#,
+            r#"kind: \"foo\" is not one of refused, peer_reset, unread_data, local_reset, eof_before_response, abandoned, timeout, connect_timeout, truncated_response, reset_received, reset_sent"#,
         ),
         ("pid=-1", r#"pid: \"-1\" is not a process id"#),
         ("port=70000", r#"port: \"70000\" is not a port (1-65535)"#),

@@ -48,6 +48,18 @@ pub enum Mode {
     /// The server accepts and reads, the client closes, and the server never closes: its
     /// sockets sit in CLOSE_WAIT until the round ends.
     LeakCloseWait,
+    /// HTTP: the server declares `Content-Length: 100`, sends 8 body bytes and closes (FIN).
+    HttpTruncated,
+    /// HTTP: the server sends a bodiless status line and resets (SO_LINGER 0).
+    HttpStatusLineReset,
+    /// HTTP: the server sends one chunk of a chunked body and closes (FIN) without the last.
+    HttpChunkedCut,
+    /// HTTP: four clean exchanges per connection (a sized body, a chunked body in two writes,
+    /// two pipelined requests answered in one write); the client closes it idle.
+    HttpKeepalive,
+    /// HTTP: the server answers the first request and closes the idle connection; the client,
+    /// once the server's FIN is in, sends a second request on it: the keep-alive race.
+    HttpKeepaliveRace,
 }
 
 impl Mode {
@@ -64,6 +76,11 @@ impl Mode {
             Mode::Timeout => "timeout",
             Mode::ConnectTimeout => "connecttimeout",
             Mode::LeakCloseWait => "leakclosewait",
+            Mode::HttpTruncated => "httptruncated",
+            Mode::HttpStatusLineReset => "httpstatuslinereset",
+            Mode::HttpChunkedCut => "httpchunkedcut",
+            Mode::HttpKeepalive => "httpkeepalive",
+            Mode::HttpKeepaliveRace => "httpkeepaliverace",
         }
     }
 
@@ -85,6 +102,11 @@ impl Mode {
             "timeout" => Mode::Timeout,
             "connecttimeout" => Mode::ConnectTimeout,
             "leakclosewait" => Mode::LeakCloseWait,
+            "httptruncated" => Mode::HttpTruncated,
+            "httpstatuslinereset" => Mode::HttpStatusLineReset,
+            "httpchunkedcut" => Mode::HttpChunkedCut,
+            "httpkeepalive" => Mode::HttpKeepalive,
+            "httpkeepaliverace" => Mode::HttpKeepaliveRace,
             other => panic!("unknown mode {other}"),
         }
     }
@@ -108,6 +130,17 @@ pub struct Scenario {
 }
 
 const REQUEST: &[u8] = b"GET /order HTTP/1.1\r\n\r\n";
+
+/// The HTTP modes' answers.
+pub const TRUNCATED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n";
+pub const TRUNCATED_BODY: &[u8] = b"12345678";
+pub const STATUS_LINE: &[u8] = b"HTTP/1.1 404 Not Found\r\n";
+pub const CHUNKED_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+pub const FIRST_CHUNK: &[u8] = b"5\r\nhello\r\n";
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+const OK_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+/// The request [`Mode::HttpKeepaliveRace`] sends on the connection the server closed.
+pub const RACE_REQUEST: &[u8] = b"POST /order HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
 
 /// The client's pace in [`Mode::PacedLinger0`]: one connection (one reset) per 100 ms.
 pub const PACE: Duration = Duration::from_millis(100);
@@ -527,11 +560,80 @@ fn server(s: &Scenario) -> io::Result<()> {
                 conn.read_to_end(&mut rest)?;
                 drop(conn);
             }
+            Mode::HttpTruncated | Mode::HttpChunkedCut => {
+                conn.read_exact(&mut request)?;
+                let answer = if s.mode == Mode::HttpTruncated {
+                    [TRUNCATED_HEAD, TRUNCATED_BODY].concat()
+                } else {
+                    [CHUNKED_HEAD, FIRST_CHUNK].concat()
+                };
+                conn.write_all(&answer)?;
+                drop(conn);
+            }
+            Mode::HttpStatusLineReset => {
+                conn.read_exact(&mut request)?;
+                conn.write_all(STATUS_LINE)?;
+                net::set_linger0(&conn)?;
+                drop(conn);
+            }
+            Mode::HttpKeepalive => {
+                conn.read_exact(&mut request)?;
+                conn.write_all(OK_RESPONSE)?;
+                conn.read_exact(&mut request)?;
+                conn.write_all(&[CHUNKED_HEAD, FIRST_CHUNK].concat())?;
+                conn.write_all(LAST_CHUNK)?;
+                // Two pipelined requests, answered in one write.
+                let mut two = [0u8; 2 * REQUEST.len()];
+                conn.read_exact(&mut two)?;
+                conn.write_all(&[OK_RESPONSE, OK_RESPONSE].concat())?;
+                // The client closes the idle connection; then we do.
+                let mut rest = Vec::new();
+                conn.read_to_end(&mut rest)?;
+                drop(conn);
+            }
+            Mode::HttpKeepaliveRace => {
+                conn.read_exact(&mut request)?;
+                conn.write_all(OK_RESPONSE)?;
+                // Closed while idle, as an idle timeout does.
+                drop(conn);
+            }
             Mode::Refused | Mode::PortScan | Mode::Timeout | Mode::ConnectTimeout | Mode::LeakCloseWait => {
                 unreachable!()
             }
         }
     }
+    Ok(())
+}
+
+/// Reads from `conn` until `want` bytes have come.
+fn read_bytes(conn: &mut TcpStream, want: usize) -> io::Result<Vec<u8>> {
+    let mut got = vec![0u8; want];
+    conn.read_exact(&mut got)?;
+    Ok(got)
+}
+
+/// The client side of the HTTP modes that keep the connection: [`Mode::HttpKeepalive`] and
+/// [`Mode::HttpKeepaliveRace`].
+fn http_client_exchanges(mode: Mode, conn: &mut TcpStream) -> io::Result<()> {
+    conn.write_all(REQUEST)?;
+    read_bytes(conn, OK_RESPONSE.len())?;
+    if mode == Mode::HttpKeepaliveRace {
+        // The server's FIN is in (the socket reads as ready at EOF): send the next request
+        // into the connection it closed. Its kernel answers with an RST; either way no
+        // response comes.
+        wait_readable(conn)?;
+        conn.write_all(RACE_REQUEST)?;
+        let mut rest = Vec::new();
+        return match conn.read_to_end(&mut rest) {
+            Ok(0) => Ok(()),
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe) => Ok(()),
+            other => Err(io::Error::other(format!("keep-alive race: want EOF or a reset, got {other:?}"))),
+        };
+    }
+    conn.write_all(REQUEST)?;
+    read_bytes(conn, CHUNKED_HEAD.len() + FIRST_CHUNK.len() + LAST_CHUNK.len())?;
+    conn.write_all(&[REQUEST, REQUEST].concat())?;
+    read_bytes(conn, 2 * OK_RESPONSE.len())?;
     Ok(())
 }
 
@@ -569,6 +671,12 @@ fn client(s: &Scenario) -> io::Result<()> {
                 conn.write_all(REQUEST)?;
                 drop(conn);
             }
+            Mode::HttpKeepalive | Mode::HttpKeepaliveRace => {
+                let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
+                http_client_exchanges(s.mode, &mut conn)
+                    .map_err(|e| io::Error::other(format!("connection {i} ({:?}): {e}", s.mode)))?;
+                drop(conn);
+            }
             Mode::LeakCloseWait => {
                 // Send the request and stop sending (FIN), keeping the socket.
                 let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
@@ -584,6 +692,10 @@ fn client(s: &Scenario) -> io::Result<()> {
                 match (mode, read) {
                     (Mode::Graceful, Ok(_)) if response.ends_with(b"ok") => {}
                     (Mode::NoResponse, Ok(0)) => {} // EOF before any response
+                    (Mode::HttpTruncated, Ok(_)) if response == [TRUNCATED_HEAD, TRUNCATED_BODY].concat() => {}
+                    (Mode::HttpChunkedCut, Ok(_)) if response == [CHUNKED_HEAD, FIRST_CHUNK].concat() => {}
+                    // The status line may or may not be read before the reset.
+                    (Mode::HttpStatusLineReset, Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {}
                     (Mode::Linger0 | Mode::PacedLinger0 | Mode::Unread, Err(e))
                         if e.kind() == io::ErrorKind::ConnectionReset => {}
                     (mode, other) => {

@@ -73,11 +73,18 @@ const USERS: &[&str] = &[
     "erin",
 ];
 
+mod http;
+
 fn main() {
     let args = Arguments::from_args();
-    let trials = vec![Trial::test("observer_counts_the_nginx_incident_as_nginx_logged_it", || {
-        incident().map_err(|e| Failed::from(format!("{e:#}")))
-    })];
+    let trials = vec![
+        Trial::test("observer_counts_the_nginx_incident_as_nginx_logged_it", || {
+            incident().map_err(|e| Failed::from(format!("{e:#}")))
+        }),
+        Trial::test("with_http_observer_gives_each_http_shape_its_verdict_as_nginx_and_go_report_it", || {
+            http::http_shapes().map_err(|e| Failed::from(format!("{e:#}")))
+        }),
+    ];
     libtest_mimic::run(&args, trials).exit();
 }
 
