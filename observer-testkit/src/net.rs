@@ -233,6 +233,35 @@ impl NamedNetns {
         format!("/run/netns/{}", self.name)
     }
 
+    /// Makes the namespace's loopback deliver every segment in the order it was sent, so that
+    /// a test can count its RSTs exactly (`Tcp: OutRsts`).
+    ///
+    /// Loopback hands each segment to the backlog of the CPU that sends it, and CPUs process
+    /// their backlogs independently: two segments of one connection sent from different CPUs can
+    /// arrive in the other order. A server that closes first (FIN) makes this happen: the client
+    /// delays its ACK of the FIN; when the client is slow to close, its delayed-ACK timer sends
+    /// the bare ACK on one CPU and the client's own FIN follows from another. If the FIN arrives
+    /// first, the server's TIME-WAIT socket acknowledges it and the client's socket is gone; the
+    /// stale bare ACK arriving next is answered with an ACK (out of window), and that ACK, finding
+    /// no socket, with an RST: one RST no traffic meant, seen under CPU load
+    /// (`TcpExt: DelayedACKs`, and an RST by no socket from the client's port).
+    ///
+    /// Receive packet steering (RPS) of `lo` to CPU 0 puts every segment into CPU 0's backlog, one
+    /// queue in the order of sending.
+    pub fn deliver_loopback_in_order(&self) -> anyhow::Result<()> {
+        // `ip netns exec` mounts the namespace's own /sys, where `lo` is this namespace's.
+        const RPS_CPUS: &str = "/sys/class/net/lo/queues/rx-0/rps_cpus";
+        let set = format!("echo 1 > {RPS_CPUS} && cat {RPS_CPUS}");
+        let mask = crate::process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", &set]))?;
+        anyhow::ensure!(
+            mask.trim().trim_start_matches(['0', ',']) == "1",
+            "{RPS_CPUS} of namespace {} is {:?} after setting it to 1 (CPU 0)",
+            self.name,
+            mask.trim()
+        );
+        Ok(())
+    }
+
     /// `Tcp: OutRsts` of the namespace: the RST segments its kernel sent (ground truth for the
     /// resets a test made).
     pub fn out_rsts(&self) -> anyhow::Result<u64> {
