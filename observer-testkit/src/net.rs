@@ -247,7 +247,10 @@ impl NamedNetns {
     /// (`TcpExt: DelayedACKs`, and an RST by no socket from the client's port).
     ///
     /// Receive packet steering (RPS) of `lo` to CPU 0 puts every segment into CPU 0's backlog, one
-    /// queue in the order of sending.
+    /// queue in the order of sending. It also makes delivery asynchronous: a segment is processed
+    /// on CPU 0 after the send returns, not inside it, which opens other races (a peer's ACK
+    /// reaching a socket its sender has meanwhile reset). So it is for tests whose counts depend
+    /// on the segments' order only, not a default.
     pub fn deliver_loopback_in_order(&self) -> anyhow::Result<()> {
         // `ip netns exec` mounts the namespace's own /sys, where `lo` is this namespace's.
         const RPS_CPUS: &str = "/sys/class/net/lo/queues/rx-0/rps_cpus";
