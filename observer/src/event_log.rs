@@ -21,7 +21,7 @@ use observer_common::{Endpoints, SocketEvent};
 use crate::{
     HashMap,
     api::{Cause, EventRecord, EventsPage, Facts, HttpExchange, PodLabels},
-    classify::{Outcome, PrematureClose},
+    classify::Outcome,
     container::Container,
     decode::Event,
     exchange::{Stage, Verdict},
@@ -221,15 +221,16 @@ impl EventLog {
                 self.pending.remove(&raw.sk);
                 return;
             }
+            // The other end closed first (its FIN came while this end was open): its closer, also
+            // when a reset followed (the kernel's answer to a request sent into the closed
+            // connection: the keep-alive race).
+            Outcome::Closed { premature: Some(_) } if raw.facts.entered(observer_common::tcp_state::CLOSE_WAIT) => {
+                self.pending.remove(&raw.sk);
+                (self.closers.recent(&mirrored(&raw.endpoints), raw.timestamp_ns).cloned(), Awaits::Close)
+            }
             // Ended by a reset it received (refused, peer_reset, a response it cut): its sender.
             Outcome::Closed { premature: Some(_) } if reset_received => {
                 (self.pending.remove(&raw.sk).or_else(|| self.pair(raw)), Awaits::Reset)
-            }
-            // Ended by the other end's FIN first: its closer.
-            Outcome::Closed {
-                premature: Some(PrematureClose::EofBeforeResponse | PrematureClose::TruncatedResponse),
-            } if raw.facts.entered(observer_common::tcp_state::CLOSE_WAIT) => {
-                (self.closers.recent(&mirrored(&raw.endpoints), raw.timestamp_ns).cloned(), Awaits::Close)
             }
             Outcome::Closed { premature: Some(_) } => (None, Awaits::Nothing),
         };
@@ -574,6 +575,7 @@ mod tests {
     use observer_common::{EventKind, Owner, ProbeId, Role, flags, tcp_state};
 
     use super::*;
+    use crate::classify::PrematureClose;
 
     fn v4(last: u8) -> [u8; 16] {
         let mut a = [0u8; 16];
@@ -715,6 +717,15 @@ mod tests {
             assert_eq!(log.paired(), 1);
             assert_eq!(log.complete_through(1_000), 1);
         }
+        // The keep-alive race: the client's request went into the closed connection and the
+        // closer's kernel answered with an RST, which names no process: the closer is the story.
+        let mut log = EventLog::default();
+        log.record(&server, Outcome::Closed { premature: None }, &reasons(), None, None);
+        let mut raced = client;
+        raced.raw.flags = flags::RESET_RECEIVED;
+        log.record(&raced, Outcome::Closed { premature: Some(PrematureClose::PeerReset) }, &reasons(), None, None);
+        let page = log.page(0, 10);
+        assert_eq!(page.events[0].cause.as_ref().map(|c| c.comm.as_str()), Some("gobackend"));
         // The closer of another connection, or one that closed by a reset, is not named.
         let mut log = EventLog::default();
         let other = fin_close(0xc, b"other", 1, (1, 8080), (2, 40001), &[ESTABLISHED, FIN_WAIT1, FIN_WAIT2]);

@@ -12,7 +12,8 @@
 //! 2. The keep-alive race (`KeepAlive::RACE`: nginx keeps upstream connections, the backend
 //!    closes them after 10 ms idle, POSTs arrive about that far apart): every 502 nginx answered
 //!    from a reused upstream connection (its debug log) is one of nginx's upstream records with
-//!    stage `idle_keepalive` and no idle time: the request it lost.
+//!    stage `idle_keepalive` and no idle time (the request it lost), naming `orderbackend` as the
+//!    process that closed the connection first.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -194,6 +195,10 @@ fn keepalive_race(p: &mut Problems, programs: &observer_testkit::incident::Progr
         let h = r.http.as_ref().expect("filtered on it");
         if h.method.as_deref() != Some("POST") || h.requests < 2 {
             p.push(format!("race: the lost request should be a POST on a reused connection: {r:?}"));
+        }
+        // The backend closed the idle connection first; any RST after is its kernel's answer.
+        if r.cause.as_ref().is_none_or(|c| c.comm != BACKEND_COMM || c.reason != "fin") {
+            p.push(format!("race: the record should name {BACKEND_COMM} as the closer: {r:?}"));
         }
     }
     daemon.stop()?;

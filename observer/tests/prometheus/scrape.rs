@@ -402,16 +402,26 @@ fn make_round(netns: &NamedNetns, r: Round) -> Result<()> {
 fn wait_for_round(daemon: &Daemon, prom: &Prometheus, i: usize, total: Round) -> Result<Ms> {
     let (linger, refused, noresponse) =
         (u64::from(total.linger), u64::from(total.refused), u64::from(total.noresponse));
-    daemon_shows(daemon, &format!("round {i}'s counts"), |m| {
+    // (peer_reset, local_reset, refused, eof_before_response, the server's closes, resets sent,
+    // resets received), and what round i makes them.
+    let counts = |m: &Metrics| {
         let kind = |comm, kind| m.sum("observer_tcp_premature_closes_total", &[("comm", comm), ("kind", kind)]);
-        kind(CLIENT, "peer_reset") >= linger
-            && kind(LINGER.1, "local_reset") >= linger
-            && kind(REFUSED.1, "refused") >= refused
-            && kind(CLIENT, "eof_before_response") >= noresponse
-            && m.sum("observer_tcp_closes_total", &[("comm", NORESPONSE.1)]) >= noresponse
-            && m.sum("observer_tcp_resets_sent_total", &[]) >= linger + refused
-            && m.sum("observer_tcp_resets_received_total", &[]) >= linger + refused
-    })?;
+        [
+            kind(CLIENT, "peer_reset"),
+            kind(LINGER.1, "local_reset"),
+            kind(REFUSED.1, "refused"),
+            kind(CLIENT, "eof_before_response"),
+            m.sum("observer_tcp_closes_total", &[("comm", NORESPONSE.1)]),
+            m.sum("observer_tcp_resets_sent_total", &[]),
+            m.sum("observer_tcp_resets_received_total", &[]),
+        ]
+    };
+    let want = [linger, linger, refused, noresponse, noresponse, linger + refused, linger + refused];
+    daemon_shows(daemon, &format!("round {i}'s counts {want:?}"), |m| counts(m).iter().zip(want).all(|(g, w)| *g >= w))
+        .map_err(|e| match daemon.metrics() {
+            Ok(m) => e.context(format!("round {i}: the daemon counts {:?}, want at least {want:?}", counts(&m))),
+            Err(_) => e,
+        })?;
     let shown_by_daemon = now_ms();
     let q = "sum(observer_tcp_resets_received_total)";
     wait_for(prom, &format!("a scrape with round {i}'s total `{q}` = {}", total.resets()), || {
