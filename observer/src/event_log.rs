@@ -225,8 +225,9 @@ impl EventLog {
             // when a reset followed (the kernel's answer to a request sent into the closed
             // connection: the keep-alive race).
             Outcome::Closed { premature: Some(_) } if raw.facts.entered(observer_common::tcp_state::CLOSE_WAIT) => {
-                self.pending.remove(&raw.sk);
-                (self.closers.recent(&mirrored(&raw.endpoints), raw.timestamp_ns).cloned(), Awaits::Close)
+                let reset_by = self.pending.remove(&raw.sk).filter(|s| s.pid != 0);
+                let closer = self.closers.recent(&mirrored(&raw.endpoints), raw.timestamp_ns).cloned();
+                (closer.or(reset_by), Awaits::Close)
             }
             // Ended by a reset it received (refused, peer_reset, a response it cut): its sender.
             Outcome::Closed { premature: Some(_) } if reset_received => {
@@ -489,13 +490,11 @@ impl EventLog {
     }
 }
 
-/// The connection ended with this end's FIN first (it closed, the peer followed), not by a
-/// reset: its owner is the closer the other end's record names.
+/// This end closed first (its FIN went out while the peer was still open), whatever followed (a
+/// reset of data that came after it, say): its owner is the closer the other end's record names.
 fn closed_first(raw: &SocketEvent) -> bool {
-    use observer_common::{flags, tcp_state};
-    raw.flags & (flags::RESET_RECEIVED | flags::RESET_SENT) == 0
-        && raw.facts.entered(tcp_state::FIN_WAIT1)
-        && !raw.facts.entered(tcp_state::CLOSE_WAIT)
+    use observer_common::tcp_state;
+    raw.facts.entered(tcp_state::FIN_WAIT1) && !raw.facts.entered(tcp_state::CLOSE_WAIT)
 }
 
 fn endpoint_text(addr: &[u8; 16], port: u16) -> String {
@@ -726,11 +725,11 @@ mod tests {
         log.record(&raced, Outcome::Closed { premature: Some(PrematureClose::PeerReset) }, &reasons(), None, None);
         let page = log.page(0, 10);
         assert_eq!(page.events[0].cause.as_ref().map(|c| c.comm.as_str()), Some("gobackend"));
-        // The closer of another connection, or one that closed by a reset, is not named.
+        // The closer of another connection, or one that reset without closing first, is not named.
         let mut log = EventLog::default();
         let other = fin_close(0xc, b"other", 1, (1, 8080), (2, 40001), &[ESTABLISHED, FIN_WAIT1, FIN_WAIT2]);
         log.record(&other, Outcome::Closed { premature: None }, &reasons(), None, None);
-        let mut reset = server;
+        let mut reset = fin_close(0xa, b"gobackend", 5120, (1, 8080), (2, 40000), &[ESTABLISHED]);
         reset.raw.flags = flags::RESET_SENT;
         log.record(&reset, Outcome::Closed { premature: Some(PrematureClose::LocalReset) }, &reasons(), None, None);
         let truncated = Outcome::Closed { premature: Some(PrematureClose::TruncatedResponse) };

@@ -160,6 +160,7 @@ fn keepalive_race(p: &mut Problems, programs: &observer_testkit::incident::Progr
     let ports = Ports::default();
     let incident =
         Incident::start_with(programs, &netns, &dir.0, ports, Options { keep_alive: Some(KeepAlive::RACE) })?;
+    let backend_pid = incident.backend_pid();
     let round = incident.place_orders(&known_users(KeepAlive::RACE_ORDERS))?;
     let logs = wait_for("nginx's access log to have a line per attempt", || {
         let logs = incident.nginx_logs()?;
@@ -196,9 +197,10 @@ fn keepalive_race(p: &mut Problems, programs: &observer_testkit::incident::Progr
         if h.method.as_deref() != Some("POST") || h.requests < 2 {
             p.push(format!("race: the lost request should be a POST on a reused connection: {r:?}"));
         }
-        // The backend closed the idle connection first; any RST after is its kernel's answer.
-        if r.cause.as_ref().is_none_or(|c| c.comm != BACKEND_COMM || c.reason != "fin") {
-            p.push(format!("race: the record should name {BACKEND_COMM} as the closer: {r:?}"));
+        // The backend closed the idle connection (a FIN, or an RST when the request had just
+        // arrived unread), whatever its kernel answered after.
+        if r.cause.as_ref().is_none_or(|c| c.comm != BACKEND_COMM || c.pid != backend_pid) {
+            p.push(format!("race: the record should name {BACKEND_COMM}[{backend_pid}] as the closer: {r:?}"));
         }
     }
     daemon.stop()?;
