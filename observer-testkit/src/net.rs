@@ -233,35 +233,49 @@ impl NamedNetns {
         format!("/run/netns/{}", self.name)
     }
 
-    /// Makes the namespace's loopback deliver every segment in the order it was sent, so that
-    /// a test can count its RSTs exactly (`Tcp: OutRsts`).
+    /// Makes the namespace's loopback acknowledge every segment at once (the `quickack` metric
+    /// on its local routes), so that a test can count its RSTs exactly (`Tcp: OutRsts`).
     ///
-    /// Loopback hands each segment to the backlog of the CPU that sends it, and CPUs process
-    /// their backlogs independently: two segments of one connection sent from different CPUs can
-    /// arrive in the other order. A server that closes first (FIN) makes this happen: the client
-    /// delays its ACK of the FIN; when the client is slow to close, its delayed-ACK timer sends
-    /// the bare ACK on one CPU and the client's own FIN follows from another. If the FIN arrives
-    /// first, the server's TIME-WAIT socket acknowledges it and the client's socket is gone; the
-    /// stale bare ACK arriving next is answered with an ACK (out of window), and that ACK, finding
-    /// no socket, with an RST: one RST no traffic meant, seen under CPU load
-    /// (`TcpExt: DelayedACKs`, and an RST by no socket from the client's port).
-    ///
-    /// Receive packet steering (RPS) of `lo` to CPU 0 puts every segment into CPU 0's backlog, one
-    /// queue in the order of sending. It also makes delivery asynchronous: a segment is processed
-    /// on CPU 0 after the send returns, not inside it, which opens other races (a peer's ACK
-    /// reaching a socket its sender has meanwhile reset). So it is for tests whose counts depend
-    /// on the segments' order only, not a default.
-    pub fn deliver_loopback_in_order(&self) -> anyhow::Result<()> {
-        // `ip netns exec` mounts the namespace's own /sys, where `lo` is this namespace's.
-        const RPS_CPUS: &str = "/sys/class/net/lo/queues/rx-0/rps_cpus";
-        let set = format!("echo 1 > {RPS_CPUS} && cat {RPS_CPUS}");
-        let mask = crate::process::stdout(Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", &set]))?;
-        anyhow::ensure!(
-            mask.trim().trim_start_matches(['0', ',']) == "1",
-            "{RPS_CPUS} of namespace {} is {:?} after setting it to 1 (CPU 0)",
-            self.name,
-            mask.trim()
-        );
+    /// A server that closes first (FIN) otherwise makes one RST more now and then, under CPU
+    /// load: the client delays its ACK of the FIN (a socket that has just received a FIN waits
+    /// to send its own with it); when the client is slow to close, its delayed-ACK timer sends
+    /// the bare ACK on one CPU while the client's own FIN goes out on another, and loopback,
+    /// which queues each segment on the sending CPU, can deliver the FIN first. The server's
+    /// TIME-WAIT socket acknowledges that FIN and the client's socket is gone; the stale bare ACK
+    /// arriving next is answered with an ACK (out of window), and that ACK, finding no socket,
+    /// with an RST no traffic meant (seen as `TcpExt: DelayedACKs` and an RST by no socket from
+    /// the client's port). With every ACK sent at once there is no timer: the ACK of the FIN is
+    /// sent and delivered inside the server's own close(), before the client can answer.
+    /// `TcpExt: DelayedACKs` staying 0 shows it held.
+    pub fn acknowledge_at_once(&self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        for prefix in ["127.0.0.0/8", "127.0.0.1"] {
+            ip(&[
+                "-n",
+                &self.name,
+                "route",
+                "replace",
+                "local",
+                prefix,
+                "dev",
+                "lo",
+                "table",
+                "local",
+                "proto",
+                "kernel",
+                "scope",
+                "host",
+                "src",
+                "127.0.0.1",
+                "quickack",
+                "1",
+            ])
+            .with_context(|| format!("setting quickack on the local route {prefix}"))?;
+        }
+        let routes =
+            crate::process::stdout(Command::new("ip").args(["-n", &self.name, "route", "show", "table", "local"]))?;
+        let set = routes.lines().filter(|l| l.starts_with("local 127.") && l.contains("quickack 1")).count();
+        anyhow::ensure!(set == 2, "namespace {}: quickack is not on both loopback routes:\n{routes}", self.name);
         Ok(())
     }
 

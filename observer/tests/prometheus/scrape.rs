@@ -24,8 +24,9 @@
 //! - `rate(x[5s])` is evaluated at a scrape at least 6 s after the last mark: every sample in
 //!   its range is the final count, so it is 0, exactly.
 //! - The RSTs are the namespace kernel's own count (`Tcp: OutRsts`), one per SO_LINGER 0 close
-//!   and per refused connect: its loopback delivers segments in the order they were sent
-//!   ([`NamedNetns::deliver_loopback_in_order`]), so no stale segment makes one more.
+//!   and per refused connect: its loopback acknowledges at once
+//!   ([`NamedNetns::acknowledge_at_once`]), so no delayed ACK overtaken by a FIN makes one
+//!   more (and `TcpExt: DelayedACKs` must stay 0 to show it).
 
 use std::{
     collections::BTreeMap,
@@ -137,7 +138,7 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
     tool("promtool")?;
     let netns = NamedNetns::new("prom", "scrape")?;
     // Else a noresponse client's delayed ACK, overtaken by its FIN, costs one RST more under load.
-    netns.deliver_loopback_in_order()?;
+    netns.acknowledge_at_once()?;
     let counters_before = netns.tcp_counters()?;
     let rsts_before = netns.out_rsts()?;
     let opens_before = (netns.tcp_counter("ActiveOpens")?, netns.tcp_counter("PassiveOpens")?);
@@ -179,10 +180,18 @@ pub fn promql_answers_match_the_traffic() -> Result<()> {
 
     let mut p = Problems::default();
     let whole = format!("{}ms", end - first);
+    let delayed_acks = |c: &BTreeMap<String, u64>| c.get("TcpExt:DelayedACKs").copied().unwrap_or(0);
+    let counters_after = netns.tcp_counters()?;
+    ensure!(
+        delayed_acks(&counters_after) == delayed_acks(&counters_before),
+        "the namespace's kernel delayed {} ACKs (TcpExt: DelayedACKs), though its loopback routes have quickack: \
+         the RST count below is not exact then",
+        delayed_acks(&counters_after) - delayed_acks(&counters_before)
+    );
     if rsts_sent as f64 != total.resets() {
         // Which kernel paths the traffic took, and what the daemon saw, say where the extra or
         // missing RST came from.
-        let changes = counter_changes(&counters_before, &netns.tcp_counters()?);
+        let changes = counter_changes(&counters_before, &counters_after);
         let (_, events) = daemon.get("/api/v1/events?limit=200")?;
         bail!(
             "the namespace's kernel sent {rsts_sent} RSTs (Tcp: OutRsts), but the traffic should have made {}; \
