@@ -21,9 +21,9 @@ use crate::{
     state::DaemonState,
 };
 
-/// Connections whose HTTP/1.x exchange is followed at once (`--http`); the oldest is forgotten
-/// beyond that.
-const MAX_EXCHANGES: usize = 65_536;
+/// Connections whose HTTP/1.x exchange is followed at once (`--http`; about 1.2 KB each, so at
+/// most about 20 MB); the oldest is forgotten beyond that, and its close gets no verdict.
+const MAX_EXCHANGES: usize = 16_384;
 
 /// What the event path needs besides the record: the kernel's reset reason names, who owns
 /// what, the HTTP/1.x exchanges in progress, and where the counts go.
