@@ -125,16 +125,18 @@ pub struct PodLabels {
 /// Who caused a reset or premature close: the other end of the connection, on this node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Cause {
-    /// The process that sent the RST; empty for a reset answering a segment that matched no
-    /// socket (nothing listens: `reason` `no_socket`).
+    /// The process that sent the RST, or that closed the connection first; empty for a reset
+    /// answering a segment that matched no socket (nothing listens: `reason` `no_socket`).
     pub comm: String,
     pub pid: u32,
     /// The sender's container and pod.
     #[serde(flatten)]
     pub owner: PodLabels,
-    /// The kernel's reason on the sending side.
+    /// The kernel's reason on the sending side; `fin` when the other end closed first (its FIN)
+    /// rather than by a reset.
     pub reason: String,
-    /// `reset by backend[4711]: tcp_abort_on_close`.
+    /// `reset by backend[4711]: tcp_abort_on_close`, `closed by backend[4711], before any
+    /// response`.
     pub summary: String,
 }
 

@@ -33,12 +33,22 @@ pub struct Pipeline {
     /// Message heads read a little at a time, joined before the exchanges see them.
     heads: Heads,
     exchanges: Exchanges,
+    /// A message head has come (`--http` is on and saw HTTP): until then a close costs no
+    /// lookup in the tables above.
+    http_seen: bool,
     state: Arc<DaemonState>,
 }
 
 impl Pipeline {
     pub fn new(reasons: ResetReasons, attribution: Attribution, state: Arc<DaemonState>) -> Self {
-        Self { reasons, attribution, heads: Heads::default(), exchanges: Exchanges::new(MAX_EXCHANGES), state }
+        Self {
+            reasons,
+            attribution,
+            heads: Heads::default(),
+            exchanges: Exchanges::new(MAX_EXCHANGES),
+            http_seen: false,
+            state,
+        }
     }
 
     /// Handles one ring buffer record. A record that does not decode is counted in
@@ -54,7 +64,9 @@ impl Pipeline {
                 return;
             }
         };
-        let http = (event.kind == EventKind::ConnectionClosed).then(|| self.close_exchange(&event)).flatten();
+        let http = (self.http_seen && event.kind == EventKind::ConnectionClosed)
+            .then(|| self.close_exchange(&event))
+            .flatten();
         let outcome = classify(&event, &self.reasons, http.as_ref());
         let attributed = self.attribution.attribute(&event);
         self.state.metrics.record(&event, outcome, &attributed);
@@ -62,6 +74,7 @@ impl Pipeline {
     }
 
     fn head(&mut self, head: &Head) {
+        self.http_seen = true;
         self.state.metrics.record_head(head.probe);
         let raw = &head.raw;
         let record = HeadChunk {
