@@ -22,9 +22,9 @@ use observer::api::EventRecord;
 use observer_testkit::{
     Daemon, Problems,
     incident::{
-        ATTEMPTS_PER_FAILED_ORDER, BACKEND_COMM, CLIENT_COMM, Failure, GO_UNEXPECTED_EOF, Incident, KeepAlive,
-        NGINX_COMM, NGINX_UPSTREAM_CLOSED, NGINX_UPSTREAM_CLOSED_IN_BODY, Options, Ports, TRUNCATED_BODY,
-        TRUNCATED_CONTENT_LENGTH, build_programs, known_users,
+        ATTEMPTS_PER_FAILED_ORDER, BACKEND_COMM, CLIENT_COMM, ClientRound, Failure, GO_UNEXPECTED_EOF, Incident,
+        KeepAlive, NGINX_COMM, NGINX_UPSTREAM_CLOSED, NGINX_UPSTREAM_CLOSED_IN_BODY, NginxLogs, Options, Ports,
+        TRUNCATED_BODY, TRUNCATED_CONTENT_LENGTH, build_programs, known_users,
     },
     net::NamedNetns,
     process,
@@ -45,22 +45,31 @@ pub fn http_shapes() -> Result<()> {
     p.finish()
 }
 
-fn start(netns: &NamedNetns) -> Result<Daemon> {
-    Daemon::start_in_netns(Path::new(OBSERVER), &netns.path(), &["--cri-socket", "none", "--http"], PATIENCE)
+/// A part's own directory and network namespace, and a `--http` daemon watching it (drop them
+/// in reverse: daemon, namespace, directory).
+fn set_up(tmp: &Path, tag: &str) -> Result<(TempDir, NamedNetns, Daemon)> {
+    let dir = TempDir(tmp.join(format!("incident-{tag}-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let netns = NamedNetns::new("incident", tag)?;
+    let daemon =
+        Daemon::start_in_netns(Path::new(OBSERVER), &netns.path(), &["--cri-socket", "none", "--http"], PATIENCE)?;
+    Ok((dir, netns, daemon))
+}
+
+/// nginx's logs once they have a line per attempt of `round` (it logs a request once answered).
+fn logs_of(incident: &Incident, round: &ClientRound) -> Result<NginxLogs> {
+    wait_for("nginx's access log to have a line per attempt", || {
+        let logs = incident.nginx_logs()?;
+        Ok((logs.access.len() as u64 >= round.attempts).then_some(logs))
+    })
 }
 
 fn failures(p: &mut Problems, programs: &observer_testkit::incident::Programs, tmp: &Path) -> Result<()> {
-    let dir = TempDir(tmp.join(format!("incident-http-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    let netns = NamedNetns::new("incident", "http")?;
-    let daemon = start(&netns)?;
+    let (dir, netns, daemon) = set_up(tmp, "http")?;
     let ports = Ports::default();
     let incident = Incident::start(programs, &netns, &dir.0, ports)?;
     let round = incident.place_orders(USERS)?;
-    let logs = wait_for("nginx's access log to have a line per attempt", || {
-        let logs = incident.nginx_logs()?;
-        Ok((logs.access.len() as u64 >= round.attempts).then_some(logs))
-    })?;
+    let logs = logs_of(&incident, &round)?;
 
     // The scenario, from nginx's logs and Go's errors, against the users' names.
     let of = |f: Failure| USERS.iter().filter(|u| Failure::of(u) == Some(f)).count() as u64 * ATTEMPTS_PER_FAILED_ORDER;
@@ -153,19 +162,13 @@ fn failures(p: &mut Problems, programs: &observer_testkit::incident::Programs, t
 }
 
 fn keepalive_race(p: &mut Problems, programs: &observer_testkit::incident::Programs, tmp: &Path) -> Result<()> {
-    let dir = TempDir(tmp.join(format!("incident-race-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    let netns = NamedNetns::new("incident", "race")?;
-    let daemon = start(&netns)?;
+    let (dir, netns, daemon) = set_up(tmp, "race")?;
     let ports = Ports::default();
     let incident =
         Incident::start_with(programs, &netns, &dir.0, ports, Options { keep_alive: Some(KeepAlive::RACE) })?;
     let backend_pid = incident.backend_pid();
     let round = incident.place_orders(&known_users(KeepAlive::RACE_ORDERS))?;
-    let logs = wait_for("nginx's access log to have a line per attempt", || {
-        let logs = incident.nginx_logs()?;
-        Ok((logs.access.len() as u64 >= round.attempts).then_some(logs))
-    })?;
+    let logs = logs_of(&incident, &round)?;
     let race_502s = logs.reused_upstream_502s()?;
     p.eq("race: nginx's 502s all on reused upstream connections", race_502s, logs.status(502));
     if race_502s == 0 {
