@@ -16,9 +16,10 @@
 //! * [`on_destroy`] handles the socket's last event; the map entry goes with it.
 //!
 //! `ConnectionClosed` is emitted exactly once per connection, when everything needed to classify
-//! it is known: at `X→CLOSE` if a reset was received or an error is set; otherwise after the
-//! reset the kernel sends *after* `X→CLOSE` (close with unread data, SO_LINGER 0), or at
-//! destroy when no reset follows (graceful close).
+//! it is known: at `X→CLOSE` if a reset was received or an error is set (for an HTTP connection
+//! under `--http`, at the end of the send or receive running then: `payload::on_payload`);
+//! otherwise after the reset the kernel sends *after* `X→CLOSE` (close with unread data,
+//! SO_LINGER 0), or at destroy when no reset follows (graceful close).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use observer_common::{
