@@ -26,10 +26,9 @@ use observer_common::{
 use crate::{
     emit::emit_close,
     maps::{CONFIG, EVENTS, SOCKETS, bump, get},
-    read::{KernelMemory, TypedLoad},
+    read::{KernelMemory, TypedLoad, is_tcp},
 };
 
-const IPPROTO_TCP: u16 = 6;
 /// `MSG_PEEK`: a peek moves no byte out of the stream.
 const MSG_PEEK: i32 = 2;
 
@@ -37,7 +36,7 @@ const MSG_PEEK: i32 = 2;
 /// with `flags` (`MSG_*`); `ret` ≤ 0 is an error or the end of the stream.
 #[inline(always)]
 pub fn on_payload(probe: ProbeId, dir: u8, sk: u64, ret: i32, flags: i32) {
-    if flags & MSG_PEEK != 0 || TypedLoad.read::<u16>(sk, get(&CONFIG.kernel.sock_protocol)) != IPPROTO_TCP {
+    if flags & MSG_PEEK != 0 || !is_tcp(TypedLoad, sk) {
         return;
     }
     // Only connections the state hooks track (an observed namespace, start seen) are followed.

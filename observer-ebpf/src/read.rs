@@ -252,6 +252,16 @@ fn netns_inum(m: impl KernelMemory, base: u64, offset: u32) -> u32 {
     m.read(net, get(&CONFIG.kernel.net_inum))
 }
 
+/// `IPPROTO_TCP`, as `sock.sk_protocol` and the `inet_sock_set_state` record's `protocol` say it.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Whether `sk` is a TCP socket (other protocols pass `inet_sock_set_state` and the socket
+/// send and receive hooks too).
+#[inline(always)]
+pub fn is_tcp(m: impl KernelMemory, sk: u64) -> bool {
+    m.read::<u16>(sk, get(&CONFIG.kernel.sock_protocol)) == IPPROTO_TCP
+}
+
 /// False when a namespace filter is set and `sk` lives elsewhere.
 #[inline(always)]
 pub fn observed_sock(m: impl KernelMemory, sk: u64) -> bool {

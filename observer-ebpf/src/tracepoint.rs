@@ -9,10 +9,10 @@ use observer_common::{ABSENT, ProbeId, REASON_NONE};
 use crate::{
     hooks::{on_accept, on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
-    read::{ProbeRead, field, observed_skb, observed_sock, read_send_reset_endpoints, read_tuple, sock_of_fd},
+    read::{
+        IPPROTO_TCP, ProbeRead, field, observed_skb, observed_sock, read_send_reset_endpoints, read_tuple, sock_of_fd,
+    },
 };
-
-const IPPROTO_TCP: u16 = 6;
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {

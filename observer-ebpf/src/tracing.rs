@@ -18,10 +18,8 @@ use crate::{
     hooks::{on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
     payload::on_payload,
-    read::{KernelMemory, TypedLoad, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
+    read::{KernelMemory, TypedLoad, is_tcp, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
 };
-
-const IPPROTO_TCP: u16 = 6;
 
 /// Pointer argument `n` of the tracepoint (`ctx` is the array of its arguments).
 #[inline(always)]
@@ -34,7 +32,7 @@ fn ptr_arg(ctx: &BtfTracePointContext, n: usize) -> u64 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk = ptr_arg(&ctx, 0);
-    if TypedLoad.read::<u16>(sk, get(&CONFIG.kernel.sock_protocol)) != IPPROTO_TCP || !observed_sock(TypedLoad, sk) {
+    if !is_tcp(TypedLoad, sk) || !observed_sock(TypedLoad, sk) {
         return 0;
     }
     let old = ctx.arg::<i32>(1) as u8;

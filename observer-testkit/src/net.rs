@@ -345,16 +345,7 @@ pub fn counter_changes(
 /// `/proc/PID/net/snmp`.
 pub fn snmp_tcp(snmp: &str, counter: &str) -> anyhow::Result<u64> {
     use anyhow::Context as _;
-    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
-        anyhow::bail!("no Tcp lines in /proc/net/snmp: {snmp}")
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == counter)
-        .and_then(|(_, v)| v.parse().ok())
-        .with_context(|| format!("no {counter} in {names}"))
+    tcp_counters(snmp).get(&format!("Tcp:{counter}")).copied().with_context(|| format!("no Tcp: {counter} in {snmp}"))
 }
 
 impl Drop for NamedNetns {

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use observer_common::{EventKind, PayloadFacts, Role};
+use observer_common::{EventKind, Role};
 
 use crate::{
     attribution::Attribution,
@@ -117,14 +117,12 @@ impl Pipeline {
     }
 }
 
-/// The bytes of a [`PayloadFacts`] tail that crossed: its last `min(total, 8)` (the rest is the
+/// The bytes of a `PayloadFacts` tail that crossed: its last `min(total, 8)` (the rest is the
 /// zero fill of a stream shorter than the tail).
 fn tail(bytes: &[u8; 8], total: u64) -> &[u8] {
     let n = total.min(8) as usize;
     &bytes[8 - n..]
 }
-
-const _: () = assert!(size_of::<[u8; 8]>() == size_of::<u64>() && size_of::<PayloadFacts>() == 48);
 
 /// Property tests: records with valid kind and probe but arbitrary fields (a buggy or hostile
 /// kernel side) go through the whole event path without panicking.
