@@ -20,11 +20,15 @@ use super::{
 /// `observer`: the default back end (`auto`: BTF tracepoints on kernels that allow them);
 /// `observer-http`: the same with the HTTP capture (`--http`; the load's graceful connections
 /// are HTTP/1.1 exchanges, so every one is captured); `observer-tracepoint`: every hook on the
-/// classic tracepoints (`--probes tracepoint`), the back end before BTF tracepoints, for
-/// comparison on the same machine in the same run.
-pub const ARMS: [&str; 6] = ["none", "observer", "observer-http", "observer-tracepoint", "bpftrace", "tcplife"];
+/// classic tracepoints (`--probes tracepoint`), the back end before BTF tracepoints;
+/// `observer-storage`: the default back end with its per-socket state in socket-local storage
+/// (`--socket-store storage`) instead of the hash map; for comparison on the same machine in the
+/// same run.
+pub const ARMS: [&str; 7] =
+    ["none", "observer", "observer-http", "observer-tracepoint", "observer-storage", "bpftrace", "tcplife"];
 /// The arms compared with the baseline.
-const TOOLS: [&str; 5] = ["observer", "observer-http", "observer-tracepoint", "bpftrace", "tcplife"];
+const TOOLS: [&str; 6] =
+    ["observer", "observer-http", "observer-tracepoint", "observer-storage", "bpftrace", "tcplife"];
 
 /// The load generator's name in this benchmark (its `comm`).
 const LOAD: &str = "bench-churn";
@@ -153,7 +157,7 @@ impl Watcher {
 fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun> {
     let mut worker = Worker::spawn(LOAD)?;
     let watcher = match arm {
-        "observer" | "observer-http" | "observer-tracepoint" => {
+        "observer" | "observer-http" | "observer-tracepoint" | "observer-storage" => {
             Watcher::Observer(daemon::start(&setup.observer, &observer_args(arm, &worker.netns.display().to_string()))?)
         }
         "bpftrace" => Watcher::Tool(Tool::bpftrace()?),
@@ -227,13 +231,14 @@ fn run_arm(setup: &Setup, plan: &Plan, arm: &str, round: usize) -> Result<ArmRun
     })
 }
 
-/// The daemon's arguments in arm `arm` (`observer`, `observer-http`, `observer-tracepoint`),
-/// watching `netns`.
+/// The daemon's arguments in arm `arm` (`observer`, `observer-http`, `observer-tracepoint`,
+/// `observer-storage`), watching `netns`.
 pub fn observer_args(arm: &str, netns: &str) -> Vec<String> {
     let mut args = vec!["--netns".to_string(), netns.to_string()];
     match arm {
         "observer-tracepoint" => args.extend(["--probes".to_string(), "tracepoint".to_string()]),
         "observer-http" => args.push("--http".to_string()),
+        "observer-storage" => args.extend(["--socket-store".to_string(), "storage".to_string()]),
         _ => {}
     }
     args

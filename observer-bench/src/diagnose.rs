@@ -55,7 +55,7 @@ pub struct Diagnostics {
 pub fn run(setup: &Setup, plan: &Plan) -> Result<Diagnostics> {
     let previous = fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?.trim().to_string();
     fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
-    let result = ["observer", "observer-http", "observer-tracepoint", "bpftrace"]
+    let result = ["observer", "observer-http", "observer-tracepoint", "observer-storage", "bpftrace"]
         .into_iter()
         .map(|tool| measure(setup, plan, tool).with_context(|| format!("BPF program costs of {tool}")))
         .collect::<Result<Vec<_>>>();
@@ -67,7 +67,7 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Diagnostics> {
 fn measure(setup: &Setup, plan: &Plan, tool: &str) -> Result<ToolCost> {
     let mut worker = Worker::spawn("bench-diag")?;
     let (pid, stop): (u32, Box<dyn FnOnce() -> Result<()>>) = match tool {
-        "observer" | "observer-http" | "observer-tracepoint" => {
+        "observer" | "observer-http" | "observer-tracepoint" | "observer-storage" => {
             let args = super::churn::observer_args(tool, &worker.netns.display().to_string());
             let daemon = daemon::start(&setup.observer, &args)?;
             (daemon.pid, Box::new(move || daemon.stop()))

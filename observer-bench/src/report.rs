@@ -233,7 +233,8 @@ fn churn(o: &mut String, r: &Results) {
          SO_REUSEPORT listeners, server closes first); {:.0} s measured after {:.0} s of warm-up, in a fresh network \
          namespace per run. Arms: **none**; **observer** (`observer run --netns` on that namespace, default back end: BTF tracepoints where \
          the kernel allows them); **observer-http** (the same with `--http`: the HTTP/1.x capture, which sees every \
-         request and response of this load); **observer-tracepoint** (the same with `--probes tracepoint`); **bpftrace** \
+         request and response of this load); **observer-tracepoint** (the same with `--probes tracepoint`); \
+         **observer-storage** (the same with `--socket-store storage`: per-socket state in socket-local storage); **bpftrace** \
          counting on the same six tracepoints; **tcplife** from libbpf-tools (one line per connection, read through \
          a pipe). Every tool run is bracketed by two runs with nothing attached (none, tool, none, tool, ..., \
          none; the tools' order rotates over {} rounds) and compared with the mean of those two, so other load \

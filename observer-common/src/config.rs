@@ -310,6 +310,18 @@ impl PayloadConfig {
     };
 }
 
+/// `ProbeConfig::socket_store`: where the kernel programs keep each socket's
+/// [`SocketInfo`](crate::SocketInfo).
+///
+/// With the BTF tracepoint back end on every socket hook, the entry lives in socket-local storage
+/// (`BPF_MAP_TYPE_SK_STORAGE`, `SOCKET_STORAGE`): on the socket itself, found without a hash
+/// lookup and freed with it. The classic tracepoint and kprobe programs cannot reach it (only
+/// tracing programs may call `bpf_sk_storage_get`), so with them it lives in the `SOCKETS` LRU
+/// hash.
+pub const SOCKET_STORE_HASH: u32 = 0;
+/// See [`SOCKET_STORE_HASH`].
+pub const SOCKET_STORE_LOCAL: u32 = 1;
+
 /// Everything the kernel programs need to know about the running kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,6 +340,8 @@ pub struct ProbeConfig {
     pub kprobe: KprobeArgs,
     pub btf: BtfArgs,
     pub payload: PayloadConfig,
+    /// [`SOCKET_STORE_HASH`] or [`SOCKET_STORE_LOCAL`].
+    pub socket_store: u32,
 }
 
 impl ProbeConfig {
@@ -357,6 +371,7 @@ impl ProbeConfig {
         kprobe: KprobeArgs::ABSENT,
         btf: BtfArgs::ABSENT,
         payload: PayloadConfig::ABSENT,
+        socket_store: SOCKET_STORE_HASH,
     };
 }
 
@@ -388,6 +403,6 @@ mod tests {
         assert_eq!(size_of::<KprobeArgs>(), 3 * 4);
         assert_eq!(size_of::<BtfArgs>(), 4);
         assert_eq!(size_of::<PayloadConfig>(), 16 * 4);
-        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 44 + 3 + 1 + 16) * 4);
+        assert_eq!(size_of::<ProbeConfig>(), (12 + 8 + 8 + 13 + 3 + 44 + 3 + 1 + 16 + 1) * 4);
     }
 }

@@ -231,8 +231,9 @@ impl Default for MessageHead {
     }
 }
 
-/// What the kernel side keeps per socket (the `SOCKETS` map value). Shared because the daemon
-/// reads the map to count open connections by state (`observer_tcp_connections`).
+/// What the kernel side keeps per socket (the `SOCKETS` map value, or the socket's entry in
+/// socket-local storage). Shared because the daemon reads it back to count open connections by
+/// state (`observer_tcp_connections`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketInfo {
@@ -248,7 +249,10 @@ pub struct SocketInfo {
     pub close_state: u8,
     /// Current TCP state.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// 1 once a program has filled the entry in: socket-local storage hands out a zeroed entry
+    /// on first use, and this tells it apart from one that was already there.
+    pub tracked: u8,
+    pub _pad: [u8; 2],
     /// `enum sk_rst_reason` of the RST this host sent for it.
     pub reason: u32,
     pub unread_bytes: u32,
@@ -268,6 +272,9 @@ pub struct SocketInfo {
     /// `--http`: per direction (sent, received), the stream offset up to which chunks continue
     /// the head of the last message begun: `HEAD_CAPTURE` bytes past its start.
     pub head_until: [u64; 2],
+    /// The kernel address of the socket (the `sk` of its events), so that an entry read back
+    /// from socket-local storage, which has no key, can be joined to them.
+    pub sk: u64,
 }
 
 /// Bits of [`SocketEvent::flags`].
@@ -376,7 +383,7 @@ mod tests {
         assert_eq!(offset_of!(SocketInfo, start_ns), 96);
         assert_eq!(offset_of!(SocketInfo, facts), 112);
         assert_eq!(offset_of!(SocketInfo, payload), 160);
-        assert_eq!(size_of::<SocketInfo>(), 224);
+        assert_eq!(size_of::<SocketInfo>(), 232);
     }
 
     #[test]

@@ -8,9 +8,16 @@ use observer_common::{ConnectionFacts, EventKind, PayloadFacts, ProbeId, SocketE
 
 use crate::maps::{EVENTS, bump};
 
-/// Writes one event for `sk`, from its map entry `info`.
+/// Writes one event for `sk`, from its entry `info`, stamped now.
 #[inline(always)]
 pub fn emit(kind: EventKind, probe: ProbeId, sk: u64, state: u8, info: &SocketInfo) {
+    // SAFETY: helper without arguments.
+    emit_at(kind, probe, sk, state, info, unsafe { bpf_ktime_get_ns() });
+}
+
+/// [`emit`], stamped `timestamp_ns` (a clock the caller has already read).
+#[inline(always)]
+pub fn emit_at(kind: EventKind, probe: ProbeId, sk: u64, state: u8, info: &SocketInfo, timestamp_ns: u64) {
     let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
         bump(counter::RING_FULL);
         return;
@@ -24,7 +31,7 @@ pub fn emit(kind: EventKind, probe: ProbeId, sk: u64, state: u8, info: &SocketIn
         (*ev).state = state;
         (*ev).reset_state = info.reset_state;
         (*ev).flags = info.flags;
-        (*ev).timestamp_ns = bpf_ktime_get_ns();
+        (*ev).timestamp_ns = timestamp_ns;
         (*ev).sk = sk;
         (*ev).endpoints = info.endpoints;
         (*ev).owner = info.owner;
@@ -39,12 +46,17 @@ pub fn emit(kind: EventKind, probe: ProbeId, sk: u64, state: u8, info: &SocketIn
     entry.submit(0);
 }
 
-/// Emits the ConnectionClosed owed for `sk`, if any.
+/// Emits the ConnectionClosed owed for `sk`, if any, stamped when the connection reached CLOSE
+/// (`state_since_ns`, read then), not when the close could be classified: no second clock read.
 #[inline(always)]
 pub fn emit_close(probe: ProbeId, sk: u64, info: &mut SocketInfo) {
     if info.close_pending == 0 {
         return;
     }
     info.close_pending = 0;
-    emit(EventKind::ConnectionClosed, probe, sk, info.close_state, info);
+    if info.state_since_ns != 0 {
+        emit_at(EventKind::ConnectionClosed, probe, sk, info.close_state, info, info.state_since_ns);
+    } else {
+        emit(EventKind::ConnectionClosed, probe, sk, info.close_state, info);
+    }
 }

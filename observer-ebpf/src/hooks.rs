@@ -21,16 +21,17 @@
 //! otherwise after the reset the kernel sends *after* `X→CLOSE` (close with unread data,
 //! SO_LINGER 0), or at destroy when no reset follows (graceful close).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use observer_common::{
-    Endpoints, EventKind, ProbeId, Role, SocketEvent, SocketInfo, counter, flags, payload_protocol, tcp_state,
+    AF_INET, AF_INET6, Endpoints, EventKind, ProbeId, Role, SOCKET_STORE_LOCAL, SocketEvent, SocketInfo, counter,
+    flags, payload_protocol, tcp_state,
 };
 
 use crate::{
-    emit::{emit, emit_close},
-    maps::{CONFIG, EVENTS, SOCKETS, bump, get},
-    read::{KernelMemory, ProbeRead, current_owner, kread, read_close, read_sock_endpoints},
-    socket::{create_entry, enter_state, fresh_info, insert_new, known_socket, socket_entry},
+    emit::{emit, emit_at, emit_close},
+    maps::{CONFIG, EVENTS, bump, get},
+    read::{KernelMemory, ProbeRead, current_owner, is_tcp, kread, observed_sock, read_close, read_sock_endpoints},
+    socket::{HashStore, SocketStore, create_entry, enter_state, known_socket, socket_entry, start_entry},
 };
 
 /// `sk` (a TCP socket in an observed namespace) goes from state `old` to `new`. `endpoints`
@@ -43,6 +44,7 @@ use crate::{
 /// clock only where a time is kept (start, CLOSE-WAIT's age, the duration at CLOSE).
 #[inline(always)]
 pub fn on_state_change(
+    s: impl SocketStore,
     m: impl KernelMemory,
     probe: ProbeId,
     sk: u64,
@@ -54,45 +56,41 @@ pub fn on_state_change(
         // A listener's own life: no connection.
         (tcp_state::LISTEN, tcp_state::CLOSE) | (_, tcp_state::LISTEN) => {}
         (tcp_state::CLOSE, tcp_state::SYN_SENT) => {
-            // Inside connect(): process context, the current task owns the socket.
-            let Some(info) = fresh_info() else { return };
-            endpoints(&mut info.endpoints);
+            // Inside connect(): process context, the current task owns the socket. Every
+            // connect() attempt is an opened connection, refused or not: a retry storm shows as
+            // their rate. A socket connected again settles its previous connection first.
+            let start = now();
+            let Some(info) = start_entry(s, sk, Role::Client, start, &endpoints, |previous| {
+                emit_close(probe, sk, previous);
+            }) else {
+                return;
+            };
             info.owner = current_owner();
-            info.role = Role::Client as u8;
-            info.flags = flags::OWNER_FROM_SYSCALL;
-            info.start_ns = now();
-            enter_state(info, new, info.start_ns);
-            // Every connect() attempt is an opened connection, refused or not: a retry storm
-            // shows as their rate. The flag goes into the entry with the insert; the event goes
-            // out after the insert has settled any previous connection on this socket.
-            info.flags |= flags::OPEN_REPORTED;
-            insert_connection(probe, sk, info);
-            emit(EventKind::ConnectionOpened, probe, sk, info.state, info);
+            info.flags = flags::OWNER_FROM_SYSCALL | flags::OPEN_REPORTED;
+            enter_state(info, new, start);
+            emit_at(EventKind::ConnectionOpened, probe, sk, info.state, info, start);
         }
         (tcp_state::LISTEN, tcp_state::SYN_RECV) => {
             // A child cloned from a listener, in softirq: the owner is learned at accept().
             // (Only the tracepoints see this: the kernel sets SYN_RECV without tcp_set_state().)
-            let Some(info) = fresh_info() else { return };
-            endpoints(&mut info.endpoints);
-            info.role = Role::Server as u8;
-            info.start_ns = now();
-            enter_state(info, new, info.start_ns);
-            insert_new(sk, info);
+            let start = now();
+            let Some(info) = start_entry(s, sk, Role::Server, start, &endpoints, |_| {}) else { return };
+            enter_state(info, new, start);
         }
         (_, tcp_state::ESTABLISHED) => {
-            let info = match known_socket(m, sk) {
+            let info = match known_socket(s, m, sk) {
                 Some(info) => info,
                 // A child whose LISTEN→SYN_RECV was not seen: always so with the kprobe back end
                 // (inet_csk_clone_lock() sets SYN_RECV directly), or the daemon started between.
                 // Only passive opens leave SYN_RECV for ESTABLISHED on a socket new to us.
                 None if old == tcp_state::SYN_RECV => {
                     let start = now();
-                    let Some(info) = create_entry(sk, |_| {}, Role::Server, start) else { return };
+                    let Some(info) = create_entry(s, sk, |_| {}, Role::Server, start) else { return };
                     enter_state(info, old, start);
                     info
                 }
                 None => {
-                    let Some(info) = create_entry(sk, |_| {}, Role::Unknown, 0) else { return };
+                    let Some(info) = create_entry(s, sk, |_| {}, Role::Unknown, 0) else { return };
                     info
                 }
             };
@@ -102,7 +100,7 @@ pub fn on_state_change(
             enter_state(info, new, 0);
         }
         (_, tcp_state::CLOSE) => {
-            let Some(info) = socket_entry(m, sk, &endpoints) else { return };
+            let Some(info) = socket_entry(s, m, sk, &endpoints) else { return };
             if info.endpoints.remote_port == 0 || info.endpoints.local_port == 0 {
                 endpoints(&mut info.endpoints);
             }
@@ -125,7 +123,7 @@ pub fn on_state_change(
             // FIN_WAIT*, CLOSE_WAIT, LAST_ACK, CLOSING, ...: follow the state of every socket,
             // including ones that predate the daemon (owner unknown). Only CLOSE-WAIT's age is
             // reported (a leak waits there), so only it reads the clock.
-            if let Some(info) = socket_entry(m, sk, &endpoints) {
+            if let Some(info) = socket_entry(s, m, sk, &endpoints) {
                 enter_state(info, new, if new == tcp_state::CLOSE_WAIT { now() } else { 0 });
             }
         }
@@ -139,29 +137,16 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Inserts the entry of a connection `connect()` starts on `sk`. A socket connected again
-/// (after a failed attempt) starts a new connection: the previous one is settled first. The
-/// insert is tried first because that is the common case: no lookup before it.
-#[inline(always)]
-fn insert_connection(probe: ProbeId, sk: u64, info: &SocketInfo) {
-    if SOCKETS.insert(&sk, info, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
-    match SOCKETS.get_ptr_mut(&sk) {
-        Some(previous) => {
-            // SAFETY: see known_socket.
-            let previous = unsafe { &mut *previous };
-            emit_close(probe, sk, previous);
-            *previous = *info;
-        }
-        None => bump(counter::SOCKET_MAP_FULL),
-    }
-}
-
 /// The kernel resets `sk` (an observed socket) because of an RST: `tcp_reset()`.
 #[inline(always)]
-pub fn on_reset_received(m: impl KernelMemory, probe: ProbeId, sk: u64, endpoints: impl Fn(&mut Endpoints)) {
-    let Some(info) = socket_entry(m, sk, endpoints) else { return };
+pub fn on_reset_received(
+    s: impl SocketStore,
+    m: impl KernelMemory,
+    probe: ProbeId,
+    sk: u64,
+    endpoints: impl Fn(&mut Endpoints),
+) {
+    let Some(info) = socket_entry(s, m, sk, endpoints) else { return };
     info.flags |= flags::RESET_RECEIVED;
     info.reset_state = m.read(sk, get(&CONFIG.kernel.sock_state));
     emit(EventKind::ResetReceived, probe, sk, info.reset_state, info);
@@ -172,6 +157,7 @@ pub fn on_reset_received(m: impl KernelMemory, probe: ProbeId, sk: u64, endpoint
 /// track; `local` is the RST's sender (this host).
 #[inline(always)]
 pub fn on_reset_sent(
+    s: impl SocketStore,
     m: impl KernelMemory,
     probe: ProbeId,
     sk: u64,
@@ -182,7 +168,7 @@ pub fn on_reset_sent(
     // A full socket we track: the reset is its owner's. Anything else (no socket, a TIME_WAIT
     // or request minisock, a listener) is reported with its endpoints and no owner.
     if sk != 0
-        && let Some(info) = known_socket(m, sk)
+        && let Some(info) = known_socket(s, m, sk)
     {
         info.flags |= flags::RESET_SENT;
         info.reason = reason;
@@ -214,11 +200,10 @@ pub fn on_reset_sent(
 
 /// `sk` is destroyed: its last event.
 #[inline(always)]
-pub fn on_destroy(probe: ProbeId, sk: u64) {
-    if let Some(info) = SOCKETS.get_ptr_mut(&sk) {
-        // SAFETY: see known_socket.
-        emit_close(probe, sk, unsafe { &mut *info });
-        let _ = SOCKETS.remove(&sk);
+pub fn on_destroy(s: impl SocketStore, probe: ProbeId, sk: u64) {
+    if let Some(info) = s.find(sk) {
+        emit_close(probe, sk, info);
+        s.forget(sk);
     }
 }
 
@@ -226,14 +211,22 @@ pub fn on_destroy(probe: ProbeId, sk: u64) {
 /// connection counts as opened. `adopt` creates the entry when the socket is new to us, for
 /// callers that know `sk` is a TCP child. Both accept programs hold `sk` as an untyped address
 /// (read from the fd table, or a kretprobe's return value): probe reads.
+///
+/// Where the socket's entry is in socket-local storage (`CONFIG.store`), which these programs
+/// cannot reach, the `ConnectionOpened` is built from the socket itself and the entry keeps no
+/// owner: the daemon joins the owner to the connection's later events by `sk`.
 #[inline(always)]
 pub fn on_accept(probe: ProbeId, sk: u64, adopt: bool) {
-    let info = match SOCKETS.get_ptr_mut(&sk) {
-        // SAFETY: see known_socket.
-        Some(info) => unsafe { &mut *info },
+    if get(&CONFIG.socket_store) == SOCKET_STORE_LOCAL {
+        report_accept(probe, sk);
+        return;
+    }
+    let info = match HashStore.find(sk) {
+        Some(info) => info,
         None if adopt => {
             let now = now();
-            let Some(info) = create_entry(sk, |e| read_sock_endpoints(ProbeRead, sk, e), Role::Server, now) else {
+            let Some(info) = create_entry(HashStore, sk, |e| read_sock_endpoints(ProbeRead, sk, e), Role::Server, now)
+            else {
                 return;
             };
             enter_state(info, kread(sk, get(&CONFIG.kernel.sock_state)), now);
@@ -247,6 +240,40 @@ pub fn on_accept(probe: ProbeId, sk: u64, adopt: bool) {
     info.role = Role::Server as u8;
     info.flags |= flags::OWNER_FROM_SYSCALL;
     report_open(probe, sk, info);
+}
+
+/// The `ConnectionOpened` of a socket `accept()` returned, from the socket's own members: the
+/// accept programs are handed any kind of socket, so only TCP over IPv4/IPv6 is reported.
+#[inline(always)]
+fn report_accept(probe: ProbeId, sk: u64) {
+    if !is_tcp(ProbeRead, sk) || !observed_sock(ProbeRead, sk) {
+        return;
+    }
+    let family: u16 = kread(sk, get(&CONFIG.kernel.sock_family));
+    if family != AF_INET && family != AF_INET6 {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        bump(counter::RING_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
+    unsafe {
+        *ev = SocketEvent {
+            kind: EventKind::ConnectionOpened as u16,
+            probe: probe as u16,
+            role: Role::Server as u8,
+            state: kread(sk, get(&CONFIG.kernel.sock_state)),
+            flags: flags::OWNER_FROM_SYSCALL | flags::OPEN_REPORTED,
+            timestamp_ns: now(),
+            sk,
+            owner: current_owner(),
+            ..SocketEvent::default()
+        };
+        read_sock_endpoints(ProbeRead, sk, &mut (*ev).endpoints);
+    }
+    entry.submit(0);
 }
 
 /// Emits the connection's `ConnectionOpened`, once: the first time its owner is known from the

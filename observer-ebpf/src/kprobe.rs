@@ -14,6 +14,7 @@ use crate::{
     hooks::{on_accept, on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
     read::{ProbeRead, kread, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
+    socket::HashStore,
 };
 
 /// A pointer argument of a kprobed function (0 if absent).
@@ -52,7 +53,9 @@ pub fn tcp_set_state(ctx: ProbeContext) -> u32 {
     // Called before the state is stored: the socket still holds the old one.
     let old: u8 = kread(sk, get(&CONFIG.kernel.sock_state));
     let new = ctx.arg::<i32>(1).unwrap_or(0) as u8;
-    on_state_change(ProbeRead, ProbeId::TcpSetState, sk, old, new, |e| read_sock_endpoints(ProbeRead, sk, e));
+    on_state_change(HashStore, ProbeRead, ProbeId::TcpSetState, sk, old, new, |e| {
+        read_sock_endpoints(ProbeRead, sk, e)
+    });
     0
 }
 
@@ -62,7 +65,7 @@ pub fn tcp_reset(ctx: ProbeContext) -> u32 {
     if sk == 0 || !observed_sock(ProbeRead, sk) {
         return 0;
     }
-    on_reset_received(ProbeRead, ProbeId::TcpReset, sk, |e| read_sock_endpoints(ProbeRead, sk, e));
+    on_reset_received(HashStore, ProbeRead, ProbeId::TcpReset, sk, |e| read_sock_endpoints(ProbeRead, sk, e));
     0
 }
 
@@ -76,7 +79,9 @@ pub fn tcp_send_active_reset(ctx: ProbeContext) -> u32 {
     }
     let reason = reason_arg(&ctx, get(&CONFIG.kprobe.active_reset_reason));
     let state: u8 = kread(sk, get(&CONFIG.kernel.sock_state));
-    on_reset_sent(ProbeRead, ProbeId::TcpSendActiveReset, sk, reason, state, |e| read_sock_endpoints(ProbeRead, sk, e));
+    on_reset_sent(HashStore, ProbeRead, ProbeId::TcpSendActiveReset, sk, reason, state, |e| {
+        read_sock_endpoints(ProbeRead, sk, e)
+    });
     0
 }
 
@@ -107,7 +112,7 @@ fn passive_reset(ctx: &ProbeContext, probe: ProbeId, reason_index: u32) -> u32 {
     // the same as the segment's, so take the segment's.
     let full =
         sk != 0 && state != tcp_state::LISTEN && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV;
-    on_reset_sent(ProbeRead, probe, sk, reason, state, |e| {
+    on_reset_sent(HashStore, ProbeRead, probe, sk, reason, state, |e| {
         if full { read_sock_endpoints(ProbeRead, sk, e) } else { read_skb_endpoints(skb, e) }
     });
     0
@@ -127,7 +132,7 @@ pub fn tcp_v6_send_reset(ctx: ProbeContext) -> u32 {
 /// through `tcp_v6_destroy_sock()` before), the function that fires `tcp:tcp_destroy_sock`.
 #[kprobe]
 pub fn tcp_v4_destroy_sock(ctx: ProbeContext) -> u32 {
-    on_destroy(ProbeId::TcpV4DestroySock, ptr_arg(&ctx, 0));
+    on_destroy(HashStore, ProbeId::TcpV4DestroySock, ptr_arg(&ctx, 0));
     0
 }
 

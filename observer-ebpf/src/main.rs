@@ -27,11 +27,12 @@
 //!    `bpf_probe_read_kernel` per read elsewhere.
 //! 3. [`hooks`]: the logic both back ends share, one `on_*` function per hook; it decides what
 //!    to remember and what to report. [`payload`]: the HTTP capture's (`--http`).
-//! 4. [`socket`]: the per-socket state (`SocketInfo` in `SOCKETS`): lookup, creation, adoption of
-//!    a start-up seed from `SEEDS`, the state it follows.
+//! 4. [`socket`]: the per-socket state (`SocketInfo`, in the `SOCKETS` hash or, with
+//!    `--socket-store storage`, in socket-local storage): lookup, creation, adoption of a start-up
+//!    seed from `SEEDS`, the state it follows.
 //! 5. [`emit`]: writes a tracked socket's `SocketEvent` into the ring buffer (`on_reset_sent`
 //!    writes the one for a reset without a tracked socket itself).
-//! 6. [`maps`]: the maps (`EVENTS`, `SOCKETS`, `SEEDS`, `SCRATCH`, `COUNTERS`) and the `CONFIG`
+//! 6. [`maps`]: the maps (`EVENTS`, `SOCKETS`, `SOCKET_STORAGE`, `SEEDS`, `COUNTERS`) and the `CONFIG`
 //!    global all of the above use.
 //!
 //! Record offsets (tracepoints), struct offsets and argument positions (kprobes) come from the

@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use observer_common::{ProbeConfig, SocketInfo, counter};
@@ -13,15 +14,21 @@ use observer_common::{ProbeConfig, SocketInfo, counter};
 #[unsafe(no_mangle)]
 pub static CONFIG: ProbeConfig = ProbeConfig::ABSENT;
 
-/// Per-socket state, keyed by the kernel address of `struct sock`. LRU so a socket we never see
-/// destroyed (e.g. created before a restart) cannot fill it; the size is set by the daemon.
+/// Per-socket state on the socket itself (socket-local storage), for the BTF tracepoint
+/// programs: see `socket::LocalStore`. No size: an entry per tracked socket, freed with it.
+#[btf_map]
+pub static SOCKET_STORAGE: SkStorage<SocketInfo> = SkStorage::new();
+
+/// Per-socket state for the classic tracepoint and kprobe programs, keyed by the kernel address
+/// of `struct sock`. LRU so a socket we never see destroyed (e.g. created before a restart)
+/// cannot fill it; the size is set by the daemon (1 entry when the storage above is used).
 #[map]
 pub static SOCKETS: LruHashMap<u64, SocketInfo> = LruHashMap::with_max_entries(65536, 0);
 
 /// Sockets that were open before the daemon started, keyed by socket cookie: the daemon fills it
 /// at start-up from the kernel's socket table (sock_diag, which also assigns every socket its
 /// cookie) with the owner it found in /proc. A socket we have not seen is looked up here at its
-/// first event and adopted into `SOCKETS` (`socket::known_socket`). Not preallocated: it is
+/// first event and adopted into the socket's entry (`socket::known_socket`). Not preallocated: it is
 /// empty on most nodes.
 #[map]
 pub static SEEDS: HashMap<u64, SocketInfo> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
@@ -29,11 +36,6 @@ pub static SEEDS: HashMap<u64, SocketInfo> = HashMap::with_max_entries(65536, BP
 /// The one ring buffer every event goes through; the size is set by the daemon.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
-
-/// Room to build a new [`SocketInfo`] before inserting it: it does not fit on the 512-byte BPF
-/// stack next to everything else.
-#[map]
-pub static SCRATCH: PerCpuArray<SocketInfo> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters (`observer_common::counter`): a full ring is counted here, never silent.
 #[map]

@@ -19,14 +19,15 @@
 
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_user, bpf_task_pt_regs};
 use observer_common::{
-    ABSENT, EventKind, HEAD_CAPTURE, MessageHead, PayloadFacts, ProbeId, SocketInfo, counter, direction,
-    payload_protocol, tcp_state,
+    ABSENT, EventKind, HEAD_CAPTURE, MessageHead, PayloadFacts, ProbeId, SOCKET_STORE_LOCAL, SocketInfo, counter,
+    direction, payload_protocol, tcp_state,
 };
 
 use crate::{
     emit::emit_close,
-    maps::{CONFIG, EVENTS, SOCKETS, bump, get},
+    maps::{CONFIG, EVENTS, bump, get},
     read::{KernelMemory, TypedLoad, is_tcp},
+    socket::{HashStore, LocalStore, SocketStore},
 };
 
 /// `MSG_PEEK`: a peek moves no byte out of the stream.
@@ -39,10 +40,10 @@ pub fn on_payload(probe: ProbeId, dir: u8, sk: u64, ret: i32, flags: i32) {
     if flags & MSG_PEEK != 0 || !is_tcp(TypedLoad, sk) {
         return;
     }
-    // Only connections the state hooks track (an observed namespace, start seen) are followed.
-    let Some(info) = SOCKETS.get_ptr_mut(&sk) else { return };
-    // SAFETY: map values live as long as the entry.
-    let info = unsafe { &mut *info };
+    // Only connections the state hooks track (an observed namespace, start seen) are followed,
+    // in whichever store they use (`CONFIG` is frozen: the verifier keeps one branch).
+    let found = if get(&CONFIG.socket_store) == SOCKET_STORE_LOCAL { LocalStore.find(sk) } else { HashStore.find(sk) };
+    let Some(info) = found else { return };
     if info.payload.protocol == payload_protocol::OTHER {
         return;
     }

@@ -12,6 +12,7 @@ use crate::{
     read::{
         IPPROTO_TCP, ProbeRead, field, observed_skb, observed_sock, read_send_reset_endpoints, read_tuple, sock_of_fd,
     },
+    socket::HashStore,
 };
 
 #[tracepoint]
@@ -31,7 +32,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let old = field::<i32>(&ctx, get(&f.oldstate)) as u8;
     let new = field::<i32>(&ctx, get(&f.newstate)) as u8;
-    on_state_change(ProbeRead, ProbeId::InetSockSetState, sk, old, new, |e| *e = read_tuple(&ctx, &f.tuple));
+    on_state_change(HashStore, ProbeRead, ProbeId::InetSockSetState, sk, old, new, |e| *e = read_tuple(&ctx, &f.tuple));
     0
 }
 
@@ -42,7 +43,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if !observed_sock(ProbeRead, sk) {
         return 0;
     }
-    on_reset_received(ProbeRead, ProbeId::TcpReceiveReset, sk, |e| *e = read_tuple(&ctx, f));
+    on_reset_received(HashStore, ProbeRead, ProbeId::TcpReceiveReset, sk, |e| *e = read_tuple(&ctx, f));
     0
 }
 
@@ -56,13 +57,15 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     }
     let reason = if get(&f.reason) != ABSENT { field::<u32>(&ctx, get(&f.reason)) } else { REASON_NONE };
     let state = field::<i32>(&ctx, get(&f.state)) as u8;
-    on_reset_sent(ProbeRead, ProbeId::TcpSendReset, sk, reason, state, |e| read_send_reset_endpoints(&ctx, e));
+    on_reset_sent(HashStore, ProbeRead, ProbeId::TcpSendReset, sk, reason, state, |e| {
+        read_send_reset_endpoints(&ctx, e)
+    });
     0
 }
 
 #[tracepoint]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    on_destroy(ProbeId::TcpDestroySock, field(&ctx, get(&CONFIG.destroy_sock.skaddr)));
+    on_destroy(HashStore, ProbeId::TcpDestroySock, field(&ctx, get(&CONFIG.destroy_sock.skaddr)));
     0
 }
 

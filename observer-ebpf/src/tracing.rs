@@ -12,14 +12,30 @@
 //! and receives, for `payload`.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use observer_common::{ProbeId, REASON_NONE, direction, tcp_state};
+use observer_common::{ProbeId, REASON_NONE, SOCKET_STORE_LOCAL, direction, tcp_state};
 
 use crate::{
     hooks::{on_destroy, on_reset_received, on_reset_sent, on_state_change},
     maps::{CONFIG, get},
     payload::on_payload,
     read::{KernelMemory, TypedLoad, is_tcp, observed_skb, observed_sock, read_skb_endpoints, read_sock_endpoints},
+    socket::{HashStore, LocalStore},
 };
+
+/// Runs `$body` with `$store` bound to the store `CONFIG` names: the `SOCKETS` hash (the
+/// default) or socket-local storage (`--socket-store storage`). `CONFIG` is frozen, so the
+/// verifier keeps one branch and the other costs nothing.
+macro_rules! with_store {
+    ($store:ident => $body:expr) => {
+        if get(&CONFIG.socket_store) == SOCKET_STORE_LOCAL {
+            let $store = LocalStore;
+            $body
+        } else {
+            let $store = HashStore;
+            $body
+        }
+    };
+}
 
 /// Pointer argument `n` of the tracepoint (`ctx` is the array of its arguments).
 #[inline(always)]
@@ -37,7 +53,9 @@ pub fn btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
     let old = ctx.arg::<i32>(1) as u8;
     let new = ctx.arg::<i32>(2) as u8;
-    on_state_change(TypedLoad, ProbeId::BtfInetSockSetState, sk, old, new, |e| read_sock_endpoints(TypedLoad, sk, e));
+    with_store!(s => on_state_change(s, TypedLoad, ProbeId::BtfInetSockSetState, sk, old, new, |e| {
+        read_sock_endpoints(TypedLoad, sk, e)
+    }));
     0
 }
 
@@ -47,7 +65,9 @@ pub fn btf_tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     if sk == 0 || !observed_sock(TypedLoad, sk) {
         return 0;
     }
-    on_reset_received(TypedLoad, ProbeId::BtfTcpReceiveReset, sk, |e| read_sock_endpoints(TypedLoad, sk, e));
+    with_store!(s => on_reset_received(s, TypedLoad, ProbeId::BtfTcpReceiveReset, sk, |e| {
+        read_sock_endpoints(TypedLoad, sk, e)
+    }));
     0
 }
 
@@ -75,15 +95,16 @@ pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let full = sk != 0
         && (skb == 0
             || (state != tcp_state::LISTEN && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV));
-    on_reset_sent(TypedLoad, ProbeId::BtfTcpSendReset, sk, reason, state, |e| {
+    with_store!(s => on_reset_sent(s, TypedLoad, ProbeId::BtfTcpSendReset, sk, reason, state, |e| {
         if full { read_sock_endpoints(TypedLoad, sk, e) } else { read_skb_endpoints(skb, e) }
-    });
+    }));
     0
 }
 
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
-    on_destroy(ProbeId::BtfTcpDestroySock, ptr_arg(&ctx, 0));
+    let sk = ptr_arg(&ctx, 0);
+    with_store!(s => on_destroy(s, ProbeId::BtfTcpDestroySock, sk));
     0
 }
 

@@ -3,9 +3,15 @@
 //! [`Attributed`]: the series key the event counts under (no strings on the event path), the
 //! owner's container identity, and whether the owner is unknown.
 
-use std::{fs, ops::RangeInclusive, sync::Arc};
+use std::{
+    collections::HashMap,
+    fs,
+    ops::RangeInclusive,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
-use observer_common::{Role, SocketEvent};
+use observer_common::{EventKind, Owner, Role, SocketEvent, flags};
 
 use crate::{
     container::{Container, SharedResolver},
@@ -97,6 +103,70 @@ impl Attribution {
     }
 }
 
+/// Accepted sockets whose owner the kernel's entry lacks, by `sk`. With socket-local storage
+/// (the BTF back end) the accept programs, classic tracepoints, cannot write the socket's entry:
+/// they report the owner in the connection's `ConnectionOpened`, and the daemon joins it here
+/// to the socket's later events ([`AcceptedOwners::complete`]) and to the connection-state scan
+/// ([`AcceptedOwners::owner_of`]). An owner goes with the connection's `ConnectionClosed`, or
+/// when a scan no longer finds the socket (a close lost to a full ring buffer).
+#[derive(Debug, Default)]
+pub struct AcceptedOwners {
+    owners: Mutex<HashMap<u64, (Owner, Instant)>>,
+}
+
+/// Accepted connections open at once whose owner is remembered (about 64 bytes each); beyond
+/// that, a connection's later events go unattributed, as they would without the join.
+const MAX_ACCEPTED_OWNERS: usize = 1 << 20;
+
+impl AcceptedOwners {
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Owner, Instant)>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers the owner an accept program reported, or gives a later event of the same
+    /// socket the owner it lacks (the owner goes with the connection's close).
+    pub fn complete(&self, event: &mut SocketEvent) {
+        if event.sk == 0 || event.role != Role::Server as u8 {
+            return;
+        }
+        if event.owner.tgid != 0 {
+            if event.kind == EventKind::ConnectionOpened as u16 && event.flags & flags::OWNER_FROM_SYSCALL != 0 {
+                let mut owners = self.owners();
+                if owners.len() < MAX_ACCEPTED_OWNERS || owners.contains_key(&event.sk) {
+                    owners.insert(event.sk, (event.owner, Instant::now()));
+                }
+            }
+            return;
+        }
+        let mut owners = self.owners();
+        let owner = if event.kind == EventKind::ConnectionClosed as u16 {
+            owners.remove(&event.sk).map(|(owner, _)| owner)
+        } else {
+            owners.get(&event.sk).map(|(owner, _)| *owner)
+        };
+        if let Some(owner) = owner {
+            event.owner = owner;
+            event.flags |= flags::OWNER_FROM_SYSCALL;
+        }
+    }
+
+    /// The owner of accepted socket `sk`, for the connection-state scan.
+    pub fn owner_of(&self, sk: u64) -> Option<Owner> {
+        self.owners().get(&sk).map(|(owner, _)| *owner)
+    }
+
+    /// Forgets the owners of sockets a scan that started at `scan_start` did not find
+    /// (`live`): they are gone. Owners remembered since the scan started are kept.
+    pub fn retain_live(&self, live: &std::collections::HashSet<u64>, scan_start: Instant) {
+        self.owners().retain(|sk, (_, since)| *since >= scan_start || live.contains(sk));
+    }
+
+    /// Owners remembered now.
+    pub fn count(&self) -> usize {
+        self.owners().len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -153,6 +223,55 @@ mod tests {
         assert_eq!(labels(Role::Unknown, 9999, 45000)[3], "9999");
         assert_eq!(labels(Role::Unknown, 40000, 45000)[3], "");
         assert_eq!(labels(Role::Unknown, 40000, 45000)[1], "");
+    }
+
+    #[test]
+    fn accepted_owner_joins_the_sockets_later_events_until_its_close() {
+        let owners = AcceptedOwners::default();
+        let accepted = event(Role::Server, 8080, 45000);
+        let opened = SocketEvent {
+            kind: EventKind::ConnectionOpened as u16,
+            flags: flags::OWNER_FROM_SYSCALL | flags::OPEN_REPORTED,
+            ..accepted
+        };
+        owners.complete(&mut opened.clone());
+        let ownerless =
+            |kind: EventKind| SocketEvent { kind: kind as u16, owner: Owner::default(), flags: 0, ..accepted };
+        let mut reset = ownerless(EventKind::ResetReceived);
+        owners.complete(&mut reset);
+        assert_eq!((reset.owner, reset.flags), (accepted.owner, flags::OWNER_FROM_SYSCALL));
+        assert_eq!(owners.owner_of(accepted.sk), Some(accepted.owner), "the scan sees it too");
+        let mut closed = ownerless(EventKind::ConnectionClosed);
+        owners.complete(&mut closed);
+        assert_eq!(closed.owner, accepted.owner);
+        assert_eq!(owners.count(), 0, "the owner goes with the close");
+        let mut after = ownerless(EventKind::ConnectionClosed);
+        owners.complete(&mut after);
+        assert_eq!(after.owner, Owner::default());
+        let mut client = SocketEvent { role: Role::Client as u8, ..ownerless(EventKind::ResetReceived) };
+        owners.complete(&mut opened.clone());
+        owners.complete(&mut client);
+        assert_eq!(client.owner, Owner::default(), "only server sockets are joined");
+    }
+
+    #[test]
+    fn a_scan_forgets_owners_of_sockets_gone_before_it_started() {
+        let owners = AcceptedOwners::default();
+        let opened = |sk| SocketEvent {
+            kind: EventKind::ConnectionOpened as u16,
+            flags: flags::OWNER_FROM_SYSCALL,
+            sk,
+            ..event(Role::Server, 8080, 45000)
+        };
+        owners.complete(&mut opened(1));
+        owners.complete(&mut opened(2));
+        let scan_start = Instant::now();
+        owners.complete(&mut opened(3));
+        owners.retain_live(&[2].into_iter().collect(), scan_start);
+        assert_eq!(
+            (owners.owner_of(1), owners.owner_of(2).is_some(), owners.owner_of(3).is_some()),
+            (None, true, true)
+        );
     }
 
     #[test]

@@ -1,22 +1,31 @@
 //! Open connections by TCP state, per process: `observer_tcp_connections` and
 //! `observer_tcp_close_wait_oldest_seconds`, for leaks and pool exhaustion.
 //!
-//! The kernel programs already follow every socket's state in the `SOCKETS` map (owner, role,
-//! state and since when), so the daemon reads that map every [`SCAN_INTERVAL`] instead of
-//! sending every state change through the ring buffer. A process that never closes sockets its
-//! peers have closed shows a growing CLOSE-WAIT count and age.
+//! The kernel programs already follow every socket's state (owner, role, state and since when),
+//! in socket-local storage or the `SOCKETS` map ([`SocketSource`]), so the daemon reads it every
+//! [`SCAN_INTERVAL`] instead of sending every state change through the ring buffer. A process
+//! that never closes sockets its peers have closed shows a growing CLOSE-WAIT count and age.
+//! In socket-local storage an accepted socket's entry has no owner: it comes from
+//! [`AcceptedOwners`], which the scan also clears of sockets that are gone.
 //!
 //! Connections opened before the daemon started are in the `SEEDS` map (see [`crate::seed`])
 //! until their next event moves them into `SOCKETS`; both are counted, each connection once.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    os::fd::AsFd as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use observer_common::{SocketInfo, tcp_state};
+use observer_common::{Role, SocketInfo, tcp_state};
 
 use crate::{
+    attribution::AcceptedOwners,
     container::SharedResolver,
     pods::Pods,
+    probes::SocketSource,
     series::{comm_text, role_text, tcp_state_value},
 };
 
@@ -27,9 +36,11 @@ pub type ByState = BTreeMap<(String, &'static str, &'static str, String), i64>;
 /// (comm, container) → seconds the oldest CLOSE-WAIT socket has waited.
 pub type OldestCloseWait = BTreeMap<(String, String), f64>;
 
-/// The kernel's per-socket maps, read from user space.
+/// The kernel's per-socket state, read from user space.
 pub struct SocketTable {
-    sockets: BpfHashMap<MapData, u64, SocketInfo>,
+    sockets: SocketSource,
+    /// Owners of accepted sockets, where `sockets` is socket-local storage.
+    accepted: Arc<AcceptedOwners>,
     seeds: BpfHashMap<MapData, u64, SocketInfo>,
     /// The daemon's one cgroup resolver, shared with the event path.
     resolver: SharedResolver,
@@ -40,18 +51,48 @@ pub struct SocketTable {
 
 impl SocketTable {
     pub fn new(
-        sockets: BpfHashMap<MapData, u64, SocketInfo>,
+        sockets: SocketSource,
+        accepted: Arc<AcceptedOwners>,
         seeds: BpfHashMap<MapData, u64, SocketInfo>,
         resolver: SharedResolver,
         pods: Arc<Pods>,
     ) -> Self {
-        Self { sockets, seeds, resolver, pods }
+        Self { sockets, accepted, seeds, resolver, pods }
     }
 
-    /// One pass over both maps. Entries that vanish while we iterate are skipped.
+    /// Every tracked socket's entry, owners joined. Entries that vanish while we read are
+    /// skipped.
+    fn tracked(&self) -> Vec<SocketInfo> {
+        match &self.sockets {
+            SocketSource::Hash(map) => values(map),
+            SocketSource::Storage { map, netns } => {
+                let scan_start = Instant::now();
+                let (mut infos, failures) = crate::sock_diag::read_storage(map.fd().as_fd(), *netns);
+                if let Some(first) = failures.first() {
+                    log::warn!(
+                        "reading socket storage failed in {} network namespaces; first: {first}",
+                        failures.len()
+                    );
+                }
+                let live: HashSet<u64> = infos.iter().map(|i| i.sk).collect();
+                self.accepted.retain_live(&live, scan_start);
+                for info in &mut infos {
+                    if info.owner.tgid == 0
+                        && info.role == Role::Server as u8
+                        && let Some(owner) = self.accepted.owner_of(info.sk)
+                    {
+                        info.owner = owner;
+                    }
+                }
+                infos
+            }
+        }
+    }
+
+    /// One pass over the sockets and the seeds.
     pub fn scan(&mut self) -> (ByState, OldestCloseWait) {
         let now = monotonic_ns();
-        let tracked: Vec<SocketInfo> = values(&self.sockets);
+        let tracked: Vec<SocketInfo> = self.tracked();
         // A connection opened while the daemon was starting can be both tracked and seeded (its
         // seed is then never adopted): count it once, by its endpoints.
         let known: std::collections::HashSet<_> = tracked.iter().map(endpoints_key).collect();

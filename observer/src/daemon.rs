@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     aggregate::Limits,
     api::ConfigSetting,
-    attribution::Attribution,
+    attribution::{AcceptedOwners, Attribution},
     connections::{self, SocketTable},
     container::{self, SharedResolver},
     http,
@@ -157,8 +157,11 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     // The first scan before going ready, so the first scrape already has the gauges.
     let scan_resolver = resolver.clone();
     let scan_pods = state.pods.clone();
+    let joins_owners = sockets.owners_joined_by_daemon();
+    let accepted = Arc::new(AcceptedOwners::default());
+    let scan_accepted = accepted.clone();
     let table = tokio::task::spawn_blocking(move || {
-        let mut table = SocketTable::new(sockets, seeds, scan_resolver, scan_pods);
+        let mut table = SocketTable::new(sockets, scan_accepted, seeds, scan_resolver, scan_pods);
         let (by_state, oldest) = table.scan();
         (table, by_state, oldest)
     })
@@ -183,6 +186,9 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let pod_names = spawn_pod_names(&options.pods, state.clone())?;
     let event_writer = options.log_events.then(|| spawn_event_writer(state.clone()));
     let mut pipeline = Pipeline::new(reasons, Attribution::for_host(resolver, state.pods.clone()), state.clone());
+    if joins_owners {
+        pipeline = pipeline.with_accepted_owners(accepted);
+    }
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which only happens through this AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring_buffer) }

@@ -42,6 +42,7 @@ pub mod query;
 pub mod reasons;
 pub mod seed;
 pub mod series;
+pub mod sock_diag;
 pub mod state;
 pub mod top;
 

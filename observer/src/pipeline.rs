@@ -1,5 +1,5 @@
 //! One ring buffer record, from bytes to metrics and the event log, in one direction:
-//! [`decode`] → (`--http`: [`Exchanges`], for a closed connection's [`Verdict`]) → [`classify`]
+//! [`decode`] → (socket-local storage: the accepted socket's owner, [`AcceptedOwners`]) → (`--http`: [`Exchanges`], for a closed connection's [`Verdict`]) → [`classify`]
 //! → [`Attribution::attribute`] → [`Metrics::record`] (which counts it in the
 //! [`crate::aggregate::Aggregator`]) and [`crate::event_log::EventLog::record`].
 //! [`crate::exposition`] renders what was counted when `/metrics` is scraped. A message head
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use observer_common::{EventKind, Role};
 
 use crate::{
-    attribution::Attribution,
+    attribution::{AcceptedOwners, Attribution},
     classify::classify,
     decode::{Event, Head, Record, decode},
     exchange::{Close, Exchanges, HeadChunk, Heads, Verdict},
@@ -36,6 +36,8 @@ pub struct Pipeline {
     /// A message head has come (`--http` is on and saw HTTP): until then a close costs no
     /// lookup in the tables above.
     http_seen: bool,
+    /// With socket-local storage: the owners of accepted sockets, joined to their events here.
+    accepted: Option<Arc<AcceptedOwners>>,
     state: Arc<DaemonState>,
 }
 
@@ -47,15 +49,23 @@ impl Pipeline {
             heads: Heads::default(),
             exchanges: Exchanges::new(MAX_EXCHANGES),
             http_seen: false,
+            accepted: None,
             state,
         }
+    }
+
+    /// Joins accepted sockets' owners to their events (the kernel's entries lack them: see
+    /// [`AcceptedOwners`]).
+    pub fn with_accepted_owners(mut self, owners: Arc<AcceptedOwners>) -> Self {
+        self.accepted = Some(owners);
+        self
     }
 
     /// Handles one ring buffer record. A record that does not decode is counted in
     /// `observer_events_malformed_total` and dropped; nothing here panics on what the kernel
     /// hands over.
     pub fn handle(&mut self, record: &[u8]) {
-        let event = match decode(record) {
+        let mut event = match decode(record) {
             Ok(Record::Event(event)) => event,
             Ok(Record::Head(head)) => return self.head(&head),
             Err(e) => {
@@ -64,6 +74,9 @@ impl Pipeline {
                 return;
             }
         };
+        if let Some(accepted) = &self.accepted {
+            accepted.complete(&mut event.raw);
+        }
         let http = (self.http_seen && event.kind == EventKind::ConnectionClosed)
             .then(|| self.close_exchange(&event))
             .flatten();

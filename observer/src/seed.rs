@@ -2,32 +2,25 @@
 //!
 //! The kernel programs learn a socket's owner when it connects or is accepted, which for a
 //! connection opened before the daemon started has already happened. So at start-up the daemon
-//! dumps every TCP socket of every network namespace with sock_diag (the netlink interface `ss`
-//! uses), finds each socket's process through `/proc/PID/fd`, and puts what it knows into the
-//! programs' `SEEDS` map, keyed by socket cookie. sock_diag assigns every socket its cookie as it
+//! dumps every TCP socket of every network namespace with sock_diag ([`crate::sock_diag`]),
+//! finds each socket's process through `/proc/PID/fd`, and puts what it knows into the programs'
+//! `SEEDS` map, keyed by socket cookie. sock_diag assigns every socket its cookie as it
 //! dumps it; a program that meets a socket it does not know reads the cookie from the socket and
 //! adopts the seed. The connection-state gauges count seeds not yet adopted, so they are right
 //! from the first scrape.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fs,
-    net::IpAddr,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::PathBuf,
-};
+use std::{collections::HashMap, fs, net::IpAddr, os::unix::fs::MetadataExt as _, path::PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::{
-    SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+    constants::AF_INET,
+    inet::{InetResponseHeader, StateFlags},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 use observer_common::{
     AF_INET as AF_INET_U16, AF_INET6 as AF_INET6_U16, Endpoints, Owner, Role, SocketInfo, TASK_COMM_LEN, tcp_state,
 };
+
+use crate::sock_diag::{dump_in_namespace, namespaces, pids};
 
 /// What start-up seeding found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -59,8 +52,8 @@ pub fn seed(map: &mut BpfHashMap<MapData, u64, SocketInfo>, netns_filter: Option
         if netns_filter.is_some_and(|f| u64::from(f) != inode) {
             continue;
         }
-        let sockets = match dump_in_namespace(pid) {
-            Ok(sockets) => sockets,
+        let sockets = match dump_in_namespace(pid, StateFlags::all(), None) {
+            Ok(sockets) => sockets.into_iter().map(|s| s.header).collect::<Vec<_>>(),
             // The process left, and perhaps its namespace with it: nothing to list.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
@@ -133,23 +126,6 @@ fn mapped(addr: IpAddr) -> [u8; 16] {
     }
 }
 
-/// One process per network namespace: (namespace inode, pid).
-fn namespaces() -> BTreeMap<u64, u32> {
-    let mut found = BTreeMap::new();
-    for pid in pids() {
-        if let Ok(meta) = fs::metadata(format!("/proc/{pid}/ns/net")) {
-            found.entry(meta.ino()).or_insert(pid);
-        }
-    }
-    found
-}
-
-fn pids() -> Vec<u32> {
-    fs::read_dir("/proc")
-        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-        .unwrap_or_default()
-}
-
 /// Socket inode → the process holding it, from every process's fd table (what `ss -p` does).
 fn socket_holders() -> HashMap<u32, Holder> {
     let cgroup_root = fs::read_to_string("/proc/self/mountinfo").ok().and_then(|m| crate::container::cgroup2_mount(&m));
@@ -188,75 +164,6 @@ fn process(pid: u32, cgroup_root: Option<&PathBuf>) -> Holder {
     Holder { tgid: pid, comm, cgroup_id }
 }
 
-/// Every TCP socket of the namespace `pid` lives in, from a thread that joins it.
-fn dump_in_namespace(pid: u32) -> std::io::Result<Vec<InetResponseHeader>> {
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on this short-lived thread only; the fd is open.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let mut all = dump(AF_INET)?;
-                all.extend(dump(AF_INET6)?);
-                Ok(all)
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("the sock_diag thread panicked"))?
-    })
-}
-
-/// One sock_diag dump of TCP sockets of `family` in the current namespace.
-fn dump(family: u8) -> std::io::Result<Vec<InetResponseHeader>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
-    let mut request = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::all(),
-            socket_id,
-        })
-        .into(),
-    );
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
-
-    let mut sockets = Vec::new();
-    let mut receive = vec![0u8; 1 << 16];
-    loop {
-        let size = socket.recv(&mut &mut receive[..], 0)?;
-        let mut offset = 0;
-        while offset < size {
-            let message = <NetlinkMessage<SockDiagMessage>>::deserialize(&receive[offset..size])
-                .map_err(|e| std::io::Error::other(format!("decoding a sock_diag answer: {e}")))?;
-            match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => sockets.push(response.header),
-                NetlinkPayload::Done(_) => return Ok(sockets),
-                NetlinkPayload::Error(e) => return Err(std::io::Error::other(format!("sock_diag: {e:?}"))),
-                _ => {}
-            }
-            let len = message.header.length as usize;
-            if len == 0 {
-                break;
-            }
-            offset += len;
-        }
-        if size == 0 {
-            return Ok(sockets);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -265,6 +172,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::sock_diag::dump;
 
     #[test]
     fn sock_diag_lists_a_connection_with_its_cookie_and_its_holder() {
@@ -273,7 +181,11 @@ mod tests {
         let client = TcpStream::connect(("127.0.0.1", port)).expect("a connection");
         let (mut server, _) = listener.accept().expect("accepted");
         let client_port = client.local_addr().expect("client address").port();
-        let sockets = dump(AF_INET).expect("sock_diag works as root");
+        let sockets: Vec<InetResponseHeader> = dump(AF_INET, StateFlags::all(), None)
+            .expect("sock_diag works as root")
+            .into_iter()
+            .map(|s| s.header)
+            .collect();
         let theirs: Vec<&InetResponseHeader> = sockets
             .iter()
             .filter(|s| s.socket_id.source_port == client_port && s.socket_id.destination_port == port)

@@ -627,17 +627,19 @@ enum Outcome {
     NoMarker { why: String },
 }
 
-/// The guest kernel's command line. `OBSERVER_PROBES` from the host (`kprobe` to test the kprobe
-/// back end) travels on it: the kernel hands `KEY=value` words it does not know to init as
-/// environment variables, and the tests and the daemon read it from there.
+/// The guest kernel's command line. `OBSERVER_PROBES` and `OBSERVER_SOCKET_STORE` from the host
+/// (`kprobe` to test the kprobe back end, `storage` socket-local storage) travel on it: the
+/// kernel hands `KEY=value` words it does not know to init as environment variables, and the
+/// tests and the daemon read them from there.
 fn kernel_command_line() -> String {
     let mut line = String::from("console=ttyS0 panic=-1 quiet");
-    if let Ok(probes) = std::env::var("OBSERVER_PROBES")
-        && !probes.is_empty()
-        && probes.chars().all(|c| c.is_ascii_alphanumeric())
-    {
-        line.push_str(" OBSERVER_PROBES=");
-        line.push_str(&probes);
+    for key in ["OBSERVER_PROBES", "OBSERVER_SOCKET_STORE"] {
+        if let Ok(value) = std::env::var(key)
+            && !value.is_empty()
+            && value.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            line.push_str(&format!(" {key}={value}"));
+        }
     }
     line
 }

@@ -7,7 +7,7 @@ use observer::{
     aggregate::Limits,
     api::ConfigSetting,
     daemon::{self, CriSocket, DaemonOptions, PodOptions},
-    probes::{ProbeMode, ProbeOptions},
+    probes::{ProbeMode, ProbeOptions, SocketStore},
 };
 
 use super::logging::LogFormat;
@@ -47,6 +47,12 @@ pub struct RunArgs {
     /// (auto), or one back end for every hook.
     #[arg(long, value_name = "BACKEND", value_enum, default_value_t = ProbeMode::Auto, env = "OBSERVER_PROBES")]
     pub probes: ProbeMode,
+    /// Where the kernel programs keep each socket's state: a preallocated hash map of
+    /// --max-sockets entries (hash, the cheapest per connection), or socket-local storage on the
+    /// socket itself (storage: no size limit and no eviction, memory only for open sockets, but
+    /// a kernel allocation per connection; BPF tracepoints only, see BENCHMARKS.md).
+    #[arg(long, value_name = "STORE", value_enum, default_value_t = SocketStore::Hash, env = "OBSERVER_SOCKET_STORE")]
+    pub socket_store: SocketStore,
     /// Have the kernel count each program's runs and run time (BPF_ENABLE_STATS; adds two clock
     /// reads per run) and export them as observer_probe_runs_total and
     /// observer_probe_run_seconds_total. Also exported, without the flag, while the sysctl
@@ -163,6 +169,7 @@ pub async fn run(args: RunArgs, config: BTreeMap<String, ConfigSetting>) -> anyh
             max_sockets: args.max_sockets,
             netns,
             mode: args.probes,
+            socket_store: args.socket_store,
             http: args.http,
         },
         limits: Limits { max_peers: args.max_peers as usize, max_series: args.max_series as usize },

@@ -24,9 +24,12 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, KProbe, TracePoint},
 };
-use observer_common::{ABSENT, AttachPoint, Backend, Hook, KernelOffsets, ProbeConfig, ProbeId, counter};
+use observer_common::{
+    ABSENT, AttachPoint, Backend, Hook, KernelOffsets, ProbeConfig, ProbeId, SOCKET_STORE_HASH, SOCKET_STORE_LOCAL,
+    counter,
+};
 
-pub use self::select::ProbeMode;
+pub use self::select::{ProbeMode, SocketStore};
 use self::{
     btf::KernelBtf,
     select::Unavailable,
@@ -55,6 +58,8 @@ pub enum LoadError {
     NetnsFilter(String),
     #[error("--http cannot follow HTTP exchanges on this kernel: {0}. Run without --http (every other metric works)")]
     HttpCapture(String),
+    #[error("--socket-store storage cannot be used here: {0}. Run with --socket-store hash (the default)")]
+    SocketStorage(String),
     #[error("kernel map {0} is missing from the eBPF object (build mismatch)")]
     MissingMap(&'static str),
     #[error("opening kernel map {name}: {source}")]
@@ -72,6 +77,8 @@ pub struct ProbeOptions {
     pub netns: Option<u32>,
     /// `--probes`: the back end of every hook, or `auto` to pick per hook.
     pub mode: ProbeMode,
+    /// `--socket-store`: where the programs keep per-socket state.
+    pub socket_store: SocketStore,
     /// `--http`: attach the HTTP capture programs too.
     pub http: bool,
 }
@@ -141,14 +148,34 @@ pub struct LoadedProbes {
     pub degraded: Vec<String>,
     pub ring_buffer: RingBuf<MapData>,
     pub counters: KernelCounters,
-    /// The programs' per-socket map (owner, role, state): read for the connection-state gauges.
-    pub sockets: BpfHashMap<MapData, u64, observer_common::SocketInfo>,
+    /// The programs' per-socket state (owner, role, state): read for the connection-state
+    /// gauges.
+    pub sockets: SocketSource,
     /// Sockets found open at start-up, by cookie, for the programs to adopt (`seed` module).
     pub seeds: BpfHashMap<MapData, u64, observer_common::SocketInfo>,
     /// Forwards the programs' aya-log messages to the daemon's log; poll it when readable.
-    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub logger: Option<KernelLogger>,
     /// Owns the programs and their links: dropping it detaches and unloads them.
     pub ebpf: Ebpf,
+}
+
+/// Forwards the programs' aya-log messages to the daemon's log.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// Where the daemon reads the programs' per-socket state from: socket-local storage when the
+/// BTF tracepoints serve every socket hook (read back through sock_diag, in the observed
+/// namespace or all of them), else the `SOCKETS` hash.
+pub enum SocketSource {
+    Storage { map: MapData, netns: Option<u32> },
+    Hash(BpfHashMap<MapData, u64, observer_common::SocketInfo>),
+}
+
+impl SocketSource {
+    /// In socket-local storage, an accepted socket's entry has no owner: the accept programs
+    /// cannot reach it, so the daemon joins the owner from their `ConnectionOpened`.
+    pub fn owners_joined_by_daemon(&self) -> bool {
+        matches!(self, Self::Storage { .. })
+    }
 }
 
 /// Per-CPU counters kept by the programs (ring full, socket map full).
@@ -195,6 +222,13 @@ pub struct KernelSetup {
 /// Where the kernel lists its kprobe PMU (4.17+); older kernels create kprobes in tracefs.
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 const KALLSYMS: &str = "/proc/kallsyms";
+
+/// The BTF tracepoint programs of the socket hooks (all but the HTTP capture's): with
+/// `--socket-store storage` they keep each socket's state where the other back ends' programs
+/// cannot reach it, so they must serve all four socket hooks (see [`load`]).
+fn btf_socket_programs() -> impl Iterator<Item = ProbeId> {
+    ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf && !HTTP_CAPTURE.contains(p))
+}
 
 /// Reads record layouts, BTF and the kernel's kprobe support into a configuration and the list
 /// of programs that cannot be attached.
@@ -400,19 +434,34 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
         config.netns_filter = inum;
     }
 
-    let mut ebpf = load_object(&config, options.ring_buffer_bytes, options.max_sockets)?;
-    // Must be initialised before the programs load: it owns the log map they reference.
-    let logger = aya_log::EbpfLogger::init(&mut ebpf)
-        .inspect_err(|e| log::warn!("kernel-side log messages unavailable: {e}"))
-        .ok();
+    // Where the programs keep per-socket state is fixed when the object is loaded (`CONFIG`).
+    // Socket-local storage is reachable from the BTF tracepoint programs alone, so it needs them
+    // on all four socket hooks.
+    let storage = options.socket_store == SocketStore::Storage;
+    if storage {
+        if !matches!(options.mode, ProbeMode::Auto | ProbeMode::Btf) {
+            return Err(LoadError::SocketStorage(format!(
+                "only the BTF tracepoint programs can reach it, and --probes {} asks for other ones",
+                options.mode.name()
+            )));
+        }
+        if let Some((probe, why)) = btf_socket_programs().find_map(|p| unavailable.get(&p).map(|why| (p, why))) {
+            return Err(LoadError::SocketStorage(format!("{}: {why}", probe.name())));
+        }
+    }
+    config.socket_store = if storage { SOCKET_STORE_LOCAL } else { SOCKET_STORE_HASH };
+    let (mut ebpf, logger) = load_with_logger(&config, &options)?;
 
     // The BTF tracepoint programs are loaded against the kernel's BTF (aya's own parse of it,
     // dropped once everything is attached). `auto` uses one only where the kernel loads it: the
     // programs are loaded here, before the choice, and one the kernel refuses leaves its hook
-    // to the tracepoints.
+    // to the tracepoints (or, with --socket-store storage, stops the start).
     let program_btf = match matches!(options.mode, ProbeMode::Auto | ProbeMode::Btf).then(aya::Btf::from_sys_fs) {
         Some(Ok(btf)) => Some(btf),
         Some(Err(e)) => {
+            if storage {
+                return Err(LoadError::SocketStorage(format!("the BTF tracepoint programs need the kernel's BTF: {e}")));
+            }
             for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
                 unavailable.entry(probe).or_insert_with(|| format!("reading the kernel's BTF to load it: {e}"));
             }
@@ -421,12 +470,15 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
         None => None,
     };
     if options.mode == ProbeMode::Auto {
-        for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
-            if unavailable.contains_key(&probe) || HTTP_CAPTURE.contains(&probe) {
+        for probe in btf_socket_programs() {
+            if unavailable.contains_key(&probe) {
                 continue;
             }
             if let Err(e) = load_program(&mut ebpf, probe, program_btf.as_ref()) {
                 log::info!("BTF tracepoint program {} does not load here: {e}", probe.name());
+                if storage {
+                    return Err(LoadError::SocketStorage(format!("{}: {}", probe.name(), e.summary())));
+                }
                 unavailable.insert(probe, format!("the kernel does not load it: {}", e.summary()));
             }
         }
@@ -509,8 +561,19 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
     let ring_buffer = RingBuf::try_from(ring_buffer).map_err(|source| LoadError::Map { name: "EVENTS", source })?;
     let counters = ebpf.take_map("COUNTERS").ok_or(LoadError::MissingMap("COUNTERS"))?;
     let counters = PerCpuArray::try_from(counters).map_err(|source| LoadError::Map { name: "COUNTERS", source })?;
-    let sockets = ebpf.take_map("SOCKETS").ok_or(LoadError::MissingMap("SOCKETS"))?;
-    let sockets = BpfHashMap::try_from(sockets).map_err(|source| LoadError::Map { name: "SOCKETS", source })?;
+    let sockets = match config.socket_store {
+        SOCKET_STORE_LOCAL => {
+            let map = ebpf.take_map("SOCKET_STORAGE").ok_or(LoadError::MissingMap("SOCKET_STORAGE"))?;
+            let aya::maps::Map::SkStorage(map) = map else { return Err(LoadError::MissingMap("SOCKET_STORAGE")) };
+            SocketSource::Storage { map, netns: options.netns }
+        }
+        _ => {
+            let sockets = ebpf.take_map("SOCKETS").ok_or(LoadError::MissingMap("SOCKETS"))?;
+            SocketSource::Hash(
+                BpfHashMap::try_from(sockets).map_err(|source| LoadError::Map { name: "SOCKETS", source })?,
+            )
+        }
+    };
     let seeds = ebpf.take_map("SEEDS").ok_or(LoadError::MissingMap("SEEDS"))?;
     let seeds = BpfHashMap::try_from(seeds).map_err(|source| LoadError::Map { name: "SEEDS", source })?;
     Ok(LoadedProbes {
@@ -524,6 +587,18 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
         logger,
         ebpf,
     })
+}
+
+/// Loads the object, with the logger that forwards its programs' messages (initialised before
+/// the programs load: it owns the log map they reference). The `SOCKETS` hash shrinks to one
+/// entry when socket-local storage holds the state instead.
+fn load_with_logger(config: &ProbeConfig, options: &ProbeOptions) -> Result<(Ebpf, Option<KernelLogger>), LoadError> {
+    let max_sockets = if config.socket_store == SOCKET_STORE_LOCAL { 1 } else { options.max_sockets };
+    let mut ebpf = load_object(config, options.ring_buffer_bytes, max_sockets)?;
+    let logger = aya_log::EbpfLogger::init(&mut ebpf)
+        .inspect_err(|e| log::warn!("kernel-side log messages unavailable: {e}"))
+        .ok();
+    Ok((ebpf, logger))
 }
 
 /// Why nothing could be attached: each distinct error once, with the probes it stopped.

@@ -39,6 +39,28 @@ impl ProbeMode {
     }
 }
 
+/// `--socket-store`: where the kernel programs keep each socket's state
+/// (`ProbeConfig::socket_store`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketStore {
+    /// The `SOCKETS` hash map, preallocated (`--max-sockets` entries, least recently used ones
+    /// evicted): the cheapest per connection, with every back end.
+    #[default]
+    Hash,
+    /// Socket-local storage: on the socket, freed with it, no size limit; allocated per
+    /// connection. The BTF tracepoint back end only.
+    Storage,
+}
+
+impl SocketStore {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hash => "hash",
+            Self::Storage => "storage",
+        }
+    }
+}
+
 /// Why each program cannot be attached on the running kernel (absent: it can be tried).
 pub type Unavailable = BTreeMap<ProbeId, String>;
 

@@ -273,6 +273,64 @@ pub fn close_wait_leak() -> Result<(), Failed> {
     Ok(())
 }
 
+/// `--socket-store storage`: each socket's state lives on the socket, out of the accept programs'
+/// reach, and the gauges read it back through sock_diag. The accepted sockets' owner, joined by
+/// the daemon, still names the leaking server in the gauges and in its closes; and the store
+/// refuses the back ends that cannot reach it.
+pub fn socket_storage_keeps_owners_and_gauges_exact() -> Result<(), Failed> {
+    let s = scenario(Mode::LeakCloseWait, 31, "t31-stg-srv", "t31-stg-cli");
+    let mut ns = s.prepare()?;
+    let daemon = start_daemon(&["--netns", &ns.path, "--socket-store", "storage"])?;
+    let (_, body) = daemon.get("/api/v1/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    if status["config"]["socket_store"]["value"] != "storage" {
+        return Err(format!("status does not show socket_store=storage: {}", status["config"]).into());
+    }
+    ns.start_leak(N)?;
+    let n = N as u64;
+    let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "close_wait")];
+    let m = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) >= n as f64)?;
+    let got = gauge(&m, "observer_tcp_connections", &leaking);
+    if got != n as f64 {
+        return Err(format!("CLOSE-WAIT sockets of the leaking server: got {got}, want {n}").into());
+    }
+    if gauge(&m, "observer_tcp_close_wait_oldest_seconds", &[("comm", s.server_comm)]) <= 0.0 {
+        return Err("no oldest CLOSE-WAIT age for the leaking server".into());
+    }
+    check(
+        "connections the server accepted",
+        m.sum("observer_tcp_connections_opened_total", &[("comm", s.server_comm), ("role", "server")]),
+        n,
+    )?;
+    ns.end_leak()?;
+    ns.release()?;
+    let server = s.server_labels();
+    let m = daemon.settled_metrics(&s.peers(), |m| m.sum(CLOSES, &[("comm", s.server_comm)]) >= n)?;
+    check("server closes, owner joined by the daemon", m.sum(CLOSES, &server), n)?;
+    check("server abandoned", m.sum(PREMATURE, &with(&server, ("kind", "abandoned"))), n)
+        .map_err(|e| format!("{}; all kinds: {}", e.message().unwrap_or_default(), kinds(&m, s.server_comm)))?;
+    check("client closes", m.sum(CLOSES, &s.client_labels()), n)?;
+    check("events about sockets of unknown owner", m.sum("observer_events_unattributed_total", &[]), 0)?;
+    check("sockets without an entry", m.sum("observer_sockets_untracked_total", &[]), 0)?;
+    let gone = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) == 0.0)?;
+    if gauge(&gone, "observer_tcp_connections", &leaking) != 0.0 {
+        return Err("CLOSE-WAIT sockets still counted after the server closed them".into());
+    }
+
+    let refused = std::process::Command::new(crate::support::OBSERVER)
+        .args(["run", "--listen", "127.0.0.1:0", "--socket-store", "storage", "--probes", "tracepoint"])
+        .output()
+        .map_err(|e| format!("running observer run: {e}"))?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    if refused.status.code() != Some(1)
+        || !err.contains("--socket-store storage cannot be used here")
+        || !err.contains("--probes tracepoint")
+    {
+        return Err(format!("--socket-store storage --probes tracepoint: {:?}, stderr: {err}", refused.status).into());
+    }
+    Ok(())
+}
+
 /// Connections open before the daemon starts: seeded from the kernel's socket table, so the
 /// gauges are right at the first scrape and their closes are counted for their owner.
 pub fn connections_open_before_start() -> Result<(), Failed> {

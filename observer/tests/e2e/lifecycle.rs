@@ -101,8 +101,10 @@ pub fn status_command() -> Result<(), Failed> {
 /// `--probes tracepoint` runs every hook on tracepoints, `--probes btf` every hook but accept on
 /// BTF tracepoints.
 pub fn forced_back_end() -> Result<(), Failed> {
+    // The kprobe and tracepoint programs keep per-socket state in the hash, whatever the suite's
+    // OBSERVER_SOCKET_STORE says.
     if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
-        let daemon = start_daemon(&["--probes", "kprobe"])?;
+        let daemon = start_daemon(&["--probes", "kprobe", "--socket-store", "hash"])?;
         let (_, body) = daemon.get("/api/v1/status")?;
         let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
         let probes = status["probes"].as_array().ok_or("probes is not a list")?;
@@ -115,7 +117,7 @@ pub fn forced_back_end() -> Result<(), Failed> {
         }
     } else {
         let out = Command::new(OBSERVER)
-            .args(["run", "--listen", "127.0.0.1:0", "--probes", "kprobe"])
+            .args(["run", "--listen", "127.0.0.1:0", "--probes", "kprobe", "--socket-store", "hash"])
             .output()
             .map_err(|e| e.to_string())?;
         let err = String::from_utf8_lossy(&out.stderr);
@@ -127,7 +129,7 @@ pub fn forced_back_end() -> Result<(), Failed> {
             return Err(format!("--probes kprobe without kprobes: {} / {err}", out.status).into());
         }
     }
-    let daemon = start_daemon(&["--probes", "tracepoint"])?;
+    let daemon = start_daemon(&["--probes", "tracepoint", "--socket-store", "hash"])?;
     let (_, body) = daemon.get("/api/v1/status")?;
     let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("status JSON: {e}: {body}"))?;
     let probes = status["probes"].as_array().ok_or("probes is not a list")?;

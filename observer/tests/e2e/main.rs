@@ -75,6 +75,10 @@ fn main() {
         Trial::test("a_received_reset_names_the_sending_process_and_its_reason", intelligence::cause_pairing),
         Trial::test("close_wait_leak_shows_in_connection_gauges_and_oldest_age", intelligence::close_wait_leak),
         Trial::test(
+            "socket_storage_keeps_owners_and_gauges_exact",
+            intelligence::socket_storage_keeps_owners_and_gauges_exact,
+        ),
+        Trial::test(
             "connections_open_before_start_are_seeded_from_the_socket_table",
             intelligence::connections_open_before_start,
         ),
