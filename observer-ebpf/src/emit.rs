@@ -1,10 +1,9 @@
 //! Writing the events of sockets with a map entry: each [`SocketEvent`] is built in place in the
 //! ring buffer ([`EVENTS`]), since the BPF stack is too small for copies; a full ring is counted
-//! per CPU, never silent. (The one event without an entry, a reset sent for a segment or a
-//! socket we do not track, is written by `hooks::on_reset_sent` the same way.)
+//! per CPU, never silent. Events without an entry ([`emit_detached`]) go the same way.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use observer_common::{ConnectionFacts, EventKind, PayloadFacts, ProbeId, SocketEvent, SocketInfo, counter};
+use observer_common::{ConnectionFacts, Endpoints, EventKind, PayloadFacts, ProbeId, SocketEvent, SocketInfo, counter};
 
 use crate::maps::{EVENTS, bump};
 
@@ -59,4 +58,22 @@ pub fn emit_close(probe: ProbeId, sk: u64, info: &mut SocketInfo) {
     } else {
         emit(EventKind::ConnectionClosed, probe, sk, info.close_state, info);
     }
+}
+
+/// Writes an event that has no entry behind it (a reset for a segment or a socket we do not
+/// track; an accepted socket whose entry the accept programs cannot reach): `event` as given,
+/// with the endpoints `endpoints` fills in.
+#[inline(always)]
+pub fn emit_detached(event: SocketEvent, endpoints: impl FnOnce(&mut Endpoints)) {
+    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
+        bump(counter::RING_FULL);
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
+    unsafe {
+        *ev = event;
+        endpoints(&mut (*ev).endpoints);
+    }
+    entry.submit(0);
 }

@@ -23,13 +23,13 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use observer_common::{
-    AF_INET, AF_INET6, Endpoints, EventKind, ProbeId, Role, SOCKET_STORE_LOCAL, SocketEvent, SocketInfo, counter,
-    flags, payload_protocol, tcp_state,
+    AF_INET, AF_INET6, Endpoints, EventKind, ProbeId, Role, SOCKET_STORE_LOCAL, SocketEvent, SocketInfo, flags,
+    payload_protocol, tcp_state,
 };
 
 use crate::{
-    emit::{emit, emit_at, emit_close},
-    maps::{CONFIG, EVENTS, bump, get},
+    emit::{emit, emit_at, emit_close, emit_detached},
+    maps::{CONFIG, get},
     read::{KernelMemory, ProbeRead, current_owner, is_tcp, kread, observed_sock, read_close, read_sock_endpoints},
     socket::{HashStore, SocketStore, create_entry, enter_state, known_socket, socket_entry, start_entry},
 };
@@ -179,14 +179,8 @@ pub fn on_reset_sent(
         emit_close(probe, sk, info);
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
-        bump(counter::RING_FULL);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
-    unsafe {
-        *ev = SocketEvent {
+    emit_detached(
+        SocketEvent {
             kind: EventKind::ResetSent as u16,
             probe: probe as u16,
             state,
@@ -195,10 +189,9 @@ pub fn on_reset_sent(
             sk,
             reason,
             ..SocketEvent::default()
-        };
-        endpoints(&mut (*ev).endpoints);
-    }
-    entry.submit(0);
+        },
+        endpoints,
+    );
 }
 
 /// `sk` is destroyed: its last event.
@@ -256,14 +249,8 @@ fn report_accept(probe: ProbeId, sk: u64) {
     if family != AF_INET && family != AF_INET6 {
         return;
     }
-    let Some(mut entry) = EVENTS.reserve::<SocketEvent>(0) else {
-        bump(counter::RING_FULL);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
-    unsafe {
-        *ev = SocketEvent {
+    emit_detached(
+        SocketEvent {
             kind: EventKind::ConnectionOpened as u16,
             probe: probe as u16,
             role: Role::Server as u8,
@@ -273,10 +260,9 @@ fn report_accept(probe: ProbeId, sk: u64) {
             sk,
             owner: current_owner(),
             ..SocketEvent::default()
-        };
-        read_sock_endpoints(ProbeRead, sk, &mut (*ev).endpoints);
-    }
-    entry.submit(0);
+        },
+        |e| read_sock_endpoints(ProbeRead, sk, e),
+    );
 }
 
 /// Emits the connection's `ConnectionOpened`, once: the first time its owner is known from the

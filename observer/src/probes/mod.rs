@@ -460,7 +460,9 @@ pub fn load(options: ProbeOptions) -> Result<LoadedProbes, LoadError> {
         Some(Ok(btf)) => Some(btf),
         Some(Err(e)) => {
             if storage {
-                return Err(LoadError::SocketStorage(format!("the BTF tracepoint programs need the kernel's BTF: {e}")));
+                return Err(LoadError::SocketStorage(format!(
+                    "the BTF tracepoint programs need the kernel's BTF: {e}"
+                )));
             }
             for probe in ProbeId::ALL.into_iter().filter(|p| p.backend() == Backend::Btf) {
                 unavailable.entry(probe).or_insert_with(|| format!("reading the kernel's BTF to load it: {e}"));
