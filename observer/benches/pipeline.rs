@@ -81,15 +81,150 @@ fn record(i: u32, shape: u32, peer: u32, port: u32) -> Vec<u8> {
         },
         ..SocketEvent::default()
     };
+    bytes_of(&event)
+}
+
+/// The bytes of one record as the kernel writes them.
+fn bytes_of(event: &SocketEvent) -> Vec<u8> {
     // SAFETY: SocketEvent is repr(C), plain old data without padding (observer-common's layout
     // tests pin this).
-    unsafe { std::slice::from_raw_parts((&event as *const SocketEvent).cast::<u8>(), size_of::<SocketEvent>()) }
-        .to_vec()
+    unsafe { std::slice::from_raw_parts((event as *const SocketEvent).cast::<u8>(), size_of::<SocketEvent>()) }.to_vec()
 }
 
 fn records(n: u32) -> Vec<Vec<u8>> {
     // 40 peers on 8 ports.
     (0..n).map(|i| record(i, i, i % 40, i % 8)).collect()
+}
+
+/// Connections in the churn case: enough that the event log's closers (one per connection,
+/// the FIN closer's) fill their table to its bound and every new one evicts the oldest, as at
+/// 16,000 connections/s, where two seconds of closers are 32,000.
+const CHURN_CONNECTIONS: u32 = 40_000;
+
+/// A cgroup tree with one cgroup, standing in for the cgroup2 mount: its id (the inode) resolves
+/// from the cache after the first event, as a live workload's cgroup does.
+fn churn_cgroup() -> (Attribution, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::env::temp_dir().join(format!("observer-bench-cgroup-{}", std::process::id()));
+    let cgroup = root.join("churn.scope");
+    std::fs::create_dir_all(&cgroup).expect("creating the bench's cgroup tree in the temp dir");
+    let id = std::fs::metadata(&cgroup).expect("the bench's cgroup dir exists").ino();
+    let resolver = Arc::new(Mutex::new(CgroupResolver::with_root(root)));
+    (Attribution::new(32768..=60999, resolver, Default::default()), id)
+}
+
+/// Loopback connection churn, as a load generator makes it: connection `c` is opened (the
+/// client's connect and the server's accept), one request and response cross, the client closes
+/// first with a FIN and then the server: four events, every close graceful, every flow distinct
+/// (client addresses 127.0.x.y, ports 32768..60999), one event every 15.6 µs (16,000
+/// connections/s).
+fn churn_records(connections: u32, cgroup_id: u64) -> Vec<Vec<u8>> {
+    const CONNECTION_NS: u64 = 62_500;
+    let server = (v4([127, 0, 0, 1]), 8080u16);
+    let ports = 60_999 - 32_768 + 1;
+    let mut out = Vec::with_capacity(connections as usize * 4);
+    for c in 0..connections {
+        let client = (v4([127, 0, (c / ports / 256) as u8, 2 + (c / ports % 250) as u8]), (32_768 + c % ports) as u16);
+        let opened_ns = u64::from(c) * CONNECTION_NS;
+        let sk = 0xffff_8881_0000_0000 + u64::from(c) * 4096;
+        let event = |kind: EventKind,
+                     probe: ProbeId,
+                     role: Role,
+                     at: u64,
+                     sk: u64,
+                     local: ([u8; 16], u16),
+                     remote: ([u8; 16], u16),
+                     comm: &[u8],
+                     states: &[u8],
+                     state: u8| {
+            let mut comm_bytes = [0u8; 16];
+            comm_bytes[..comm.len()].copy_from_slice(comm);
+            let closed = kind == EventKind::ConnectionClosed;
+            SocketEvent {
+                kind: kind as u16,
+                probe: probe as u16,
+                role: role as u8,
+                state,
+                flags: flags::OWNER_FROM_SYSCALL,
+                timestamp_ns: opened_ns + at,
+                sk,
+                endpoints: Endpoints {
+                    local_addr: local.0,
+                    local_port: local.1,
+                    remote_addr: remote.0,
+                    remote_port: remote.1,
+                    family: observer_common::AF_INET,
+                    _pad: 0,
+                },
+                owner: Owner {
+                    cgroup_id,
+                    tgid: if role == Role::Client { 4711 } else { 4712 },
+                    comm: comm_bytes,
+                    _pad: 0,
+                },
+                facts: if closed {
+                    ConnectionFacts {
+                        duration_ns: 40_000,
+                        bytes_received: 128,
+                        bytes_sent: 128,
+                        srtt_us: 10,
+                        data_segs_in: 1,
+                        data_segs_out: 1,
+                        states_seen: states.iter().fold(0, |seen, s| seen | 1 << s),
+                        ..ConnectionFacts::default()
+                    }
+                } else {
+                    ConnectionFacts::default()
+                },
+                ..SocketEvent::default()
+            }
+        };
+        use tcp_state::{CLOSE_WAIT, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, LAST_ACK, TIME_WAIT};
+        let (opened, closed) = (EventKind::ConnectionOpened, EventKind::ConnectionClosed);
+        for e in [
+            event(opened, ProbeId::InetSockSetState, Role::Client, 0, sk, client, server, b"loadgen", &[], ESTABLISHED),
+            event(
+                opened,
+                ProbeId::InetSockSetState,
+                Role::Server,
+                1_000,
+                sk + 2048,
+                server,
+                client,
+                b"server",
+                &[],
+                ESTABLISHED,
+            ),
+            // The client closes first: FIN_WAIT1 and not CLOSE_WAIT, the closer the event log keeps.
+            event(
+                closed,
+                ProbeId::InetSockSetState,
+                Role::Client,
+                40_000,
+                sk,
+                client,
+                server,
+                b"loadgen",
+                &[ESTABLISHED, FIN_WAIT1, FIN_WAIT2, TIME_WAIT],
+                TIME_WAIT,
+            ),
+            event(
+                closed,
+                ProbeId::InetSockSetState,
+                Role::Server,
+                41_000,
+                sk + 2048,
+                server,
+                client,
+                b"server",
+                &[ESTABLISHED, CLOSE_WAIT, LAST_ACK],
+                LAST_ACK,
+            ),
+        ] {
+            out.push(bytes_of(&e));
+        }
+    }
+    out
 }
 
 /// Per event: the whole daemon path (metrics with the prometheus histograms, the event log with
@@ -107,6 +242,20 @@ fn per_event(c: &mut Criterion) {
             }
         });
     });
+    let (churn_attribution, cgroup_id) = churn_cgroup();
+    let churn = churn_records(CHURN_CONNECTIONS, cgroup_id);
+    group.throughput(Throughput::Elements(churn.len() as u64));
+    group.bench_function("churn_pipeline", |b| {
+        let state = Arc::new(DaemonState::new("bench".into(), Limits::default(), Default::default()));
+        let mut pipeline = Pipeline::new(reasons(), churn_attribution.clone(), state.clone());
+        b.iter(|| {
+            for r in &churn {
+                pipeline.handle(black_box(r));
+            }
+        });
+        assert_eq!(state.event_log().page(0, 1).events.len(), 0, "every close in the churn is graceful");
+    });
+    group.throughput(Throughput::Elements(records.len() as u64));
     group.bench_function("decode_classify_aggregate", |b| {
         let (reasons, attribution) = (reasons(), attribution());
         let mut aggregator = Aggregator::with_limits(Limits::default());
