@@ -10,7 +10,6 @@
 //! cgroups).
 
 use std::{
-    collections::HashMap,
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -19,6 +18,7 @@ use std::{
 };
 
 use super::{Container, container_id, mountinfo::cgroup2_mount};
+use crate::HashMap;
 
 /// Where the kernel describes this process's mounts; the cgroup2 mount point is found there
 /// rather than assumed, because hybrid (v1 + v2) hosts mount it at `/sys/fs/cgroup/unified`.
@@ -129,8 +129,8 @@ impl CgroupResolver {
     fn from_root(root: Option<PathBuf>) -> Self {
         Self {
             root,
-            cache: HashMap::new(),
-            negative: HashMap::new(),
+            cache: HashMap::default(),
+            negative: HashMap::default(),
             last_walk: None,
             max_entries: MAX_ENTRIES,
             warned_unreadable: false,
@@ -170,6 +170,13 @@ impl CgroupResolver {
     /// has no cgroup to give), without a cgroup2 mount, for ids no walk has found, and for
     /// unknown ids while walks are rate-limited.
     pub fn resolve(&mut self, cgroup_id: u64) -> Option<Arc<Container>> {
+        // Nearly every event's cgroup is cached: answer those without reading the clock, which
+        // only the rate limits of a miss need (and which costs as much as the lookup).
+        if cgroup_id != 0
+            && let Some(hit) = self.cache.get(&cgroup_id)
+        {
+            return Some(Arc::clone(hit));
+        }
         self.resolve_at(cgroup_id, Instant::now())
     }
 
