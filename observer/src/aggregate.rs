@@ -125,38 +125,31 @@ impl Aggregator {
     pub fn add(&mut self, family: Family, key: SeriesKey, n: u64) {
         self.tick += 1;
         let tick = self.tick;
-        let f = &mut self.families[family as usize];
+        let FamilySeries { values, groups, moved_in } = &mut self.families[family as usize];
         let mut key = key;
         if let Peer::Addr(addr) = key.peer {
-            let group = f.groups.entry((key.comm, key.port)).or_default();
-            if !group.contains_key(&addr) && group.len() >= self.max_peers {
-                // Evict the least recently active peer: its series move to peer="other".
-                let (&oldest, _) =
-                    group.iter().min_by_key(|(_, slot)| slot.last_active).expect("group is full, so not empty");
-                let slot = group.remove(&oldest).expect("just found");
-                for old in slot.keys {
-                    if let Some(v) = f.values.remove(&old) {
-                        self.series -= 1;
-                        self.folded += v;
-                        // Already counted as folded, wherever it lands.
-                        let mut counted = 0;
-                        let landed = add_value(
-                            f,
+            let group = groups.entry((key.comm, key.port)).or_default();
+            // A peer already in its group (nearly every event) costs one lookup; a new one
+            // may first evict the least recently active peer of a full group.
+            let slot = match group.get_mut(&addr) {
+                Some(slot) => slot,
+                None => {
+                    if group.len() >= self.max_peers {
+                        evict_least_recent(
+                            group,
+                            values,
+                            moved_in,
                             &mut self.series,
                             self.max_series,
-                            &mut counted,
-                            old.with_peer(Peer::Other),
-                            v,
+                            &mut self.folded,
                         );
-                        *f.moved_in.entry(landed).or_default() += v;
                     }
+                    group.entry(addr).or_default()
                 }
-            }
-            let group = f.groups.entry((key.comm, key.port)).or_default();
-            let slot = group.entry(addr).or_default();
+            };
             slot.last_active = tick;
             if !slot.keys.contains(&key) {
-                if !f.values.contains_key(&key) && self.series >= self.max_series {
+                if !values.contains_key(&key) && self.series >= self.max_series {
                     // No room for a series of its own.
                     key = key.overflow();
                     self.folded += n;
@@ -165,7 +158,7 @@ impl Aggregator {
                 }
             }
         }
-        add_value(f, &mut self.series, self.max_series, &mut self.folded, key, n);
+        add_value(values, &mut self.series, self.max_series, &mut self.folded, key, n);
     }
 
     /// Removes every series of a container that is gone (its pod deleted): Prometheus keeps
@@ -224,31 +217,55 @@ impl Aggregator {
     }
 }
 
+/// Evicts the least recently active peer of a full `group`: its series move to peer="other"
+/// (counted in `folded`, and in `moved_in` of the series they land in).
+fn evict_least_recent(
+    group: &mut HashMap<[u8; 16], PeerSlot>,
+    values: &mut HashMap<SeriesKey, u64>,
+    moved_in: &mut HashMap<SeriesKey, u64>,
+    series: &mut usize,
+    max_series: usize,
+    folded: &mut u64,
+) {
+    let Some((&oldest, _)) = group.iter().min_by_key(|(_, slot)| slot.last_active) else { return };
+    let Some(slot) = group.remove(&oldest) else { return };
+    for old in slot.keys {
+        if let Some(v) = values.remove(&old) {
+            *series -= 1;
+            *folded += v;
+            // Already counted as folded, wherever it lands.
+            let mut counted = 0;
+            let landed = add_value(values, series, max_series, &mut counted, old.with_peer(Peer::Other), v);
+            *moved_in.entry(landed).or_default() += v;
+        }
+    }
+}
+
 /// Adds to `key`, creating it if there is room, else to the family's overflow series; returns
 /// the series it landed in.
 fn add_value(
-    f: &mut FamilySeries,
+    values: &mut HashMap<SeriesKey, u64>,
     series: &mut usize,
     max_series: usize,
     folded: &mut u64,
     key: SeriesKey,
     n: u64,
 ) -> SeriesKey {
-    if let Some(v) = f.values.get_mut(&key) {
+    if let Some(v) = values.get_mut(&key) {
         *v += n;
         return key;
     }
     let is_overflow = key.comm == COMM_OTHER && key.port == Port::Other;
     if *series >= max_series && !is_overflow {
         *folded += n;
-        *f.values.entry(key.overflow()).or_insert_with(|| {
+        *values.entry(key.overflow()).or_insert_with(|| {
             *series += 1;
             0
         }) += n;
         return key.overflow();
     }
     *series += 1;
-    f.values.insert(key, n);
+    values.insert(key, n);
     key
 }
 
