@@ -14,7 +14,10 @@
 //! `PAIRING_WINDOW_NS`), at most `PENDING_CAUSES` causes waiting for their close, and the
 //! last [`LOG_CAPACITY`] records.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{
+    collections::{VecDeque, hash_map},
+    sync::Arc,
+};
 
 use observer_common::{Endpoints, SocketEvent};
 
@@ -73,8 +76,12 @@ impl<V> Recent<V> {
                 break;
             }
             self.order.pop_front();
-            if self.map.get(&old).is_some_and(|(t, _)| *t == at) {
-                self.map.remove(&old);
+            // One lookup: the entry goes only if it is still the one this item inserted, not a
+            // later insert of the same flow.
+            if let hash_map::Entry::Occupied(item) = self.map.entry(old)
+                && item.get().0 == at
+            {
+                item.remove();
             }
         }
     }
@@ -106,6 +113,10 @@ impl<V> Recent<V> {
     }
 
     fn remove(&mut self, f: &Flow) -> Option<V> {
+        // Most of these maps are empty most of the time (nothing waits): skip hashing the flow.
+        if self.map.is_empty() {
+            return None;
+        }
         self.map.remove(f).map(|(_, v)| v)
     }
 }
