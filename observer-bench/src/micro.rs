@@ -10,8 +10,13 @@ use serde::{Deserialize, Serialize};
 
 /// The benchmarks the report shows, by criterion id (`group/function[/parameter]`), with what
 /// one element is.
-pub const BENCHES: [(&str, &str, &str); 4] = [
+pub const BENCHES: [(&str, &str, &str); 5] = [
     ("event/pipeline", "event", "decode → classify → attribution → metrics (aggregate, histograms) → event log"),
+    (
+        "event/churn_pipeline",
+        "event",
+        "the same, for the churn load: per connection two opens and two graceful closes, the first a FIN closer",
+    ),
     ("event/decode_classify_aggregate", "event", "decode → classify → attribution → aggregate"),
     ("render_metrics/1000", "render", "/metrics with 1,000 per-connection series"),
     ("render_metrics/10000", "render", "/metrics with 10,000 per-connection series"),
