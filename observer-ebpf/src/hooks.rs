@@ -94,12 +94,9 @@ pub fn on_state_change(
                     info
                 }
             };
-            // The source port of an active open is known from here on (connect() picks it after
-            // SYN_SENT); tcp_disconnect() zeroes the destination port later, so keep this copy.
-            // A passive open has had its endpoints since SYN_RECV.
-            if info.endpoints.local_port == 0 {
-                endpoints(&mut info.endpoints);
-            }
+            // The source port of an active open is known from here on; tcp_disconnect() zeroes
+            // the destination port later, so keep this copy.
+            endpoints(&mut info.endpoints);
             enter_state(info, new, 0);
         }
         (_, tcp_state::CLOSE) => {
