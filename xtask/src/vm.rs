@@ -119,7 +119,8 @@ fn install_host_packages() -> Result<()> {
 }
 
 /// The package `spec` names: itself if it is a package name, else the newest cloud kernel of that
-/// version (`6.1` → `linux-image-6.1.0-N-cloud-amd64`, `6.12` → `linux-image-6.12.N+deb12-cloud-amd64`).
+/// version (`6.1` → `linux-image-6.1.0-N-cloud-amd64`, `6.12` → `linux-image-6.12.N+deb12-cloud-amd64`)
+/// or that release (`6.1.0-57-cloud-amd64` → `linux-image-6.1.0-57-cloud-amd64`).
 fn resolve_kernel(spec: &str) -> Result<String> {
     let spec = spec.trim();
     if spec.is_empty() {
@@ -138,7 +139,7 @@ fn resolve_kernel(spec: &str) -> Result<String> {
             let mut cloud: Vec<&str> = names.iter().copied().filter(|n| n.ends_with("-cloud-amd64")).collect();
             cloud.sort_by_key(|n| version_key(n));
             bail!(
-                "no Debian kernel package matches `{spec}`; give a version (6.1, 6.12) or one of: {}",
+                "no Debian kernel package matches `{spec}`; give a version (6.1, 6.12), a release (6.1.0-57-cloud-amd64) or one of: {}",
                 cloud.join(" ")
             );
         }
@@ -155,8 +156,10 @@ fn pick_kernel(spec: &str, names: &[&str]) -> Option<String> {
         .iter()
         .copied()
         .filter(|n| {
-            // `6.1` must not match `6.12...`, nor `6.1.0-4` match `6.1.0-47-...`.
-            n.strip_prefix(&prefix).is_some_and(|rest| rest.starts_with(['.', '-', '+'])) && n.ends_with("-cloud-amd64")
+            // `6.1` must not match `6.12...`, nor `6.1.0-4` match `6.1.0-47-...`; a whole release
+            // (`6.1.0-57-cloud-amd64`, as `uname -r` and the console log print it) matches itself.
+            n.strip_prefix(&prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '-', '+']))
+                && n.ends_with("-cloud-amd64")
         })
         .max_by_key(|n| version_key(n))
         .map(str::to_string)
@@ -808,6 +811,7 @@ mod tests {
         assert_eq!(pick_kernel("6.12", NAMES).as_deref(), Some("linux-image-6.12.117+deb12-cloud-amd64"));
         assert_eq!(pick_kernel("6.12.100", NAMES).as_deref(), Some("linux-image-6.12.100+deb12-cloud-amd64"));
         assert_eq!(pick_kernel("6.1.0-47", NAMES).as_deref(), Some("linux-image-6.1.0-47-cloud-amd64"));
+        assert_eq!(pick_kernel("6.1.0-47-cloud-amd64", NAMES).as_deref(), Some("linux-image-6.1.0-47-cloud-amd64"));
         assert_eq!(pick_kernel("6.2", NAMES), None);
         assert_eq!(pick_kernel("6.1.0-4", NAMES), None);
     }
