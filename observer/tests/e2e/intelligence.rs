@@ -280,7 +280,9 @@ pub fn close_wait_leak() -> Result<(), Failed> {
 pub fn socket_storage_keeps_owners_and_gauges_exact() -> Result<(), Failed> {
     let s = scenario(Mode::LeakCloseWait, 31, "t31-stg-srv", "t31-stg-cli");
     let mut ns = s.prepare()?;
-    let daemon = start_daemon(&["--netns", &ns.path, "--socket-store", "storage"])?;
+    // Only the BTF tracepoint programs reach socket-local storage, so this test pins them even
+    // in the runs of the suite on another back end (`OBSERVER_PROBES=kprobe|tracepoint`).
+    let daemon = start_daemon(&["--netns", &ns.path, "--probes", "btf", "--socket-store", "storage"])?;
     let (_, body) = daemon.get("/api/v1/status")?;
     let status: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
     if status["config"]["socket_store"]["value"] != "storage" {
