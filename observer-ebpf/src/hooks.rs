@@ -96,8 +96,9 @@ pub fn on_state_change(
             };
             // The source port of an active open is known from here on; tcp_disconnect() zeroes
             // the destination port later, so keep this copy. A passive open is read again too:
-            // on 6.1 the clone's LISTEN→SYN_RECV fires before inet_csk_clone_lock() and
-            // tcp_v4_syn_recv_sock() give it its peer, so SYN_RECV saw the listener's endpoints.
+            // on 6.1 the clone's LISTEN→SYN_RECV fires inside inet_csk_clone_lock(), before it
+            // sets the clone's ports and tcp_v4_syn_recv_sock() its addresses, so SYN_RECV saw
+            // the listener's endpoints.
             endpoints(&mut info.endpoints);
             enter_state(info, new, 0);
         }
