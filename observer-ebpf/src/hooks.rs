@@ -23,8 +23,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use observer_common::{
-    AF_INET, AF_INET6, Endpoints, EventKind, ProbeId, Role, SOCKET_STORE_LOCAL, SocketEvent, SocketInfo, flags,
-    payload_protocol, tcp_state,
+    AF_INET, AF_INET6, Endpoints, EventKind, ProbeId, Role, SOCKET_STORE_LOCAL, SocketInfo, flags, payload_protocol,
+    tcp_state,
 };
 
 use crate::{
@@ -179,19 +179,16 @@ pub fn on_reset_sent(
         emit_close(probe, sk, info);
         return;
     }
-    emit_detached(
-        SocketEvent {
-            kind: EventKind::ResetSent as u16,
-            probe: probe as u16,
-            state,
-            flags: flags::RESET_SENT,
-            timestamp_ns: now(),
-            sk,
-            reason,
-            ..SocketEvent::default()
-        },
-        endpoints,
-    );
+    emit_detached(|ev| {
+        ev.kind = EventKind::ResetSent as u16;
+        ev.probe = probe as u16;
+        ev.state = state;
+        ev.flags = flags::RESET_SENT;
+        ev.timestamp_ns = now();
+        ev.sk = sk;
+        ev.reason = reason;
+        endpoints(&mut ev.endpoints);
+    });
 }
 
 /// `sk` is destroyed: its last event.
@@ -249,20 +246,17 @@ fn report_accept(probe: ProbeId, sk: u64) {
     if family != AF_INET && family != AF_INET6 {
         return;
     }
-    emit_detached(
-        SocketEvent {
-            kind: EventKind::ConnectionOpened as u16,
-            probe: probe as u16,
-            role: Role::Server as u8,
-            state: kread(sk, get(&CONFIG.kernel.sock_state)),
-            flags: flags::OWNER_FROM_SYSCALL | flags::OPEN_REPORTED,
-            timestamp_ns: now(),
-            sk,
-            owner: current_owner(),
-            ..SocketEvent::default()
-        },
-        |e| read_sock_endpoints(ProbeRead, sk, e),
-    );
+    emit_detached(|ev| {
+        ev.kind = EventKind::ConnectionOpened as u16;
+        ev.probe = probe as u16;
+        ev.role = Role::Server as u8;
+        ev.state = kread(sk, get(&CONFIG.kernel.sock_state));
+        ev.flags = flags::OWNER_FROM_SYSCALL | flags::OPEN_REPORTED;
+        ev.timestamp_ns = now();
+        ev.sk = sk;
+        ev.owner = current_owner();
+        read_sock_endpoints(ProbeRead, sk, &mut ev.endpoints);
+    });
 }
 
 /// Emits the connection's `ConnectionOpened`, once: the first time its owner is known from the

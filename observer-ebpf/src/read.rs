@@ -37,9 +37,13 @@ pub fn field<T: Default>(ctx: &TracePointContext, offset: u32) -> T {
     unsafe { ctx.read_at::<T>(offset as usize) }.unwrap_or_default()
 }
 
+/// `::ffff:a.b.c.d`. Built from words: as bytes, the compiler zeroes the first ten with a call to
+/// a byte-at-a-time `memset`, on every endpoint read.
 #[inline(always)]
 fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+    let words = [0u32, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(addr)];
+    // SAFETY: four u32s are sixteen bytes, any of which is a valid u8.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
 }
 
 /// Endpoints from a record with the split `sport/dport/saddr/daddr` layout.
@@ -245,12 +249,32 @@ fn sock_of_fd_in(m: impl KernelMemory, task: u64, fd: u64) -> u64 {
     kread(socket, get(&k.socket_sk))
 }
 
-/// Inode number of the network namespace behind a `possible_net_t` at `base + offset`.
+/// Whether the network namespace behind a `possible_net_t` at `base + offset` is the one with
+/// inode number `filter`. The first match leaves the namespace's address in [`OBSERVED_NET`],
+/// so later sockets in it are matched by address, without reading `net.ns.inum`: that
+/// `ns_common` shares its cache line with the namespace's reference count, which every socket
+/// created or freed in it writes, so under connection churn the read is a cache miss on nearly
+/// every run. The address cannot come to name another namespace: the daemon holds the observed
+/// one open while it runs (`cli::run`), so it is never freed.
 #[inline(always)]
-fn netns_inum(m: impl KernelMemory, base: u64, offset: u32) -> u32 {
+fn in_netns(m: impl KernelMemory, base: u64, offset: u32, filter: u32) -> bool {
     let net: u64 = m.read(base, offset);
-    m.read(net, get(&CONFIG.kernel.net_inum))
+    // SAFETY: a plain read of a global; a stale value only means one more inum read below.
+    if net != 0 && net == unsafe { core::ptr::read_volatile(&raw const OBSERVED_NET) } {
+        return true;
+    }
+    if m.read::<u32>(net, get(&CONFIG.kernel.net_inum)) != filter {
+        return false;
+    }
+    // SAFETY: a plain write of a global; every CPU that writes it writes the same address.
+    unsafe { core::ptr::write_volatile(&raw mut OBSERVED_NET, net) };
+    true
 }
+
+/// The address of the observed network namespace's `struct net`, once a socket in it has been
+/// seen: see [`in_netns`]. Zero until then, and without a namespace filter.
+#[unsafe(no_mangle)]
+static mut OBSERVED_NET: u64 = 0;
 
 /// `IPPROTO_TCP`, as `sock.sk_protocol` and the `inet_sock_set_state` record's `protocol` say it.
 pub const IPPROTO_TCP: u16 = 6;
@@ -266,7 +290,7 @@ pub fn is_tcp(m: impl KernelMemory, sk: u64) -> bool {
 #[inline(always)]
 pub fn observed_sock(m: impl KernelMemory, sk: u64) -> bool {
     let filter = get(&CONFIG.netns_filter);
-    filter == 0 || netns_inum(m, sk, get(&CONFIG.kernel.sock_net)) == filter
+    filter == 0 || in_netns(m, sk, get(&CONFIG.kernel.sock_net), filter)
 }
 
 /// The same for a segment that matched no socket, by the device it arrived on.
@@ -277,7 +301,7 @@ pub fn observed_skb(skb: u64) -> bool {
         return true;
     }
     let dev: u64 = kread(skb, get(&CONFIG.kernel.skb_dev));
-    netns_inum(ProbeRead, dev, get(&CONFIG.kernel.netdev_net)) == filter
+    in_netns(ProbeRead, dev, get(&CONFIG.kernel.netdev_net), filter)
 }
 
 /// The current process, for hooks that run in its syscall.
