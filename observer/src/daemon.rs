@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     net::TcpListener,
@@ -193,25 +194,24 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     // which only happens through this AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring_buffer) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+    let mut drain_tick = tokio::time::interval(EVENT_WRITE_INTERVAL);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let outcome = loop {
         tokio::select! {
             _ = sigterm.recv() => break Ok("SIGTERM"),
             _ = sigint.recv() => break Ok("SIGINT"),
+            // With --log-events, a quiet ring is drained now and then too, so the time up to
+            // which everything has been handled keeps up with the clock and records waiting
+            // for a cause that never comes are written after the pairing window.
+            _ = drain_tick.tick(), if event_writer.is_some() => {
+                drain(ring.get_mut(), &mut pipeline, &state);
+            }
             ready = ring.readable_mut() => {
                 let mut guard = match ready {
                     Ok(guard) => guard,
                     Err(e) => break Err(anyhow::Error::new(e).context("waiting on the ring buffer")),
                 };
-                let ring = guard.get_inner_mut();
-                let mut handled = 0;
-                while let Some(record) = ring.next() {
-                    pipeline.handle(&record);
-                    handled += 1;
-                    if handled == DRAIN_BATCH {
-                        break;
-                    }
-                }
-                if handled < DRAIN_BATCH {
+                if drain(guard.get_inner_mut(), &mut pipeline, &state) {
                     guard.clear_ready();
                     drop(guard);
                     // Coalesce wake-ups: the kernel wakes us for nearly every event when we keep
@@ -258,6 +258,23 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let signal = outcome?;
     tracing::info!(signal, "{signal}: probes detached, exiting");
     Ok(())
+}
+
+/// Handles the events waiting in `ring`, at most [`DRAIN_BATCH`]; true if that emptied it.
+/// Then every event the kernel stamped before the drain began has been handled: the daemon's
+/// `drained_through` moves up to then.
+fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, state: &DaemonState) -> bool {
+    let began = connections::monotonic_ns();
+    let mut handled = 0;
+    while let Some(record) = ring.next() {
+        pipeline.handle(&record);
+        handled += 1;
+        if handled == DRAIN_BATCH {
+            return false;
+        }
+    }
+    state.set_drained_through(began);
+    true
 }
 
 /// Refreshes the connection-state gauges from the kernel's socket map until aborted.
@@ -423,9 +440,11 @@ async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
         );
     }
     // Records whose cause may still be paired wait for it (at most the pairing window), unless
-    // the daemon is stopping: a line is the whole record.
+    // the daemon is stopping: a line is the whole record. The window is measured against the
+    // kernel time the event loop has handled everything up to, not the clock: when the loop
+    // lags, the cause may be among the events still in the ring.
     if !last {
-        let complete = state.event_log().complete_through(crate::connections::monotonic_ns());
+        let complete = state.event_log().complete_through(state.drained_through());
         page.events.retain(|r| r.seq <= complete);
         match page.events.last() {
             Some(r) => page.next = r.seq,

@@ -56,6 +56,9 @@ pub struct DaemonState {
     config: OnceLock<BTreeMap<String, ConfigSetting>>,
     /// `follow=true` streams open now ([`crate::http`] caps them).
     pub follow_streams: std::sync::atomic::AtomicUsize,
+    /// CLOCK_MONOTONIC when the event loop last began a drain that emptied the ring buffer:
+    /// every event the kernel stamped before it has been handled ([`Self::drained_through`]).
+    drained_through_ns: std::sync::atomic::AtomicU64,
 }
 
 impl DaemonState {
@@ -72,7 +75,21 @@ impl DaemonState {
             rates: Mutex::new(Rates::default()),
             copied: Mutex::new(Vec::new()),
             follow_streams: Default::default(),
+            drained_through_ns: Default::default(),
         }
+    }
+
+    /// The event loop emptied the ring buffer in a drain it began at `ns` (CLOCK_MONOTONIC).
+    pub fn set_drained_through(&self, ns: u64) {
+        self.drained_through_ns.store(ns, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The kernel time up to which every event has been handled: the start of the last drain
+    /// that emptied the ring. Behind the clock while the event loop lags, so what waits a
+    /// window of kernel time for a later event (the event log's cause pairing) keeps waiting
+    /// until that event has had its chance to be handled.
+    pub fn drained_through(&self) -> u64 {
+        self.drained_through_ns.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Takes a tick of the per-row rates: copies the series out of the aggregator (its lock,
