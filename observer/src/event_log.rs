@@ -29,7 +29,7 @@ use crate::{
     decode::Event,
     exchange::{Stage, Verdict},
     pods::{PodIdentity, Pods},
-    query::{Filter, rfc3339, wall_offset_ns},
+    query::{Filter, rfc3339, wall_offset},
     reasons::ResetReasons,
     series::{comm_text, ip_text, role_text, tcp_state_label},
 };
@@ -396,10 +396,14 @@ impl EventLog {
         EventsPage { next, latest: self.next_seq, events }
     }
 
+    /// Takes a new wall-clock offset only when the clock was set (it moved by more than 10 ms)
+    /// and the reading is trustworthy (within 1 ms), so a record renders the same `time` each
+    /// time it is read: `--log-events` writes it once, `/api/v1/events` serves it again.
     fn refresh_wall_offset(&self) {
-        let now = wall_offset_ns();
-        if now.abs_diff(self.wall_offset.get()) > 10_000_000 {
-            self.wall_offset.set(now);
+        let now = wall_offset();
+        let kept = self.wall_offset.get();
+        if kept == 0 || (now.uncertainty_ns <= 1_000_000 && now.offset_ns.abs_diff(kept) > 10_000_000) {
+            self.wall_offset.set(now.offset_ns);
         }
     }
 

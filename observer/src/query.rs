@@ -251,9 +251,33 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// CLOCK_REALTIME − CLOCK_MONOTONIC, in ns: what turns a record's timestamp into wall time.
-pub fn wall_offset_ns() -> u64 {
-    let real = clock_ns(libc::CLOCK_REALTIME);
-    real.saturating_sub(monotonic_ns())
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WallOffset {
+    pub offset_ns: u64,
+    /// How far off `offset_ns` may be: the time between the monotonic reads around the
+    /// realtime read.
+    pub uncertainty_ns: u64,
+}
+
+/// Reads the [`WallOffset`] with the realtime clock between two monotonic reads, the tightest
+/// of up to four tries. One read of each clock is off by however long the thread waited
+/// between them: on a loaded machine, or in an emulated VM where each read is a syscall and a
+/// chance to be preempted, that is tens of milliseconds now and then.
+pub fn wall_offset() -> WallOffset {
+    let mut best = WallOffset { offset_ns: 0, uncertainty_ns: u64::MAX };
+    for _ in 0..4 {
+        let before = monotonic_ns();
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        let after = monotonic_ns();
+        let width = after.saturating_sub(before);
+        if width < best.uncertainty_ns {
+            best = WallOffset { offset_ns: real.saturating_sub(before + width / 2), uncertainty_ns: width };
+        }
+        if width < 100_000 {
+            break;
+        }
+    }
+    best
 }
 
 /// A monotonic timestamp as RFC 3339 UTC wall time, to the microsecond.
@@ -356,7 +380,8 @@ mod tests {
     #[test]
     fn timestamps_become_rfc3339_wall_time() {
         assert_eq!(rfc3339(1_500_000, 1_000_000_000_000_000_000), "2001-09-09T01:46:40.001500Z");
-        let offset = wall_offset_ns();
-        assert!(offset > 1_700_000_000_000_000_000 - monotonic_ns(), "realtime is after 2023");
+        let offset = wall_offset();
+        assert!(offset.offset_ns > 1_700_000_000_000_000_000 - monotonic_ns(), "realtime is after 2023");
+        assert!(offset.uncertainty_ns < 1_000_000_000, "{offset:?}");
     }
 }

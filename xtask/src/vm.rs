@@ -318,7 +318,7 @@ ulimit -n 65536
 cd /
 up=$(cut -d' ' -f1 /proc/uptime)
 echo
-echo "observer vm: /init on $(uname -r) after ${{up}}s of uptime; BTF: $(test -e /sys/kernel/btf/vmlinux && echo yes || echo no), kprobe PMU: $(test -e /sys/bus/event_source/devices/kprobe && echo yes || echo no)"
+echo "observer vm: /init on $(uname -r) after ${{up}}s of uptime; BTF: $(test -e /sys/kernel/btf/vmlinux && echo yes || echo no), kprobe PMU: $(test -e /sys/bus/event_source/devices/kprobe && echo yes || echo no), clock source: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null || echo unknown)"
 echo "observer vm: tcp_send_reset fields: $(grep -o 'field:[^;]*' /sys/kernel/tracing/events/tcp/tcp_send_reset/format 2>/dev/null | grep -v common_ | sed 's/field://' | tr '\n' ';')"
 echo "observer vm: running {command}"
 {command}

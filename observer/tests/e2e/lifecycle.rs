@@ -372,10 +372,21 @@ pub fn log_events_writes_each_record_as_one_json_line() -> Result<(), Failed> {
         .map(|l| serde_json::from_str(l).map_err(|e| format!("stdout line is not JSON ({e}): {l}")))
         .collect::<Result<_, _>>()?;
     if written != served {
+        // The first record that differs, and which of its fields: a whole dump of 2 × 20
+        // records hides the difference (and a CI log keeps only its tail).
+        let at = written.iter().zip(&served).position(|(w, s)| w != s).unwrap_or(written.len().min(served.len()));
+        let (w, s) = (written.get(at).cloned().unwrap_or_default(), served.get(at).cloned().unwrap_or_default());
+        let mut fields: Vec<String> = Vec::new();
+        for key in w.as_object().into_iter().chain(s.as_object()).flat_map(|o| o.keys()) {
+            if w.get(key) != s.get(key) && !fields.iter().any(|f| f.starts_with(&format!("{key}:"))) {
+                fields.push(format!("{key}: stdout {:?}, served {:?}", w.get(key), s.get(key)));
+            }
+        }
         return Err(format!(
-            "stdout has {} records, /api/v1/events {}; they differ:\nstdout: {written:?}\nserved: {served:?}",
+            "stdout has {} records, /api/v1/events {}; record {at} is the first to differ, in {}\nstdout: {w}\nserved: {s}",
             written.len(),
-            served.len()
+            served.len(),
+            if fields.is_empty() { "its presence".to_string() } else { fields.join("; ") },
         )
         .into());
     }
