@@ -196,6 +196,20 @@ impl Running {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// The status report's `container_runtime` once the runtime has answered or failed: ready
+    /// means the probes are attached, and the daemon asks the runtime only after that (until
+    /// then the report says `unreachable` with no error: not answered yet).
+    fn runtime_answered(&self) -> Result<Value> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let runtime = self.status()?["container_runtime"].clone();
+            if runtime["state"] == "connected" || !runtime["error"].is_null() || Instant::now() > deadline {
+                return Ok(runtime);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn metrics(&self) -> Result<Metrics> {
         let (_, body) = self.get("/metrics")?;
         Metrics::parse(&body)
@@ -279,7 +293,7 @@ fn run_overlay(overlay: &str, tag: &str) -> Result<Value> {
         !probes.is_empty() && probes.iter().all(|p| p["state"] == "attached"),
         "not every probe attached: {probes:?}"
     );
-    let runtime = &status["container_runtime"];
+    let runtime = running.runtime_answered()?;
     ensure!(
         runtime["state"] == "connected" && runtime["socket"] == "/run/containerd/containerd.sock",
         "the daemon in its pod does not name pods through the mounted runtime socket: {runtime}"
