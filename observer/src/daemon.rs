@@ -414,7 +414,7 @@ fn spawn_event_writer(state: Arc<DaemonState>) -> (tokio::task::JoinHandle<()>, 
 /// new containers unless `last` (shutting down).
 async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
     use tokio::io::AsyncWriteExt as _;
-    let mut page = state.event_log().page(*next, crate::event_log::LOG_CAPACITY);
+    let mut page = complete_records(state, *next, last);
     if page.events.is_empty() {
         return;
     }
@@ -428,7 +428,7 @@ async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
     };
     if !last && pending() {
         let _ = tokio::time::timeout(NAME_WAIT, state.pods.refreshed.notified()).await;
-        page = state.event_log().page(*next, crate::event_log::LOG_CAPACITY);
+        page = complete_records(state, *next, last);
     }
     if let Some(first) = page.events.first()
         && first.seq > *next + 1
@@ -438,18 +438,6 @@ async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
             "--log-events: {} event-log records were overwritten before they were written",
             first.seq - *next - 1
         );
-    }
-    // Records whose cause may still be paired wait for it (at most the pairing window), unless
-    // the daemon is stopping: a line is the whole record. The window is measured against the
-    // kernel time the event loop has handled everything up to, not the clock: when the loop
-    // lags, the cause may be among the events still in the ring.
-    if !last {
-        let complete = state.event_log().complete_through(state.drained_through());
-        page.events.retain(|r| r.seq <= complete);
-        match page.events.last() {
-            Some(r) => page.next = r.seq,
-            None => return,
-        }
     }
     let mut out = Vec::with_capacity(page.events.len() * 512);
     for record in &page.events {
@@ -467,6 +455,26 @@ async fn write_events(state: &DaemonState, next: &mut u64, last: bool) {
         log::warn!("--log-events: writing to stdout: {e}");
     }
     *next = page.next;
+}
+
+/// The event log's records after `next` that can no longer change, rendered: a line is the
+/// whole record. Records whose cause may still be paired wait for it (at most the pairing
+/// window), unless `last` (the daemon is stopping). The window is measured against the kernel
+/// time the event loop has handled everything up to, not the clock: when the loop lags, the
+/// cause may be among the events still in the ring. Records and their completeness are read
+/// under one lock: the event loop pairs causes meanwhile, and a record rendered before its
+/// cause came must not be judged by a completeness measured after (the 6.1 VM wrote a received
+/// reset without the cause the API then served).
+fn complete_records(state: &DaemonState, next: u64, last: bool) -> crate::api::EventsPage {
+    let log = state.event_log();
+    let mut page = log.page(next, crate::event_log::LOG_CAPACITY);
+    if !last {
+        // Read after taking the lock: every event handled before that time is in this log.
+        let complete = log.complete_through(state.drained_through());
+        page.events.retain(|r| r.seq <= complete);
+        page.next = page.events.last().map_or(next, |r| r.seq);
+    }
+    page
 }
 
 /// Forwards the kernel programs' aya-log records to the daemon's log until aborted.
