@@ -91,7 +91,7 @@ impl SocketTable {
 
     /// One pass over the sockets and the seeds.
     pub fn scan(&mut self) -> (ByState, OldestCloseWait) {
-        let now = monotonic_ns();
+        let now = crate::query::monotonic_ns();
         let tracked: Vec<SocketInfo> = self.tracked();
         // A connection opened while the daemon was starting can be both tracked and seeded (its
         // seed is then never adopted): count it once, by its endpoints.
@@ -149,14 +149,6 @@ pub fn summarize(
         *by_state.entry((comm, role_text(info.role), tcp_state_value(info.state), container)).or_insert(0) += 1;
     }
     (by_state, oldest)
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -264,7 +264,7 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
 /// Then every event the kernel stamped before the drain began has been handled: the daemon's
 /// `drained_through` moves up to then.
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline, state: &DaemonState) -> bool {
-    let began = connections::monotonic_ns();
+    let began = crate::query::monotonic_ns();
     let mut handled = 0;
     while let Some(record) = ring.next() {
         pipeline.handle(&record);

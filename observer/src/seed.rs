@@ -47,7 +47,7 @@ struct Holder {
 pub fn seed(map: &mut BpfHashMap<MapData, u64, SocketInfo>, netns_filter: Option<u32>) -> Seeded {
     let holders = socket_holders();
     let mut seeded = Seeded::default();
-    let now = crate::connections::monotonic_ns();
+    let now = crate::query::monotonic_ns();
     for (inode, pid) in namespaces() {
         if netns_filter.is_some_and(|f| u64::from(f) != inode) {
             continue;

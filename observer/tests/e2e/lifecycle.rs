@@ -376,12 +376,13 @@ pub fn log_events_writes_each_record_as_one_json_line() -> Result<(), Failed> {
         // records hides the difference (and a CI log keeps only its tail).
         let at = written.iter().zip(&served).position(|(w, s)| w != s).unwrap_or(written.len().min(served.len()));
         let (w, s) = (written.get(at).cloned().unwrap_or_default(), served.get(at).cloned().unwrap_or_default());
-        let mut fields: Vec<String> = Vec::new();
-        for key in w.as_object().into_iter().chain(s.as_object()).flat_map(|o| o.keys()) {
-            if w.get(key) != s.get(key) && !fields.iter().any(|f| f.starts_with(&format!("{key}:"))) {
-                fields.push(format!("{key}: stdout {:?}, served {:?}", w.get(key), s.get(key)));
-            }
-        }
+        let keys: std::collections::BTreeSet<&String> =
+            w.as_object().into_iter().chain(s.as_object()).flat_map(|o| o.keys()).collect();
+        let fields: Vec<String> = keys
+            .into_iter()
+            .filter(|key| w.get(key.as_str()) != s.get(key.as_str()))
+            .map(|key| format!("{key}: stdout {:?}, served {:?}", w.get(key.as_str()), s.get(key.as_str())))
+            .collect();
         return Err(format!(
             "stdout has {} records, /api/v1/events {}; record {at} is the first to differ, in {}\nstdout: {w}\nserved: {s}",
             written.len(),
