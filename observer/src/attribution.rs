@@ -107,11 +107,23 @@ impl Attribution {
 /// (the BTF back end) the accept programs, classic tracepoints, cannot write the socket's entry:
 /// they report the owner in the connection's `ConnectionOpened`, and the daemon joins it here
 /// to the socket's later events ([`AcceptedOwners::complete`]) and to the connection-state scan
-/// ([`AcceptedOwners::owner_of`]). An owner goes with the connection's `ConnectionClosed`, or
-/// when a scan no longer finds the socket (a close lost to a full ring buffer).
+/// ([`AcceptedOwners::owner_of`]). An owner goes with the connection's `ConnectionClosed`, or,
+/// when that close was lost to a full ring buffer, once a scan no longer finds the socket and
+/// every event the kernel stamped before that scan has been handled ([`AcceptedOwners::gone`],
+/// [`AcceptedOwners::forget_drained`]): a socket closes before its close event is read, so a
+/// scan alone would take the owner from a close still on its way.
 #[derive(Debug, Default)]
 pub struct AcceptedOwners {
-    owners: Mutex<HashMap<u64, (Owner, Instant)>>,
+    owners: Mutex<HashMap<u64, Accepted>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    owner: Owner,
+    /// When it was remembered.
+    since: Instant,
+    /// The kernel time (CLOCK_MONOTONIC ns) by which a scan found the socket gone.
+    gone_by_ns: Option<u64>,
 }
 
 /// Accepted connections open at once whose owner is remembered (about 64 bytes each); beyond
@@ -119,7 +131,7 @@ pub struct AcceptedOwners {
 const MAX_ACCEPTED_OWNERS: usize = 1 << 20;
 
 impl AcceptedOwners {
-    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Owner, Instant)>> {
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Accepted>> {
         self.owners.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -133,16 +145,17 @@ impl AcceptedOwners {
             if event.kind == EventKind::ConnectionOpened as u16 && event.flags & flags::OWNER_FROM_SYSCALL != 0 {
                 let mut owners = self.owners();
                 if owners.len() < MAX_ACCEPTED_OWNERS || owners.contains_key(&event.sk) {
-                    owners.insert(event.sk, (event.owner, Instant::now()));
+                    let accepted = Accepted { owner: event.owner, since: Instant::now(), gone_by_ns: None };
+                    owners.insert(event.sk, accepted);
                 }
             }
             return;
         }
         let mut owners = self.owners();
         let owner = if event.kind == EventKind::ConnectionClosed as u16 {
-            owners.remove(&event.sk).map(|(owner, _)| owner)
+            owners.remove(&event.sk).map(|a| a.owner)
         } else {
-            owners.get(&event.sk).map(|(owner, _)| *owner)
+            owners.get(&event.sk).map(|a| a.owner)
         };
         if let Some(owner) = owner {
             event.owner = owner;
@@ -152,13 +165,27 @@ impl AcceptedOwners {
 
     /// The owner of accepted socket `sk`, for the connection-state scan.
     pub fn owner_of(&self, sk: u64) -> Option<Owner> {
-        self.owners().get(&sk).map(|(owner, _)| *owner)
+        self.owners().get(&sk).map(|a| a.owner)
     }
 
-    /// Forgets the owners of sockets a scan that started at `scan_start` did not find
-    /// (`live`): they are gone. Owners remembered since the scan started are kept.
-    pub fn retain_live(&self, live: &std::collections::HashSet<u64>, scan_start: Instant) {
-        self.owners().retain(|sk, (_, since)| *since >= scan_start || live.contains(sk));
+    /// A scan that started at `scan_start` and ended at kernel time `scan_end_ns` found the
+    /// sockets `live`: the others remembered before it started are gone by `scan_end_ns`.
+    /// Their owners stay until the events stamped before then are handled: their closes may be
+    /// among them.
+    pub fn gone(&self, live: &std::collections::HashSet<u64>, scan_start: Instant, scan_end_ns: u64) {
+        for (sk, accepted) in self.owners().iter_mut() {
+            if live.contains(sk) {
+                accepted.gone_by_ns = None;
+            } else if accepted.since < scan_start && accepted.gone_by_ns.is_none() {
+                accepted.gone_by_ns = Some(scan_end_ns);
+            }
+        }
+    }
+
+    /// Forgets the owners of gone sockets whose closes, had they come, would have been handled
+    /// by now: every event stamped before `drained_through_ns` has been.
+    pub fn forget_drained(&self, drained_through_ns: u64) {
+        self.owners().retain(|_, a| a.gone_by_ns.is_none_or(|gone| gone > drained_through_ns));
     }
 
     /// Owners remembered now.
@@ -255,7 +282,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_forgets_owners_of_sockets_gone_before_it_started() {
+    fn a_gone_socket_keeps_its_owner_until_the_events_before_the_scan_are_handled() {
         let owners = AcceptedOwners::default();
         let opened = |sk| SocketEvent {
             kind: EventKind::ConnectionOpened as u16,
@@ -267,11 +294,38 @@ mod tests {
         owners.complete(&mut opened(2));
         let scan_start = Instant::now();
         owners.complete(&mut opened(3));
-        owners.retain_live(&[2].into_iter().collect(), scan_start);
-        assert_eq!(
-            (owners.owner_of(1), owners.owner_of(2).is_some(), owners.owner_of(3).is_some()),
-            (None, true, true)
-        );
+        // Socket 1 closed before the scan (ended at kernel time 1000); its close is still in
+        // the ring buffer. 3 was accepted during the scan: not judged by it.
+        owners.gone(&[2].into_iter().collect(), scan_start, 1000);
+        owners.forget_drained(999);
+        assert!(owners.owner_of(1).is_some(), "events up to 999 are handled, the close may be later");
+        let mut closed = SocketEvent { kind: EventKind::ConnectionClosed as u16, owner: Owner::default(), ..opened(1) };
+        owners.complete(&mut closed);
+        assert_eq!(closed.owner, opened(1).owner, "the close on its way gets its owner");
+        // Socket 2 goes too and its close is lost: forgotten once the kernel time of the scan
+        // that missed it has been drained.
+        let later_scan = Instant::now();
+        owners.gone(&[3].into_iter().collect(), later_scan, 2000);
+        owners.forget_drained(1999);
+        assert!(owners.owner_of(2).is_some());
+        owners.forget_drained(2000);
+        assert_eq!((owners.owner_of(2), owners.owner_of(3).is_some()), (None, true));
+    }
+
+    #[test]
+    fn a_socket_found_again_is_not_gone() {
+        let owners = AcceptedOwners::default();
+        let mut opened = SocketEvent {
+            kind: EventKind::ConnectionOpened as u16,
+            flags: flags::OWNER_FROM_SYSCALL,
+            sk: 7,
+            ..event(Role::Server, 8080, 45000)
+        };
+        owners.complete(&mut opened);
+        owners.gone(&Default::default(), Instant::now(), 10);
+        owners.gone(&[7].into_iter().collect(), Instant::now(), 20);
+        owners.forget_drained(u64::MAX);
+        assert!(owners.owner_of(7).is_some());
     }
 
     #[test]

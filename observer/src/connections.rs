@@ -62,7 +62,7 @@ impl SocketTable {
 
     /// Every tracked socket's entry, owners joined. Entries that vanish while we read are
     /// skipped.
-    fn tracked(&self) -> Vec<SocketInfo> {
+    fn tracked(&self, drained_through_ns: u64) -> Vec<SocketInfo> {
         match &self.sockets {
             SocketSource::Hash(map) => values(map),
             SocketSource::Storage { map, netns } => {
@@ -74,8 +74,13 @@ impl SocketTable {
                         failures.len()
                     );
                 }
-                let live: HashSet<u64> = infos.iter().map(|i| i.sk).collect();
-                self.accepted.retain_live(&live, scan_start);
+                // Only a scan that read every namespace says which sockets are gone: a socket
+                // in one it could not read is not.
+                if failures.is_empty() {
+                    let live: HashSet<u64> = infos.iter().map(|i| i.sk).collect();
+                    self.accepted.gone(&live, scan_start, crate::query::monotonic_ns());
+                }
+                self.accepted.forget_drained(drained_through_ns);
                 for info in &mut infos {
                     if info.owner.tgid == 0
                         && info.role == Role::Server as u8
@@ -89,10 +94,11 @@ impl SocketTable {
         }
     }
 
-    /// One pass over the sockets and the seeds.
-    pub fn scan(&mut self) -> (ByState, OldestCloseWait) {
+    /// One pass over the sockets and the seeds. `drained_through_ns`: every event the kernel
+    /// stamped before this time has been handled (the owners of gone sockets can go).
+    pub fn scan(&mut self, drained_through_ns: u64) -> (ByState, OldestCloseWait) {
         let now = crate::query::monotonic_ns();
-        let tracked: Vec<SocketInfo> = self.tracked();
+        let tracked: Vec<SocketInfo> = self.tracked(drained_through_ns);
         // A connection opened while the daemon was starting can be both tracked and seeded (its
         // seed is then never adopted): count it once, by its endpoints.
         let known: std::collections::HashSet<_> = tracked.iter().map(endpoints_key).collect();

@@ -163,7 +163,8 @@ pub async fn run(options: DaemonOptions) -> anyhow::Result<()> {
     let scan_accepted = accepted.clone();
     let table = tokio::task::spawn_blocking(move || {
         let mut table = SocketTable::new(sockets, scan_accepted, seeds, scan_resolver, scan_pods);
-        let (by_state, oldest) = table.scan();
+        // Nothing is drained yet: no owner is known either.
+        let (by_state, oldest) = table.scan(0);
         (table, by_state, oldest)
     })
     .await
@@ -291,7 +292,8 @@ fn spawn_socket_scanner(table: SocketTable, state: Arc<DaemonState>) -> tokio::t
             let (table, state) = (table.clone(), state.clone());
             // A map of tens of thousands of sockets takes a syscall per entry: off the runtime.
             let scanned = tokio::task::spawn_blocking(move || {
-                let (by_state, oldest) = table.lock().unwrap_or_else(|e| e.into_inner()).scan();
+                let drained_through = state.drained_through();
+                let (by_state, oldest) = table.lock().unwrap_or_else(|e| e.into_inner()).scan(drained_through);
                 state.metrics.set_connections(&by_state, &oldest, &state.pods.snapshot());
             })
             .await;

@@ -48,16 +48,14 @@ pub fn seed(map: &mut BpfHashMap<MapData, u64, SocketInfo>, netns_filter: Option
     let holders = socket_holders();
     let mut seeded = Seeded::default();
     let now = crate::query::monotonic_ns();
-    for (inode, pid) in namespaces() {
-        if netns_filter.is_some_and(|f| u64::from(f) != inode) {
+    for ns in namespaces() {
+        if netns_filter.is_some_and(|f| u64::from(f) != ns.inode) {
             continue;
         }
-        let sockets = match dump_in_namespace(pid, StateFlags::all(), None) {
+        let sockets = match dump_in_namespace(&ns, StateFlags::all(), None) {
             Ok(sockets) => sockets.into_iter().map(|s| s.header).collect::<Vec<_>>(),
-            // The process left, and perhaps its namespace with it: nothing to list.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                seeded.failures.push(format!("network namespace {inode} (via pid {pid}): {e}"));
+                seeded.failures.push(format!("network namespace {} (via {}): {e}", ns.inode, ns.found_via));
                 continue;
             }
         };

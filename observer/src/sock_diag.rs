@@ -46,15 +46,57 @@ pub struct DiagSocket {
     pub storage: Option<Vec<u8>>,
 }
 
-/// One process per network namespace: (namespace inode, pid).
-pub fn namespaces() -> BTreeMap<u64, u32> {
-    let mut found = BTreeMap::new();
-    for pid in pids() {
-        if let Ok(meta) = fs::metadata(format!("/proc/{pid}/ns/net")) {
-            found.entry(meta.ino()).or_insert(pid);
+/// A network namespace, held open: it cannot go away while we read it, and a dump of it lists
+/// exactly what it holds (a namespace reached through a pid that exited is not "empty").
+#[derive(Debug)]
+pub struct Namespace {
+    /// The namespace's inode (what `--netns` names).
+    pub inode: u64,
+    handle: fs::File,
+    /// Where it was found: `pid 1234`, or a bind mount's path.
+    pub found_via: String,
+}
+
+/// Every network namespace with a process in it, and every one `ip netns` keeps in
+/// [`BIND_MOUNTS`] (its sockets may outlive the processes that made them), each opened once.
+/// Each is opened as it is found, from the first process in it that is still there.
+pub fn namespaces() -> Vec<Namespace> {
+    let mut found: BTreeMap<u64, Namespace> = BTreeMap::new();
+    let pid_paths = pids().into_iter().map(|pid| (format!("/proc/{pid}/ns/net"), format!("pid {pid}")));
+    let bind_mounts = BIND_MOUNTS
+        .iter()
+        .filter_map(|dir| fs::read_dir(dir).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| (e.path().display().to_string(), e.path().display().to_string()));
+    for (path, found_via) in pid_paths.chain(bind_mounts) {
+        // A stat first: most processes share a namespace already opened.
+        match fs::metadata(&path) {
+            Ok(meta) if !found.contains_key(&meta.ino()) => {}
+            _ => continue,
         }
+        // Opened, it is held; its inode read from the open file, as the pid may have been
+        // reused since the stat.
+        let Ok(handle) = fs::File::open(&path) else { continue };
+        let Ok(meta) = handle.metadata() else { continue };
+        // A bind-mount entry that is not a namespace (a plain file) has another device's inode.
+        if found_via.starts_with('/') && !is_network_namespace(&handle) {
+            continue;
+        }
+        found.entry(meta.ino()).or_insert(Namespace { inode: meta.ino(), handle, found_via });
     }
-    found
+    found.into_values().collect()
+}
+
+/// Where `ip netns add` bind-mounts the namespaces it names.
+const BIND_MOUNTS: [&str; 2] = ["/run/netns", "/var/run/netns"];
+
+/// `handle` is a network namespace (NS_GET_NSTYPE says CLONE_NEWNET).
+fn is_network_namespace(handle: &fs::File) -> bool {
+    /// `NS_GET_NSTYPE` (linux/nsfs.h): `_IO(0xb7, 0x3)`.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb7 << 8 | 0x3;
+    // SAFETY: an ioctl without arguments on an open fd.
+    unsafe { libc::ioctl(handle.as_raw_fd(), NS_GET_NSTYPE as _) == libc::CLONE_NEWNET }
 }
 
 pub fn pids() -> Vec<u32> {
@@ -63,15 +105,18 @@ pub fn pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// The TCP sockets in `states` of the namespace `pid` lives in, from a thread that joins it,
-/// with their values in socket-storage map `storage` if given.
-pub fn dump_in_namespace(pid: u32, states: StateFlags, storage: Option<BorrowedFd<'_>>) -> io::Result<Vec<DiagSocket>> {
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+/// The TCP sockets in `states` of namespace `ns`, from a thread that joins it, with their
+/// values in socket-storage map `storage` if given.
+pub fn dump_in_namespace(
+    ns: &Namespace,
+    states: StateFlags,
+    storage: Option<BorrowedFd<'_>>,
+) -> io::Result<Vec<DiagSocket>> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: setns on this short-lived thread only; the fd is open.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                if unsafe { libc::setns(ns.handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
                 let mut all = dump(AF_INET, states.clone(), storage)?;
@@ -160,15 +205,13 @@ pub fn read_storage(map: BorrowedFd<'_>, netns_filter: Option<u32>) -> (Vec<Sock
     let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT;
     let mut infos = Vec::new();
     let mut failures = Vec::new();
-    for (inode, pid) in namespaces() {
-        if netns_filter.is_some_and(|f| u64::from(f) != inode) {
+    for ns in namespaces() {
+        if netns_filter.is_some_and(|f| u64::from(f) != ns.inode) {
             continue;
         }
-        match dump_in_namespace(pid, states.clone(), Some(map)) {
+        match dump_in_namespace(&ns, states.clone(), Some(map)) {
             Ok(sockets) => infos.extend(sockets.iter().filter_map(|s| s.storage.as_deref().and_then(socket_info))),
-            // The process left, and perhaps its namespace with it: nothing to list.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => failures.push(format!("network namespace {inode} (via pid {pid}): {e}")),
+            Err(e) => failures.push(format!("network namespace {} (via {}): {e}", ns.inode, ns.found_via)),
         }
     }
     (infos, failures)

@@ -259,7 +259,7 @@ pub fn close_wait_leak() -> Result<(), Failed> {
     let daemon = shared_daemon()?;
     let s = scenario(Mode::LeakCloseWait, 29, "t29-leak-srv", "t29-leak-cli");
     let mut ns = s.prepare()?;
-    ns.start_leak(N)?;
+    ns.start_holding(Mode::LeakCloseWait, N)?;
     let n = N as f64;
     let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "close_wait")];
     let m = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) >= n)?;
@@ -272,7 +272,7 @@ pub fn close_wait_leak() -> Result<(), Failed> {
         return Err(format!("oldest CLOSE-WAIT age of the leaking server: {age}").into());
     }
     // Once it closes them, the gauge drops to zero.
-    ns.end_leak()?;
+    ns.end_holding()?;
     let m = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) == 0.0)?;
     let left = gauge(&m, "observer_tcp_connections", &leaking);
     if left != 0.0 {
@@ -297,7 +297,7 @@ pub fn socket_storage_keeps_owners_and_gauges_exact() -> Result<(), Failed> {
     if status["config"]["socket_store"]["value"] != "storage" {
         return Err(format!("status does not show socket_store=storage: {}", status["config"]).into());
     }
-    ns.start_leak(N)?;
+    ns.start_holding(Mode::LeakCloseWait, N)?;
     let n = N as u64;
     let leaking = [("comm", s.server_comm), ("role", "server"), ("state", "close_wait")];
     let m = daemon.settled_metrics(&s.peers(), |m| gauge(m, "observer_tcp_connections", &leaking) >= n as f64)?;
@@ -313,7 +313,7 @@ pub fn socket_storage_keeps_owners_and_gauges_exact() -> Result<(), Failed> {
         m.sum("observer_tcp_connections_opened_total", &[("comm", s.server_comm), ("role", "server")]),
         n,
     )?;
-    ns.end_leak()?;
+    ns.end_holding()?;
     ns.release()?;
     let server = s.server_labels();
     let m = daemon.settled_metrics(&s.peers(), |m| m.sum(CLOSES, &[("comm", s.server_comm)]) >= n)?;
@@ -347,7 +347,7 @@ pub fn socket_storage_keeps_owners_and_gauges_exact() -> Result<(), Failed> {
 pub fn connections_open_before_start() -> Result<(), Failed> {
     let s = scenario(Mode::LeakCloseWait, 30, "t30-seed-srv", "t30-seed-cli");
     let mut ns = s.prepare()?;
-    ns.start_leak(N)?;
+    ns.start_holding(Mode::LeakCloseWait, N)?;
     let daemon = start_daemon(&["--netns", &ns.path])?;
     let n = N as u64;
     let first = daemon.metrics()?;
@@ -356,7 +356,7 @@ pub fn connections_open_before_start() -> Result<(), Failed> {
     if got != n as f64 {
         return Err(format!("CLOSE-WAIT sockets of the server at the first scrape: got {got}, want {n}").into());
     }
-    ns.end_leak()?;
+    ns.end_holding()?;
     ns.release()?;
     let server = s.server_labels();
     let m = daemon.settled_metrics(&s.peers(), |m| m.sum(CLOSES, &[("comm", s.server_comm)]) >= n)?;

@@ -132,6 +132,10 @@ fn main() {
         ),
         Trial::test("two_daemons_at_once_both_count_exactly", reliability::two_daemons_count_independently),
         Trial::test(
+            "a_daemon_stopped_while_its_connections_close_still_names_their_owner",
+            reliability::a_daemon_stopped_while_its_connections_close_still_names_their_owner,
+        ),
+        Trial::test(
             "slow_oversized_concurrent_and_malformed_http_requests_do_not_stop_serving_or_counting",
             reliability::hostile_http_peers,
         ),

@@ -151,25 +151,94 @@ pub fn sigterm_during_storm() -> Result<(), Failed> {
     nothing_left(&held)
 }
 
-/// Exact counts of a linger0 round of `connections` in `daemon`.
-fn check_linger0(daemon: &Daemon, s: &Scenario, connections: u64) -> Result<(), Failed> {
+/// Exact counts of a linger0 round of `connections` in `daemon`. A miss says which daemon
+/// (`name`) and carries what it knew of the scenario's connections: its series and its event log.
+fn check_linger0(name: &str, daemon: &Daemon, s: &Scenario, connections: u64) -> Result<(), Failed> {
     let (client, server) = (s.client_labels(), s.server_labels());
     let m = daemon.settled_metrics(&s.peers(), |m| {
         m.sum("observer_tcp_closes_total", &client) >= connections
             && m.sum("observer_tcp_closes_total", &server) >= connections
     })?;
+    linger0_counts(&m, &client, &server, connections).map_err(|miss| {
+        let series: Vec<String> =
+            m.of_peers(&s.peers()).iter().map(|(n, labels, v)| format!("  {n}{labels:?} {v}")).collect();
+        format!(
+            "{name}: {}\nits series of the scenario's peers:\n{}\nits event log of them (/api/v1/events):\n{}",
+            miss.message().unwrap_or("counts differ"),
+            series.join("\n"),
+            event_lines(daemon, &s.peers())
+        )
+        .into()
+    })
+}
+
+/// The daemon's records of connections with one of `peers`: how many of each (event, comm,
+/// role, kind), then the first [`RECORDS_SHOWN`] in full.
+fn event_lines(daemon: &Daemon, peers: &[&str]) -> String {
+    let page = match daemon.get("/api/v1/events?since=0&limit=4096") {
+        Ok((200, body)) => body,
+        Ok((code, body)) => return format!("  status {code}: {body}"),
+        Err(e) => return format!("  {e:#}"),
+    };
+    let page: serde_json::Value = match serde_json::from_str(&page) {
+        Ok(page) => page,
+        Err(e) => return format!("  not JSON ({e}): {page}"),
+    };
+    let ip = |v: &serde_json::Value| v.as_str().and_then(|a| a.rsplit_once(':')).map(|(ip, _)| ip.to_string());
+    let records: Vec<&serde_json::Value> = page["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            [&e["local"], &e["remote"]].into_iter().any(|a| ip(a).is_some_and(|ip| peers.contains(&ip.as_str())))
+        })
+        .collect();
+    let text = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or("-").to_string();
+    let mut counts = std::collections::BTreeMap::new();
+    for e in &records {
+        *counts.entry((text(e, "event"), text(e, "comm"), text(e, "role"), text(e, "kind"))).or_insert(0) += 1;
+    }
+    let counts =
+        counts.into_iter().map(|((event, comm, role, kind), n)| format!("  {n} x {event} {comm:?} {role} {kind}"));
+    let shown = records.iter().take(RECORDS_SHOWN).map(|e| {
+        format!(
+            "  #{} {} {}[{}] {} {} -> {} kind={} reason={} facts={} cause={}",
+            e["seq"],
+            text(e, "event"),
+            text(e, "comm"),
+            e["pid"],
+            text(e, "role"),
+            text(e, "local"),
+            text(e, "remote"),
+            text(e, "kind"),
+            text(e, "reason"),
+            e["facts"],
+            e["cause"]
+        )
+    });
+    counts.chain(shown).collect::<Vec<_>>().join("\n")
+}
+
+const RECORDS_SHOWN: usize = 12;
+
+fn linger0_counts(
+    m: &Metrics,
+    client: &[(&str, &str)],
+    server: &[(&str, &str)],
+    connections: u64,
+) -> Result<(), Failed> {
     check(
         "client peer_reset",
-        m.sum("observer_tcp_premature_closes_total", &with(&client, ("kind", "peer_reset"))),
+        m.sum("observer_tcp_premature_closes_total", &with(client, ("kind", "peer_reset"))),
         connections,
     )?;
     check(
         "server local_reset",
-        m.sum("observer_tcp_premature_closes_total", &with(&server, ("kind", "local_reset"))),
+        m.sum("observer_tcp_premature_closes_total", &with(server, ("kind", "local_reset"))),
         connections,
     )?;
-    check("server resets sent", m.sum("observer_tcp_resets_sent_total", &server), connections)?;
-    check("client resets received", m.sum("observer_tcp_resets_received_total", &client), connections)?;
+    check("server resets sent", m.sum("observer_tcp_resets_sent_total", server), connections)?;
+    check("client resets received", m.sum("observer_tcp_resets_received_total", client), connections)?;
     check("events lost", m.events_lost(), 0)?;
     Ok(())
 }
@@ -186,7 +255,7 @@ pub fn sigkill_then_restart() -> Result<(), Failed> {
     let second = start_daemon(&["--netns", &ns.path])?;
     ns.round()?;
     ns.release()?;
-    check_linger0(&second, &s, N as u64)
+    check_linger0("restarted daemon", &second, &s, N as u64)
 }
 
 pub fn two_daemons_count_independently() -> Result<(), Failed> {
@@ -196,9 +265,52 @@ pub fn two_daemons_count_independently() -> Result<(), Failed> {
     let b = start_daemon(&["--netns", &ns.path])?;
     ns.round()?;
     ns.release()?;
-    check_linger0(&a, &s, N as u64)?;
-    check_linger0(&b, &s, N as u64)
+    check_linger0("first daemon", &a, &s, N as u64)?;
+    check_linger0("second daemon", &b, &s, N as u64)
 }
+
+/// Connections accepted and held while the daemon runs, then closed (RSTs) while it is stopped
+/// (SIGSTOP) for longer than its socket scan's interval: when it resumes, a scan that finds them
+/// gone runs while their closes still wait in the ring buffer. With socket-local storage the
+/// daemon itself joins each accepted socket's owner to its later events, and that scan must not
+/// take the owner from a close still on its way: every close names the server, as many as the
+/// namespace's kernel counted resets.
+pub fn a_daemon_stopped_while_its_connections_close_still_names_their_owner() -> Result<(), Failed> {
+    const HELD: u32 = 200;
+    const ROUNDS: u64 = 3;
+    let s = scenario(Mode::HeldLinger0, 7, HELD, "r7-stop-srv", "r7-stop-cli");
+    let mut ns = s.prepare()?;
+    // The daemon joins owners itself only with socket-local storage, which only the BTF
+    // tracepoint programs reach: pinned, whatever back end the suite runs on.
+    let daemon = start_daemon(&["--netns", &ns.path, "--probes", "btf", "--socket-store", "storage"])?;
+    let server = s.server_labels();
+    for round in 1..=ROUNDS {
+        ns.start_holding(Mode::HeldLinger0, HELD)?;
+        let accepted = round * u64::from(HELD);
+        let opened = |m: &Metrics| m.sum("observer_tcp_connections_opened_total", &server);
+        let m = daemon.settled_metrics(&s.peers(), |m| opened(m) >= accepted)?;
+        check("connections the server accepted, seen before the stop", opened(&m), accepted)?;
+        daemon.signal(Signal::STOP)?;
+        let resume = Instant::now() + STOPPED_FOR;
+        let closed = ns.end_holding();
+        std::thread::sleep(resume.saturating_duration_since(Instant::now()));
+        daemon.signal(Signal::CONT)?;
+        closed?;
+    }
+    let connections = ROUNDS * u64::from(HELD);
+    check("resets the namespace's kernel sent (OutRsts)", ns.kernel_tcp("OutRsts")?, connections)?;
+    ns.release()?;
+    check_linger0("daemon", &daemon, &s, connections)?;
+    check(
+        "closes of sockets of unknown owner",
+        daemon.metrics()?.sum("observer_tcp_closes_total", &[("comm", ""), ("role", "server")]),
+        0,
+    )
+}
+
+/// How long that test keeps its daemon stopped: over its scan interval (2 s), so a scan is due
+/// the moment it resumes.
+const STOPPED_FOR: Duration = Duration::from_millis(2500);
 
 pub fn hostile_http_peers() -> Result<(), Failed> {
     // Its own daemon, watching only this test's namespace: other tests' storms must not decide
@@ -253,7 +365,7 @@ pub fn hostile_http_peers() -> Result<(), Failed> {
     // And it keeps counting, exactly.
     ns.round()?;
     ns.release()?;
-    check_linger0(daemon, &s, N as u64)?;
+    check_linger0("daemon", daemon, &s, N as u64)?;
     drop(slow);
     Ok(())
 }

@@ -48,6 +48,9 @@ pub enum Mode {
     /// The server accepts and reads, the client closes, and the server never closes: its
     /// sockets sit in CLOSE_WAIT until the round ends.
     LeakCloseWait,
+    /// The server accepts and reads every connection and holds them, each set to SO_LINGER 0,
+    /// until the round ends; then it closes them all (RSTs) and the client reads its resets.
+    HeldLinger0,
     /// HTTP: the server declares `Content-Length: 100`, sends 8 body bytes and closes (FIN).
     HttpTruncated,
     /// HTTP: the server sends a bodiless status line and resets (SO_LINGER 0).
@@ -76,12 +79,19 @@ impl Mode {
             Mode::Timeout => "timeout",
             Mode::ConnectTimeout => "connecttimeout",
             Mode::LeakCloseWait => "leakclosewait",
+            Mode::HeldLinger0 => "heldlinger0",
             Mode::HttpTruncated => "httptruncated",
             Mode::HttpStatusLineReset => "httpstatuslinereset",
             Mode::HttpChunkedCut => "httpchunkedcut",
             Mode::HttpKeepalive => "httpkeepalive",
             Mode::HttpKeepaliveRace => "httpkeepaliverace",
         }
+    }
+
+    /// Modes whose round holds its connections open until the test ends it
+    /// ([`HeldNetns::start_holding`], [`HeldNetns::end_holding`]).
+    fn holds(self) -> bool {
+        matches!(self, Mode::LeakCloseWait | Mode::HeldLinger0)
     }
 
     /// Modes whose server lives in its own namespace behind a veth link.
@@ -102,6 +112,7 @@ impl Mode {
             "timeout" => Mode::Timeout,
             "connecttimeout" => Mode::ConnectTimeout,
             "leakclosewait" => Mode::LeakCloseWait,
+            "heldlinger0" => Mode::HeldLinger0,
             "httptruncated" => Mode::HttpTruncated,
             "httpstatuslinereset" => Mode::HttpStatusLineReset,
             "httpchunkedcut" => Mode::HttpChunkedCut,
@@ -261,28 +272,30 @@ impl HeldNetns {
         Ok(())
     }
 
-    /// Starts a [`Mode::LeakCloseWait`] round and returns once its sockets sit in CLOSE_WAIT.
-    pub fn start_leak(&mut self, connections: u32) -> Result<(), String> {
+    /// Starts a round of a mode that holds its connections ([`Mode::LeakCloseWait`],
+    /// [`Mode::HeldLinger0`]) and returns once the client holds all of them.
+    pub fn start_holding(&mut self, mode: Mode, connections: u32) -> Result<(), String> {
+        assert!(mode.holds(), "{mode:?} does not hold its connections");
         let stdin = self.stdin.as_mut().ok_or("namespace already released")?;
-        writeln!(stdin, "go {} {connections}", Mode::LeakCloseWait.as_str()).map_err(|e| e.to_string())?;
+        writeln!(stdin, "go {} {connections}", mode.as_str()).map_err(|e| e.to_string())?;
         stdin.flush().map_err(|e| e.to_string())?;
         let mut line = String::new();
         self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
-        if line.trim() != "leaking" {
-            return Err(format!("leak round failed: {line}{}", self.release().err().unwrap_or_default()));
+        if line.trim() != "holding" {
+            return Err(format!("{mode:?} round failed: {line}{}", self.release().err().unwrap_or_default()));
         }
         Ok(())
     }
 
-    /// Ends a leak round: the server closes its CLOSE_WAIT sockets.
-    pub fn end_leak(&mut self) -> Result<(), String> {
+    /// Ends a holding round: the server closes its connections, then the client.
+    pub fn end_holding(&mut self) -> Result<(), String> {
         let stdin = self.stdin.as_mut().ok_or("namespace already released")?;
         writeln!(stdin, "release").map_err(|e| e.to_string())?;
         stdin.flush().map_err(|e| e.to_string())?;
         let mut line = String::new();
         self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
         if line.trim() != "done" {
-            return Err(format!("leak round did not end: {line}{}", self.release().err().unwrap_or_default()));
+            return Err(format!("holding round did not end: {line}{}", self.release().err().unwrap_or_default()));
         }
         Ok(())
     }
@@ -400,21 +413,23 @@ fn netns_round(s: &Scenario) -> io::Result<()> {
         let _ = server.kill();
         return Err(io::Error::other(format!("server did not start: {line:?} ({:?})", server.wait()?)));
     }
-    let client = if s.mode == Mode::LeakCloseWait {
-        // The client holds its half-closed sockets (FIN_WAIT2, not orphaned, so no
-        // tcp_fin_timeout ends them however long the test looks) and says "leaking" once the
-        // server's ends sit in CLOSE_WAIT; hold it until the test has looked.
+    let client = if s.mode.holds() {
+        // The client holds its sockets and says "holding" once they are made (LeakCloseWait:
+        // half-closed, FIN_WAIT2, not orphaned, so no tcp_fin_timeout ends them however long
+        // the test looks, and the server's ends sit in CLOSE_WAIT); hold the round until the
+        // test has looked.
         let mut client = spawn("client", Stdio::piped(), Stdio::piped())?;
         let mut client_out = BufReader::new(client.stdout.take().ok_or_else(|| io::Error::other("no client stdout"))?);
         line.clear();
         client_out.read_line(&mut line)?;
-        if line.trim() == "leaking" {
-            println!("leaking");
+        if line.trim() == "holding" {
+            println!("holding");
             io::stdout().flush()?;
             let mut release = String::new();
             io::stdin().read_line(&mut release)?;
         }
-        // The server closes first (its FIN ends the client's FIN_WAIT2), then the client goes.
+        // The server closes first (LeakCloseWait: its FIN ends the client's FIN_WAIT2;
+        // HeldLinger0: its RSTs), then the client goes.
         drop(server_in);
         let server_status = server.wait()?;
         drop(client.stdin.take());
@@ -509,13 +524,16 @@ fn server(s: &Scenario) -> io::Result<()> {
         Mode::Refused | Mode::PortScan => return Ok(()),
         // The link is down: nothing arrives.
         Mode::ConnectTimeout => return wait_for_round_end(),
-        Mode::Timeout | Mode::LeakCloseWait => {
+        Mode::Timeout | Mode::LeakCloseWait | Mode::HeldLinger0 => {
             let mut held = Vec::new();
             for _ in 0..s.connections {
                 let (mut conn, _) = listener.accept()?;
                 conn.read_exact(&mut request)?;
                 if s.mode == Mode::Timeout {
                     conn.write_all(b"ok")?;
+                } else if s.mode == Mode::HeldLinger0 {
+                    // Dropped at the round's end: an RST each.
+                    net::set_linger0(&conn)?;
                 } else {
                     // The client closed: from here on the socket is in CLOSE_WAIT until we close.
                     let mut rest = Vec::new();
@@ -597,7 +615,12 @@ fn server(s: &Scenario) -> io::Result<()> {
                 // Closed while idle, as an idle timeout does.
                 drop(conn);
             }
-            Mode::Refused | Mode::PortScan | Mode::Timeout | Mode::ConnectTimeout | Mode::LeakCloseWait => {
+            Mode::Refused
+            | Mode::PortScan
+            | Mode::Timeout
+            | Mode::ConnectTimeout
+            | Mode::LeakCloseWait
+            | Mode::HeldLinger0 => {
                 unreachable!()
             }
         }
@@ -644,7 +667,7 @@ fn client(s: &Scenario) -> io::Result<()> {
         _ => {}
     }
     let start = std::time::Instant::now();
-    let mut half_closed = Vec::new();
+    let mut held = Vec::new();
     for i in 0..s.connections {
         if s.mode == Mode::PacedLinger0 {
             // On a schedule, not a sleep after each: no drift.
@@ -682,7 +705,12 @@ fn client(s: &Scenario) -> io::Result<()> {
                 let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
                 conn.write_all(REQUEST)?;
                 conn.shutdown(std::net::Shutdown::Write)?;
-                half_closed.push(conn);
+                held.push(conn);
+            }
+            Mode::HeldLinger0 => {
+                let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
+                conn.write_all(REQUEST)?;
+                held.push(conn);
             }
             mode => {
                 let mut conn = connect(socket, SocketAddr::from((s.server_ip, s.port)))?;
@@ -707,13 +735,24 @@ fn client(s: &Scenario) -> io::Result<()> {
             }
         }
     }
-    if s.mode == Mode::LeakCloseWait {
-        // Our FINs are out (on loopback they have arrived once shutdown returns): the server's
-        // ends are in CLOSE_WAIT. Hold our ends until the round's end.
-        println!("leaking");
+    if s.mode.holds() {
+        // LeakCloseWait: our FINs are out (on loopback they have arrived once shutdown
+        // returns), so the server's ends are in CLOSE_WAIT. Hold our ends until the round's end.
+        println!("holding");
         io::stdout().flush()?;
         wait_for_round_end()?;
-        drop(half_closed);
+        if s.mode == Mode::HeldLinger0 {
+            // The server has closed every connection with an RST by now.
+            for (i, conn) in held.iter_mut().enumerate() {
+                match conn.read(&mut [0u8; 64]) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                    other => {
+                        return Err(io::Error::other(format!("held connection {i}: want a reset, got {other:?}")));
+                    }
+                }
+            }
+        }
+        drop(held);
     }
     Ok(())
 }
