@@ -84,7 +84,6 @@ impl Metrics {
         self.events_seen() + self.events_lost()
     }
 
-    /// `observer_build_info{revision}`.
     /// The per-connection counters (`observer_tcp_*_total`), one sample a line, for failure
     /// messages.
     pub fn per_connection_summary(&self) -> String {
@@ -96,6 +95,7 @@ impl Metrics {
             .join("\n")
     }
 
+    /// `observer_build_info{revision}`.
     pub fn revision(&self) -> Option<String> {
         self.matching("observer_build_info", &[]).find_map(|(labels, _)| labels.get("revision").cloned())
     }

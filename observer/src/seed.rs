@@ -48,10 +48,7 @@ pub fn seed(map: &mut BpfHashMap<MapData, u64, SocketInfo>, netns_filter: Option
     let holders = socket_holders();
     let mut seeded = Seeded::default();
     let now = crate::query::monotonic_ns();
-    for ns in namespaces() {
-        if netns_filter.is_some_and(|f| u64::from(f) != ns.inode) {
-            continue;
-        }
+    for ns in namespaces(netns_filter.map(u64::from)) {
         let sockets = match dump_in_namespace(&ns, StateFlags::all(), None) {
             Ok(sockets) => sockets.into_iter().map(|s| s.header).collect::<Vec<_>>(),
             Err(e) => {

@@ -58,9 +58,10 @@ pub struct Namespace {
 }
 
 /// Every network namespace with a process in it, and every one `ip netns` keeps in
-/// [`BIND_MOUNTS`] (its sockets may outlive the processes that made them), each opened once.
-/// Each is opened as it is found, from the first process in it that is still there.
-pub fn namespaces() -> Vec<Namespace> {
+/// [`BIND_MOUNTS`] (its sockets may outlive the processes that made them), each opened once, as
+/// it is found, from the first process in it that is still there. `only`: just the namespace
+/// with this inode (`--netns`), if it is found.
+pub fn namespaces(only: Option<u64>) -> Vec<Namespace> {
     let mut found: BTreeMap<u64, Namespace> = BTreeMap::new();
     let pid_paths = pids().into_iter().map(|pid| (format!("/proc/{pid}/ns/net"), format!("pid {pid}")));
     let bind_mounts = BIND_MOUNTS
@@ -72,18 +73,24 @@ pub fn namespaces() -> Vec<Namespace> {
     for (path, found_via) in pid_paths.chain(bind_mounts) {
         // A stat first: most processes share a namespace already opened.
         match fs::metadata(&path) {
-            Ok(meta) if !found.contains_key(&meta.ino()) => {}
+            Ok(meta) if !found.contains_key(&meta.ino()) && only.is_none_or(|inode| inode == meta.ino()) => {}
             _ => continue,
         }
         // Opened, it is held; its inode read from the open file, as the pid may have been
         // reused since the stat.
         let Ok(handle) = fs::File::open(&path) else { continue };
         let Ok(meta) = handle.metadata() else { continue };
-        // A bind-mount entry that is not a namespace (a plain file) has another device's inode.
+        if only.is_some_and(|inode| inode != meta.ino()) {
+            continue;
+        }
+        // A file left in a bind-mount directory, no longer mounted, is not a namespace.
         if found_via.starts_with('/') && !is_network_namespace(&handle) {
             continue;
         }
         found.entry(meta.ino()).or_insert(Namespace { inode: meta.ino(), handle, found_via });
+        if only.is_some() {
+            break;
+        }
     }
     found.into_values().collect()
 }
@@ -205,10 +212,7 @@ pub fn read_storage(map: BorrowedFd<'_>, netns_filter: Option<u32>) -> (Vec<Sock
     let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT;
     let mut infos = Vec::new();
     let mut failures = Vec::new();
-    for ns in namespaces() {
-        if netns_filter.is_some_and(|f| u64::from(f) != ns.inode) {
-            continue;
-        }
+    for ns in namespaces(netns_filter.map(u64::from)) {
         match dump_in_namespace(&ns, states.clone(), Some(map)) {
             Ok(sockets) => infos.extend(sockets.iter().filter_map(|s| s.storage.as_deref().and_then(socket_info))),
             Err(e) => failures.push(format!("network namespace {} (via {}): {e}", ns.inode, ns.found_via)),
