@@ -84,7 +84,7 @@ pub fn namespaces(only: Option<u64>) -> Vec<Namespace> {
             continue;
         }
         // A file left in a bind-mount directory, no longer mounted, is not a namespace.
-        if found_via.starts_with('/') && !is_network_namespace(&handle) {
+        if !is_network_namespace(&handle) {
             continue;
         }
         found.entry(meta.ino()).or_insert(Namespace { inode: meta.ino(), handle, found_via });

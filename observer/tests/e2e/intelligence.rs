@@ -9,7 +9,9 @@ use observer_testkit::{Daemon, Metrics, kernel_version};
 
 use crate::{
     shared_daemon,
-    support::{N, Settle as _, active_reason, both_closed, check, scenario, scenario_v6, start_daemon, with},
+    support::{
+        N, Settle as _, active_reason, both_closed, check, event_records, scenario, scenario_v6, start_daemon, with,
+    },
     traffic::{Mode, Scenario},
 };
 
@@ -37,10 +39,7 @@ fn kinds(m: &Metrics, comm: &str) -> String {
 }
 
 fn events_of(daemon: &Daemon, comm: &str) -> Result<Vec<serde_json::Value>, Failed> {
-    let (code, body) = daemon.get("/api/v1/events?since=0&limit=4096")?;
-    check("/api/v1/events status", code as u64, 200)?;
-    let page: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("events JSON: {e}: {body}"))?;
-    Ok(page["events"].as_array().cloned().unwrap_or_default().into_iter().filter(|e| e["comm"] == comm).collect())
+    Ok(event_records(daemon)?.into_iter().filter(|e| e["comm"] == comm).collect())
 }
 
 pub fn eof_before_response() -> Result<(), Failed> {

@@ -175,20 +175,13 @@ fn check_linger0(name: &str, daemon: &Daemon, s: &Scenario, connections: u64) ->
 /// The daemon's records of connections with one of `peers`: how many of each (event, comm,
 /// role, kind), then the first [`RECORDS_SHOWN`] in full.
 fn event_lines(daemon: &Daemon, peers: &[&str]) -> String {
-    let page = match daemon.get("/api/v1/events?since=0&limit=4096") {
-        Ok((200, body)) => body,
-        Ok((code, body)) => return format!("  status {code}: {body}"),
-        Err(e) => return format!("  {e:#}"),
+    let records = match support::event_records(daemon) {
+        Ok(records) => records,
+        Err(e) => return format!("  {}", e.message().unwrap_or("could not be read")),
     };
-    let page: serde_json::Value = match serde_json::from_str(&page) {
-        Ok(page) => page,
-        Err(e) => return format!("  not JSON ({e}): {page}"),
-    };
-    let ip = |v: &serde_json::Value| v.as_str().and_then(|a| a.rsplit_once(':')).map(|(ip, _)| ip.to_string());
-    let records: Vec<&serde_json::Value> = page["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let ip = |v: &serde_json::Value| v.as_str()?.parse::<SocketAddr>().ok().map(|a| a.ip().to_string());
+    let records: Vec<&serde_json::Value> = records
+        .iter()
         .filter(|e| {
             [&e["local"], &e["remote"]].into_iter().any(|a| ip(a).is_some_and(|ip| peers.contains(&ip.as_str())))
         })

@@ -19,6 +19,14 @@ pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
 /// latency assertion: latency is measured by `cargo xtask bench`.
 pub const PATIENCE: Duration = Duration::from_secs(120);
 
+/// Every record of `daemon`'s event log (`/api/v1/events`, from the first, up to 4096).
+pub fn event_records(daemon: &Daemon) -> Result<Vec<serde_json::Value>, Failed> {
+    let (code, body) = daemon.get("/api/v1/events?since=0&limit=4096")?;
+    check("/api/v1/events status", code as u64, 200)?;
+    let page: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("events JSON: {e}: {body}"))?;
+    Ok(page["events"].as_array().cloned().unwrap_or_default())
+}
+
 /// Starts `observer run --listen 127.0.0.1:0 EXTRA...` and waits for it to be ready.
 pub fn start_daemon(extra: &[&str]) -> anyhow::Result<Daemon> {
     Daemon::start(
